@@ -1,0 +1,4 @@
+//! The helixmq command line.
+fn main() {
+    println!("helixmq");
+}

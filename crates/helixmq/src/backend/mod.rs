@@ -1,0 +1,166 @@
+//! The transport seam: what a broker backend must do for helixmq.
+//!
+//! A backend speaks AMQP semantics — exchanges, queues, confirmed publishes,
+//! consumers with prefetch and manual acks. Everything above that (retries, dead
+//! letters, concurrency, shutdown, metrics) is written once in
+//! [`crate::consumer`] and [`crate::broker`], so the embedded broker and
+//! RabbitMQ behave the same by construction.
+
+pub mod memory;
+pub mod rabbitmq;
+
+use async_trait::async_trait;
+use tokio::sync::watch;
+
+use crate::error::Result;
+use crate::message::Message;
+use crate::topology::Topology;
+
+/// Which backend a broker runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendKind {
+    /// The in-process embedded broker.
+    Memory,
+    /// A RabbitMQ server or cluster.
+    RabbitMq,
+}
+
+/// Connection state, observable by callers and exported as a metric.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectionState {
+    /// No connection (value 0 of `rabbitmq_connection_state`).
+    Disconnected,
+    /// Connected (1).
+    Connected,
+    /// Connected, but the broker blocked publishing (memory/disk alarm) (2).
+    Blocked,
+    /// Closed for good by `close` or after reconnects were exhausted.
+    Closed,
+}
+
+impl ConnectionState {
+    /// The gauge value: 0 disconnected, 1 connected, 2 blocked.
+    pub fn gauge(self) -> i64 {
+        match self {
+            ConnectionState::Disconnected | ConnectionState::Closed => 0,
+            ConnectionState::Connected => 1,
+            ConnectionState::Blocked => 2,
+        }
+    }
+}
+
+/// What a publish needs beyond the message.
+#[derive(Debug, Clone)]
+pub struct Outgoing<'a> {
+    /// Exchange (`""` is the default exchange: routing key = queue name).
+    pub exchange: &'a str,
+    /// Routing key.
+    pub routing_key: &'a str,
+    /// Return the message as unroutable if no queue matches.
+    pub mandatory: bool,
+    /// The message.
+    pub message: &'a Message,
+}
+
+/// Queue depth as the broker reports it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueueStats {
+    /// Ready messages.
+    pub messages: u64,
+    /// Consumers attached.
+    pub consumers: u32,
+}
+
+/// A broker backend.
+#[async_trait]
+pub trait Backend: Send + Sync + 'static {
+    /// Which backend this is.
+    fn kind(&self) -> BackendKind;
+
+    /// Declare (idempotently) every exchange, queue and binding.
+    async fn declare(&self, topology: &Topology) -> Result<()>;
+
+    /// Publish one message; resolves when the broker confirmed it (ack → Ok).
+    /// Retries transparently across reconnects until `timeout`.
+    async fn publish(&self, out: Outgoing<'_>, timeout: std::time::Duration) -> Result<()>;
+
+    /// Publish many messages pipelined: all sent, then all confirms awaited.
+    /// One result per message, in order.
+    async fn publish_batch(&self, outs: &[Outgoing<'_>], timeout: std::time::Duration) -> Vec<Result<()>> {
+        let futs = outs.iter().map(|o| self.publish(o.clone(), timeout));
+        futures::future::join_all(futs).await
+    }
+
+    /// Start consuming `queue` with at most `prefetch` unacked deliveries.
+    async fn consume(&self, queue: &str, prefetch: u16, consumer_tag: &str) -> Result<Box<dyn DeliveryStream>>;
+
+    /// Take one message without a consumer (`basic.get`), unacked.
+    async fn get(&self, queue: &str) -> Result<Option<Delivery>>;
+
+    /// Ready count and consumers of a queue (passive declare).
+    async fn queue_stats(&self, queue: &str) -> Result<QueueStats>;
+
+    /// Remove every ready message; returns how many.
+    async fn purge(&self, queue: &str) -> Result<u64>;
+
+    /// Delete a queue.
+    async fn delete_queue(&self, queue: &str) -> Result<()>;
+
+    /// Delete an exchange.
+    async fn delete_exchange(&self, exchange: &str) -> Result<()>;
+
+    /// Watch the connection state.
+    fn state(&self) -> watch::Receiver<ConnectionState>;
+
+    /// Wait for outstanding confirms, close channels and the connection.
+    async fn close(&self) -> Result<()>;
+}
+
+/// A stream of deliveries from one consumer.
+#[async_trait]
+pub trait DeliveryStream: Send {
+    /// The next delivery. `None` when the consumer was cancelled by us;
+    /// `Some(Err(ConsumerCancelled))` when the broker cancelled it.
+    /// Backends recover from connection loss inside `next`.
+    async fn next(&mut self) -> Option<Result<Delivery>>;
+
+    /// Stop receiving new deliveries (`basic.cancel`); unacked ones may still be settled.
+    async fn cancel(&mut self) -> Result<()>;
+}
+
+/// Settles one delivery.
+#[async_trait]
+pub trait Acker: Send + Sync {
+    /// Positive acknowledgement: the broker forgets the message.
+    async fn ack(&self) -> Result<()>;
+    /// Negative acknowledgement; `requeue` puts it back (redelivered = true).
+    async fn nack(&self, requeue: bool) -> Result<()>;
+}
+
+/// A message as delivered from a queue.
+pub struct Delivery {
+    /// The message (attempt count decoded from headers).
+    pub message: Message,
+    /// Exchange it was published to.
+    pub exchange: String,
+    /// Routing key it was published with.
+    pub routing_key: String,
+    /// Queue it came from.
+    pub queue: String,
+    /// Delivered before and not acked (consumer died, nack with requeue).
+    pub redelivered: bool,
+    /// Settles it.
+    pub acker: Box<dyn Acker>,
+}
+
+impl std::fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Delivery")
+            .field("id", &self.message.id)
+            .field("queue", &self.queue)
+            .field("exchange", &self.exchange)
+            .field("routing_key", &self.routing_key)
+            .field("redelivered", &self.redelivered)
+            .finish()
+    }
+}

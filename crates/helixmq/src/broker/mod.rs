@@ -1,0 +1,292 @@
+//! The [`Broker`]: the API services use — connect, publish, subscribe, close.
+//!
+//! A `Broker` is a cheap handle (`Clone`) over one [`Backend`]. It owns the
+//! topology it declared, so it can refuse a priority a queue would ignore and
+//! route retries back to the queue a message came from.
+
+pub(crate) mod options;
+pub(crate) use options as options_resolved;
+
+pub use options::{PublishOptions, RetryPolicy, SubscribeOptions, DedupOptions};
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+
+use crate::backend::{Backend, BackendKind, ConnectionState, Outgoing};
+use crate::config::Config;
+use crate::consumer::{self, Handler, Subscription};
+use crate::error::{Error, Result};
+use crate::message::Message;
+use crate::metrics::Metrics;
+use crate::topology::{Names, Topology};
+
+/// A handle to a broker (embedded or RabbitMQ).
+#[derive(Clone)]
+pub struct Broker {
+    pub(crate) inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    /// The transport; everything else here is shared policy.
+    pub(crate) backend: Arc<dyn Backend>,
+    /// Loaded configuration (defaults for publish/subscribe options).
+    pub(crate) config: Config,
+    /// Names under the configured prefix.
+    pub(crate) names: Names,
+    /// What has been declared, for priority checks and retry tiers.
+    pub(crate) topology: Mutex<Topology>,
+    /// Counters; registered by the caller or private.
+    pub(crate) metrics: Metrics,
+}
+
+impl std::fmt::Debug for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Broker")
+            .field("backend", &self.inner.backend.kind())
+            .field("prefix", &self.inner.names.prefix())
+            .finish()
+    }
+}
+
+impl Broker {
+    /// An embedded (in-process) broker with `config`'s policies. Nothing is declared yet.
+    ///
+    /// ```
+    /// # tokio_test_block(async {
+    /// use helixmq::{Broker, Config, Message, Outcome, SubscribeOptions, Topology};
+    /// let broker = Broker::embedded(Config::default());
+    /// broker.declare(&Topology::default()).await?;
+    /// broker.publish("helixagent.tasks", "background", Message::new("hello")).await?;
+    /// let sub = broker.subscribe("helixagent.tasks.background", |m: helixmq::Message, _ctx| async move {
+    ///     assert_eq!(&m.payload[..], b"hello");
+    ///     Ok(Outcome::Ack)
+    /// }, SubscribeOptions::default()).await?;
+    /// sub.shutdown(std::time::Duration::from_secs(1)).await;
+    /// # Ok::<(), helixmq::Error>(()) });
+    /// # fn tokio_test_block<F: std::future::Future<Output = Result<(), helixmq::Error>>>(f: F) {
+    /// #     tokio::runtime::Runtime::new().unwrap().block_on(f).unwrap() }
+    /// ```
+    pub fn embedded(config: Config) -> Broker {
+        let backend = Arc::new(crate::backend::memory::MemoryBroker::new());
+        Broker::with_backend(backend, config, Metrics::default())
+    }
+
+    /// Connect to RabbitMQ as configured and declare nothing yet.
+    pub async fn connect(config: Config) -> Result<Broker> {
+        Broker::connect_with_metrics(config, Metrics::default()).await
+    }
+
+    /// Connect to RabbitMQ, counting into `metrics` (see [`Metrics::new`]).
+    pub async fn connect_with_metrics(config: Config, metrics: Metrics) -> Result<Broker> {
+        let backend = crate::backend::rabbitmq::RabbitBackend::connect(&config.rabbitmq, metrics.clone()).await?;
+        Ok(Broker::with_backend(Arc::new(backend), config, metrics))
+    }
+
+    /// A broker over any backend.
+    pub fn with_backend(backend: Arc<dyn Backend>, config: Config, metrics: Metrics) -> Broker {
+        let names = Names::new(config.helixmq.prefix.clone());
+        let topology = Topology::system(&names);
+        let mut state = backend.state();
+        // Mirror the connection state into the gauge; the task ends when the backend drops its sender.
+        let gauge = metrics.connection_state.clone();
+        gauge.set(state.borrow().gauge());
+        tokio::spawn(async move {
+            while state.changed().await.is_ok() {
+                let s = *state.borrow();
+                gauge.set(s.gauge());
+            }
+        });
+        Broker { inner: Arc::new(Inner { backend, config, names, topology: Mutex::new(topology), metrics }) }
+    }
+
+    /// Which backend this broker runs on.
+    pub fn backend_kind(&self) -> BackendKind {
+        self.inner.backend.kind()
+    }
+
+    /// The backend, for tools that need its lower-level operations (DLQ, stats).
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.inner.backend
+    }
+
+    /// The names under the configured prefix.
+    pub fn names(&self) -> &Names {
+        &self.inner.names
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    /// The metrics this broker counts into.
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    /// Watch the connection state.
+    pub fn state(&self) -> watch::Receiver<ConnectionState> {
+        self.inner.backend.state()
+    }
+
+    /// Whether the broker is connected now.
+    pub fn is_connected(&self) -> bool {
+        matches!(*self.inner.backend.state().borrow(), ConnectionState::Connected | ConnectionState::Blocked)
+    }
+
+    /// Declare `topology` (idempotent) and remember it.
+    pub async fn declare(&self, topology: &Topology) -> Result<()> {
+        self.inner.backend.declare(topology).await?;
+        let mut t = self.inner.topology.lock().unwrap();
+        merge(&mut t, topology);
+        Ok(())
+    }
+
+    /// A snapshot of the topology declared through this handle.
+    pub fn topology(&self) -> Topology {
+        self.inner.topology.lock().unwrap().clone()
+    }
+
+    /// Publish with default options (mandatory, the configured timeout).
+    pub async fn publish(&self, exchange: &str, routing_key: &str, message: Message) -> Result<()> {
+        self.publish_with(exchange, routing_key, message, &PublishOptions::default()).await
+    }
+
+    /// Publish; returns Ok only once the broker confirmed the message.
+    pub async fn publish_with(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        mut message: Message,
+        opts: &PublishOptions,
+    ) -> Result<()> {
+        if let Some(p) = opts.priority {
+            message.priority = Some(p);
+        }
+        self.check_priority(exchange, routing_key, &message)?;
+        let timeout = opts.timeout.unwrap_or(self.inner.config.rabbitmq.publish_timeout);
+        let span = tracing::debug_span!("publish", message_id = %message.id, correlation_id = message.correlation_id.as_deref().unwrap_or(""), exchange, routing_key);
+        let _e = span.enter();
+        let started = Instant::now();
+        self.inner.metrics.confirms_pending.inc();
+        let res = self
+            .inner
+            .backend
+            .publish(Outgoing { exchange, routing_key, mandatory: opts.mandatory, message: &message }, timeout)
+            .await;
+        self.inner.metrics.confirms_pending.dec();
+        self.count_publish(exchange, &res, started);
+        res
+    }
+
+    /// Publish many messages pipelined; one result per message, in order.
+    pub async fn publish_batch(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        messages: &[Message],
+        opts: &PublishOptions,
+    ) -> Vec<Result<()>> {
+        let timeout = opts.timeout.unwrap_or(self.inner.config.rabbitmq.publish_timeout);
+        let mut prepared: Vec<Message> = messages.to_vec();
+        let mut checks = Vec::with_capacity(prepared.len());
+        for m in &mut prepared {
+            if let Some(p) = opts.priority {
+                m.priority = Some(p);
+            }
+            checks.push(self.check_priority(exchange, routing_key, m));
+        }
+        let outs: Vec<Outgoing<'_>> = prepared
+            .iter()
+            .zip(&checks)
+            .filter(|(_, c)| c.is_ok())
+            .map(|(m, _)| Outgoing { exchange, routing_key, mandatory: opts.mandatory, message: m })
+            .collect();
+        let started = Instant::now();
+        self.inner.metrics.confirms_pending.inc_by(outs.len() as i64);
+        let mut sent = self.inner.backend.publish_batch(&outs, timeout).await.into_iter();
+        self.inner.metrics.confirms_pending.dec_by(outs.len() as i64);
+        checks
+            .into_iter()
+            .map(|c| match c {
+                Err(e) => Err(e),
+                Ok(()) => {
+                    let r = sent.next().unwrap_or(Err(Error::Closed));
+                    self.count_publish(exchange, &r, started);
+                    r
+                }
+            })
+            .collect()
+    }
+
+    fn count_publish(&self, exchange: &str, res: &Result<()>, started: Instant) {
+        let m = &self.inner.metrics;
+        match res {
+            Ok(()) => {
+                m.exchange(&m.published, exchange);
+                m.publish_latency.observe(started.elapsed().as_secs_f64());
+            }
+            Err(_) => m.exchange(&m.publish_failures, exchange),
+        }
+    }
+
+    /// Refuse a priority above the maximum of a queue the message would reach.
+    fn check_priority(&self, exchange: &str, routing_key: &str, message: &Message) -> Result<()> {
+        let Some(p) = message.priority else { return Ok(()) };
+        let t = self.inner.topology.lock().unwrap();
+        for q in t.route(exchange, routing_key) {
+            if let Some(max) = q.max_priority {
+                if p.value() > max {
+                    return Err(Error::InvalidPriority {
+                        priority: p.value(),
+                        reason: format!("queue '{}' accepts priorities 0 to {max}", q.name),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Consume `queue` with `handler` under `opts`'s retry and concurrency policy.
+    /// The retry tiers the policy needs are declared first.
+    pub async fn subscribe<H: Handler>(&self, queue: &str, handler: H, opts: SubscribeOptions) -> Result<Subscription> {
+        let opts = opts.resolved(&self.inner.config);
+        let mut tiers = Topology::system(&self.inner.names);
+        for d in &opts.retry.delays {
+            tiers.add_retry_tier(*d);
+        }
+        self.declare(&tiers).await?;
+        consumer::start(self.clone(), queue.to_string(), Arc::new(handler), opts).await
+    }
+
+    /// Close: wait for outstanding confirms, then close channels and connection.
+    /// Subscriptions should be shut down first to drain their handlers.
+    pub async fn close(&self) -> Result<()> {
+        self.inner.backend.close().await
+    }
+
+    /// Time to wait for a publish by default.
+    pub fn publish_timeout(&self) -> Duration {
+        self.inner.config.rabbitmq.publish_timeout
+    }
+}
+
+fn merge(into: &mut Topology, from: &Topology) {
+    for e in &from.exchanges {
+        if into.exchange(&e.name).is_none() {
+            into.exchanges.push(e.clone());
+        }
+    }
+    for q in &from.queues {
+        if into.queue(&q.name).is_none() {
+            into.queues.push(q.clone());
+        }
+    }
+    for b in &from.bindings {
+        if !into.bindings.contains(b) {
+            into.bindings.push(b.clone());
+        }
+    }
+}

@@ -1,0 +1,153 @@
+//! Configuration: the spec's `configs/messaging.yaml`, environment overrides,
+//! validation that reports every problem at once.
+//!
+//! Loading order: YAML file (with `${VAR}` / `${VAR:-default}` interpolation),
+//! then the spec's `RABBITMQ_*` variables, then `RABBITMQ_URL`, then
+//! `HELIXMQ_PREFIX`. The password is a [`Secret`]: it never shows in `Debug`,
+//! `Display`, errors or logs.
+
+mod load;
+mod secret;
+
+pub use load::{load, load_from_str, EnvSource};
+pub use secret::Secret;
+
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+
+/// Root of `messaging.yaml`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The RabbitMQ section.
+    #[serde(default)]
+    pub rabbitmq: RabbitMqConfig,
+    /// helixmq's own settings (name prefix, retry policy defaults).
+    #[serde(default)]
+    pub helixmq: HelixConfig,
+}
+
+/// helixmq settings that are not RabbitMQ connection settings.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HelixConfig {
+    /// Prefix of every exchange and queue name (`HELIXMQ_PREFIX`). Default `helixagent`.
+    pub prefix: String,
+    /// Handler attempts before a message goes to the DLQ. Default 3.
+    pub max_attempts: u32,
+    /// Delay before a failed message comes back to its queue. Default 60 s, the spec's retry queue.
+    #[serde(with = "humantime_serde")]
+    pub retry_delay: Duration,
+}
+
+impl Default for HelixConfig {
+    fn default() -> Self {
+        Self {
+            prefix: crate::topology::DEFAULT_PREFIX.to_string(),
+            max_attempts: 3,
+            retry_delay: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Connection, publisher and consumer settings (the spec's `rabbitmq:` block).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RabbitMqConfig {
+    /// Broker host. Default `localhost`.
+    pub host: String,
+    /// Broker port. Default 5672 (5671 is usual for TLS).
+    pub port: u16,
+    /// Further nodes `host:port` tried in turn after `host:port` (cluster failover).
+    pub hosts: Vec<String>,
+    /// User name. Default `helixagent`.
+    pub username: String,
+    /// Password; redacted everywhere.
+    pub password: Secret,
+    /// Virtual host. Default `/`.
+    pub vhost: String,
+    /// TCP + AMQP handshake timeout. Default 30 s.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// AMQP heartbeat. Default 10 s.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat: Duration,
+    /// Reconnect attempts before giving up; 0 = forever. Default 10.
+    pub max_reconnect_attempts: u32,
+    /// Base delay of the jittered exponential reconnect backoff. Default 5 s.
+    #[serde(with = "humantime_serde")]
+    pub reconnect_delay: Duration,
+    /// Wait for publisher confirms. Default true.
+    pub publisher_confirm: bool,
+    /// How long a publish may wait for its confirm (and for a connection). Default 10 s.
+    #[serde(with = "humantime_serde")]
+    pub publish_timeout: Duration,
+    /// Unacked deliveries per consumer (`basic.qos`). Default 10.
+    pub prefetch_count: u16,
+    /// Apply the prefetch to the whole channel instead of per consumer. Default false.
+    pub prefetch_global: bool,
+    /// TLS settings.
+    pub tls: TlsConfig,
+}
+
+impl Default for RabbitMqConfig {
+    fn default() -> Self {
+        Self {
+            host: "localhost".into(),
+            port: 5672,
+            hosts: Vec::new(),
+            username: "helixagent".into(),
+            password: Secret::new("helixagent123"),
+            vhost: "/".into(),
+            connect_timeout: Duration::from_secs(30),
+            heartbeat: Duration::from_secs(10),
+            max_reconnect_attempts: 10,
+            reconnect_delay: Duration::from_secs(5),
+            publisher_confirm: true,
+            publish_timeout: Duration::from_secs(10),
+            prefetch_count: 10,
+            prefetch_global: false,
+            tls: TlsConfig::default(),
+        }
+    }
+}
+
+impl RabbitMqConfig {
+    /// Every endpoint to try, in order: `host:port` first, then `hosts`.
+    pub fn endpoints(&self) -> Vec<(String, u16)> {
+        let mut out = vec![(self.host.clone(), self.port)];
+        for h in &self.hosts {
+            if let Some((host, port)) = h.rsplit_once(':') {
+                if let Ok(port) = port.parse() {
+                    if !out.iter().any(|(oh, op)| oh == host && *op == port) {
+                        out.push((host.to_string(), port));
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+/// TLS settings (the spec's `tls:` block).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// Use `amqps`.
+    pub enabled: bool,
+    /// Client certificate (PEM), for mutual TLS / SASL EXTERNAL.
+    pub cert_file: String,
+    /// Client private key (PEM); needs `cert_file`.
+    pub key_file: String,
+    /// CA bundle (PEM) that signed the server certificate.
+    pub ca_file: String,
+    /// Accept any server certificate. Dangerous: logged as a warning.
+    pub skip_verify: bool,
+    /// Verify the server certificate and host name. Default true.
+    #[serde(default = "yes")]
+    pub verify_peer: bool,
+}
+
+fn yes() -> bool {
+    true
+}

@@ -1,0 +1,70 @@
+//! What a handler is and what it may answer.
+
+use std::future::Future;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::error::BoxError;
+use crate::message::Message;
+
+/// What to do with a message after its handler ran.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Done: acknowledge it.
+    Ack,
+    /// Failed transiently: try again after the policy's delay (or the closest tier
+    /// to `delay`), up to the maximum attempts; then the DLQ.
+    Retry {
+        /// Requested delay, if the handler knows better (e.g. `Retry-After`).
+        delay: Option<Duration>,
+        /// Why; written to the failure headers.
+        reason: String,
+    },
+    /// Poison: straight to the DLQ with this reason.
+    DeadLetter(String),
+}
+
+impl Outcome {
+    /// `Retry` with the policy's delay.
+    pub fn retry(reason: impl Into<String>) -> Self {
+        Outcome::Retry { delay: None, reason: reason.into() }
+    }
+    /// `DeadLetter`.
+    pub fn dead_letter(reason: impl Into<String>) -> Self {
+        Outcome::DeadLetter(reason.into())
+    }
+}
+
+/// Where a delivery came from.
+#[derive(Debug, Clone)]
+pub struct Context {
+    /// Queue consumed.
+    pub queue: String,
+    /// Exchange it was published to (the requeue exchange for a retried message).
+    pub exchange: String,
+    /// Routing key it was published with.
+    pub routing_key: String,
+    /// Whether the broker delivered it before without an ack.
+    pub redelivered: bool,
+}
+
+/// Handles messages. An `Err` or a panic counts as `Outcome::Retry`.
+///
+/// Any `Fn(Message, Context) -> impl Future<Output = Result<Outcome, BoxError>>` is a handler.
+#[async_trait]
+pub trait Handler: Send + Sync + 'static {
+    /// Handle one message.
+    async fn handle(&self, message: Message, ctx: Context) -> Result<Outcome, BoxError>;
+}
+
+#[async_trait]
+impl<F, Fut> Handler for F
+where
+    F: Fn(Message, Context) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<Outcome, BoxError>> + Send + 'static,
+{
+    async fn handle(&self, message: Message, ctx: Context) -> Result<Outcome, BoxError> {
+        (self)(message, ctx).await
+    }
+}

@@ -1,0 +1,367 @@
+//! The reliable consumer, written once for every backend.
+//!
+//! One task per subscription pulls deliveries (the backend enforces prefetch),
+//! runs up to `concurrency` handlers, and settles each delivery only after its
+//! outcome is safe: Ack after success; Retry and DeadLetter only after the
+//! re-routed copy is confirmed by the broker. If that publish fails the
+//! original is nacked back to its queue — never dropped.
+
+mod dedup;
+mod handler;
+
+pub use handler::{Context, Handler, Outcome};
+
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::FutureExt;
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::backend::{Delivery, Outgoing};
+use crate::broker::Broker;
+use crate::broker::RetryPolicy;
+use crate::error::{Error, Result};
+use crate::message::{header, now_unix_millis, HeaderValue, Message};
+use dedup::Dedup;
+
+/// The life of a subscription.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SubscriptionStatus {
+    /// Consuming.
+    Active,
+    /// Shut down by its owner.
+    Stopped,
+    /// Stopped by a fault it cannot recover from (e.g. the broker cancelled the
+    /// consumer because the queue was deleted). The text says which.
+    Failed(String),
+}
+
+/// What a graceful shutdown achieved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShutdownReport {
+    /// Handlers that finished and were settled during the drain.
+    pub drained: usize,
+    /// Handlers still running at the deadline, aborted: their messages were
+    /// not acked and go back to the queue.
+    pub abandoned: usize,
+}
+
+/// A running subscription. Dropping it stops consuming abruptly (unacked
+/// messages return to the queue); prefer [`Subscription::shutdown`].
+pub struct Subscription {
+    id: String,
+    queue: String,
+    stop: CancellationToken,
+    drain: Arc<Mutex<Duration>>,
+    status: watch::Receiver<SubscriptionStatus>,
+    task: Option<tokio::task::JoinHandle<ShutdownReport>>,
+}
+
+impl std::fmt::Debug for Subscription {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Subscription").field("id", &self.id).field("queue", &self.queue).finish()
+    }
+}
+
+impl Subscription {
+    /// Consumer tag.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+    /// Queue consumed.
+    pub fn queue(&self) -> &str {
+        &self.queue
+    }
+    /// Current status.
+    pub fn status(&self) -> SubscriptionStatus {
+        self.status.borrow().clone()
+    }
+    /// Whether it is still consuming.
+    pub fn is_active(&self) -> bool {
+        *self.status.borrow() == SubscriptionStatus::Active
+    }
+    /// A watch on the status (e.g. to alert when it fails).
+    pub fn watch_status(&self) -> watch::Receiver<SubscriptionStatus> {
+        self.status.clone()
+    }
+
+    /// Stop taking messages, let in-flight handlers finish for up to `deadline`,
+    /// settle them, then close the consumer. Handlers still running at the
+    /// deadline are aborted and their messages return to the queue unacked.
+    pub async fn shutdown(mut self, deadline: Duration) -> ShutdownReport {
+        *self.drain.lock().unwrap() = deadline;
+        self.stop.cancel();
+        match self.task.take() {
+            Some(t) => t.await.unwrap_or(ShutdownReport { drained: 0, abandoned: 0 }),
+            None => ShutdownReport { drained: 0, abandoned: 0 },
+        }
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        if self.task.is_some() {
+            *self.drain.lock().unwrap() = Duration::ZERO;
+            self.stop.cancel();
+        }
+    }
+}
+
+/// Shared by every handler task of one subscription.
+struct Runner {
+    broker: Broker,
+    queue: String,
+    handler: Arc<dyn Handler>,
+    retry: RetryPolicy,
+    handler_timeout: Duration,
+    dedup: Option<Mutex<Dedup>>,
+}
+
+pub(crate) async fn start(
+    broker: Broker,
+    queue: String,
+    handler: Arc<dyn Handler>,
+    opts: crate::broker::options_resolved::Resolved,
+) -> Result<Subscription> {
+    let tag = opts
+        .consumer_tag
+        .clone()
+        .unwrap_or_else(|| format!("helixmq-{queue}-{}", uuid::Uuid::now_v7().simple()));
+    let stream = broker.inner.backend.consume(&queue, opts.prefetch, &tag).await?;
+    let (status_tx, status) = watch::channel(SubscriptionStatus::Active);
+    let stop = CancellationToken::new();
+    let drain = Arc::new(Mutex::new(Duration::from_secs(30)));
+    let runner = Arc::new(Runner {
+        broker,
+        queue: queue.clone(),
+        handler,
+        retry: opts.retry.clone(),
+        handler_timeout: opts.handler_timeout,
+        dedup: opts.dedup.as_ref().map(|d| Mutex::new(Dedup::new(d.capacity, d.ttl))),
+    });
+    let task = tokio::spawn(run(runner, stream, opts.concurrency, stop.clone(), drain.clone(), status_tx));
+    Ok(Subscription { id: tag, queue, stop, drain, status, task: Some(task) })
+}
+
+async fn run(
+    runner: Arc<Runner>,
+    mut stream: Box<dyn crate::backend::DeliveryStream>,
+    concurrency: usize,
+    stop: CancellationToken,
+    drain: Arc<Mutex<Duration>>,
+    status: watch::Sender<SubscriptionStatus>,
+) -> ShutdownReport {
+    let permits = Arc::new(Semaphore::new(concurrency));
+    let mut inflight = JoinSet::new();
+    let mut failed = None;
+    loop {
+        while inflight.try_join_next().is_some() {}
+        let permit = tokio::select! {
+            _ = stop.cancelled() => break,
+            p = permits.clone().acquire_owned() => p.expect("semaphore never closed"),
+        };
+        let next = tokio::select! {
+            _ = stop.cancelled() => break,
+            d = stream.next() => d,
+        };
+        match next {
+            None => break,
+            Some(Err(e)) => {
+                tracing::error!(queue = %runner.queue, error = %e, "subscription failed");
+                failed = Some(e.to_string());
+                break;
+            }
+            Some(Ok(d)) => {
+                let r = runner.clone();
+                inflight.spawn(async move {
+                    r.process(d).await;
+                    drop(permit);
+                });
+            }
+        }
+    }
+    // Stop the flow first so no new delivery arrives while we drain.
+    if let Err(e) = stream.cancel().await {
+        tracing::debug!(error = %e, "cancel consumer");
+    }
+    let deadline = *drain.lock().unwrap();
+    let pending = inflight.len();
+    let drained = tokio::time::timeout(deadline, async {
+        let mut n = 0;
+        while inflight.join_next().await.is_some() {
+            n += 1;
+        }
+        n
+    })
+    .await;
+    let report = match drained {
+        Ok(n) => ShutdownReport { drained: n, abandoned: 0 },
+        Err(_) => {
+            let left = inflight.len();
+            inflight.abort_all();
+            while inflight.join_next().await.is_some() {}
+            ShutdownReport { drained: pending - left, abandoned: left }
+        }
+    };
+    // Dropping the stream closes the consumer channel: anything unacked is requeued.
+    drop(stream);
+    let _ = status.send(match failed {
+        Some(f) => SubscriptionStatus::Failed(f),
+        None => SubscriptionStatus::Stopped,
+    });
+    report
+}
+
+impl Runner {
+    async fn process(&self, d: Delivery) {
+        let m = self.broker.metrics();
+        let key = format!("{}#{}", d.message.id, d.message.attempt);
+        if let Some(dd) = &self.dedup {
+            if dd.lock().unwrap().contains(&key) {
+                m.queue(&m.duplicates_skipped, &self.queue);
+                if let Err(e) = d.acker.ack().await {
+                    tracing::warn!(error = %e, "ack of duplicate failed; it will be redelivered");
+                }
+                return;
+            }
+        }
+        m.queue(&m.consumed, &self.queue);
+        let span = tracing::info_span!(
+            "handle",
+            message_id = %d.message.id,
+            correlation_id = d.message.correlation_id.as_deref().unwrap_or(""),
+            traceparent = d.message.traceparent().unwrap_or(""),
+            exchange = %d.exchange,
+            routing_key = %d.routing_key,
+            queue = %self.queue,
+            attempt = d.message.attempt,
+        );
+        let outcome = self.run_handler(&d).instrument(span.clone()).await;
+        let settled = self.settle(d, outcome).instrument(span).await;
+        if let (Some(dd), Some(key)) = (&self.dedup, settled.then_some(key)) {
+            dd.lock().unwrap().insert(key);
+        }
+    }
+
+    async fn run_handler(&self, d: &Delivery) -> Outcome {
+        let m = self.broker.metrics();
+        let ctx = Context {
+            queue: self.queue.clone(),
+            exchange: d.exchange.clone(),
+            routing_key: d.routing_key.clone(),
+            redelivered: d.redelivered,
+        };
+        m.handlers_in_flight.inc();
+        let started = Instant::now();
+        let fut = AssertUnwindSafe(self.handler.handle(d.message.clone(), ctx)).catch_unwind();
+        let res = tokio::time::timeout(self.handler_timeout, fut).await;
+        m.handlers_in_flight.dec();
+        m.handler_duration.observe(started.elapsed().as_secs_f64());
+        match res {
+            Ok(Ok(Ok(o))) => o,
+            Ok(Ok(Err(e))) => Outcome::retry(format!("handler error: {e}")),
+            Ok(Err(p)) => {
+                let what = p
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| p.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown panic".into());
+                Outcome::retry(format!("handler panicked: {what}"))
+            }
+            Err(_) => Outcome::retry(format!("handler timed out after {:?}", self.handler_timeout)),
+        }
+    }
+
+    /// Settle a delivery; true when it left the queue for good (acked).
+    async fn settle(&self, d: Delivery, outcome: Outcome) -> bool {
+        let m = self.broker.metrics();
+        let attempt = d.message.attempt;
+        let outcome = match outcome {
+            Outcome::Retry { reason, .. } if attempt >= self.retry.max_attempts => Outcome::DeadLetter(format!(
+                "gave up after {attempt} attempts (max_attempts {}): {reason}",
+                self.retry.max_attempts
+            )),
+            o => o,
+        };
+        let rerouted = match &outcome {
+            Outcome::Ack => Ok(()),
+            Outcome::Retry { delay, reason } => {
+                let wait = self.retry.delay_after(attempt, *delay);
+                let tier = self.broker.names().retry_tier(wait);
+                let mut copy = failed_copy(&d, reason);
+                copy.attempt = attempt + 1;
+                tracing::info!(reason = %reason, delay = ?wait, "retrying");
+                self.republish(&tier, &d.queue, copy).await.map(|_| m.queue(&m.retried, &self.queue))
+            }
+            Outcome::DeadLetter(reason) => {
+                let mut copy = failed_copy(&d, reason);
+                copy.headers.insert(header::DEAD_LETTER_REASON.into(), reason.clone().into());
+                tracing::warn!(reason = %reason, "dead-lettering");
+                let dlx = self.broker.names().dead_letter_exchange();
+                self.republish(&dlx, &d.queue, copy).await.map(|_| m.queue(&m.dead_lettered, &self.queue))
+            }
+        };
+        match rerouted {
+            Ok(()) => match d.acker.ack().await {
+                Ok(()) => {
+                    m.queue(&m.acked, &self.queue);
+                    true
+                }
+                Err(e) => {
+                    // The channel died: the broker will redeliver; the duplicate guard absorbs it.
+                    tracing::warn!(error = %e, "ack failed; message will be redelivered");
+                    false
+                }
+            },
+            Err(e) => {
+                // Never drop: put it back so it is tried again.
+                tracing::error!(error = %e, "could not re-route failed message; returning it to its queue");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                m.queue(&m.nacked, &self.queue);
+                if let Err(e) = d.acker.nack(true).await {
+                    tracing::warn!(error = %e, "nack failed; message will be redelivered");
+                }
+                false
+            }
+        }
+    }
+
+    async fn republish(&self, exchange: &str, routing_key: &str, copy: Message) -> Result<()> {
+        let timeout = self.broker.publish_timeout();
+        let out = Outgoing { exchange, routing_key, mandatory: true, message: &copy };
+        let res = self.broker.inner.backend.publish(out, timeout).await;
+        if let Err(Error::Unroutable { .. }) = &res {
+            tracing::error!(exchange, "retry/DLQ route missing: is the topology declared?");
+        }
+        res
+    }
+}
+
+/// A copy of the delivered message with the failure headers updated.
+fn failed_copy(d: &Delivery, reason: &str) -> Message {
+    let mut copy = d.message.clone();
+    let now = now_unix_millis();
+    let h = &mut copy.headers;
+    h.entry(header::ORIGIN_QUEUE.into()).or_insert_with(|| d.queue.clone().into());
+    h.entry(header::ORIGIN_EXCHANGE.into()).or_insert_with(|| d.exchange.clone().into());
+    h.entry(header::ORIGIN_ROUTING_KEY.into()).or_insert_with(|| d.routing_key.clone().into());
+    h.entry(header::FIRST_FAILURE.into()).or_insert(HeaderValue::Int(now));
+    h.insert(header::LAST_FAILURE.into(), HeaderValue::Int(now));
+    h.insert(header::LAST_ERROR.into(), truncate(reason, 1024).into());
+    copy
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}

@@ -1,0 +1,193 @@
+//! The one error type of the library.
+//!
+//! Variants are the cases a caller must tell apart (the spec's troubleshooting
+//! table): each keeps its cause through `#[source]` where there is one, and its
+//! message says what went wrong and how to fix it. No variant ever carries a
+//! password: URLs are redacted before they reach an error.
+
+use std::time::Duration;
+
+/// A boxed error cause, kept so callers can walk the chain.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Shorthand for results of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in helixmq.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The configuration is invalid; every problem found is listed.
+    #[error("invalid configuration:\n{}", .problems.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n"))]
+    InvalidConfig {
+        /// One line per problem: field path, bad value, how to fix it.
+        problems: Vec<String>,
+    },
+
+    /// Nothing accepted a TCP connection at the address.
+    #[error("connection refused by {host}:{port}: is RabbitMQ running and listening there? (check RABBITMQ_HOST / RABBITMQ_PORT)")]
+    ConnectionRefused {
+        /// Host tried.
+        host: String,
+        /// Port tried.
+        port: u16,
+        /// The I/O or protocol error.
+        #[source]
+        source: BoxError,
+    },
+
+    /// The connection could not be made for another reason (DNS, TLS, timeout, protocol).
+    #[error("could not connect to {endpoint}: {reason}")]
+    Connect {
+        /// `host:port` (never credentials).
+        endpoint: String,
+        /// Short human explanation.
+        reason: String,
+        /// The underlying cause.
+        #[source]
+        source: Option<BoxError>,
+    },
+
+    /// The broker refused the credentials or a permission (AMQP 403).
+    #[error("access refused{}: {detail} (check RABBITMQ_USER / RABBITMQ_PASSWORD and the user's permissions on the vhost)", .user.as_ref().map(|u| format!(" for user '{u}'")).unwrap_or_default())]
+    AccessRefused {
+        /// The user name, when known.
+        user: Option<String>,
+        /// What the broker said.
+        detail: String,
+    },
+
+    /// The virtual host does not exist or the user may not use it (AMQP 530).
+    #[error("vhost '{vhost}' not allowed: it does not exist or the user has no permissions on it (create it with `rabbitmqctl add_vhost` and `set_permissions`, or set RABBITMQ_VHOST)")]
+    VhostNotAllowed {
+        /// The vhost asked for.
+        vhost: String,
+    },
+
+    /// A declaration conflicts with what the broker already has (AMQP 406).
+    #[error("precondition failed on {kind} '{name}': {detail}. Fix: delete the {kind} (e.g. `rabbitmqctl delete_queue {name}`) or change the configuration to match it")]
+    PreconditionFailed {
+        /// "queue" or "exchange".
+        kind: &'static str,
+        /// Name of the queue or exchange.
+        name: String,
+        /// The broker's text, e.g. "inequivalent arg 'x-max-priority'".
+        detail: String,
+    },
+
+    /// The broker negatively acknowledged a publish (queue full with reject-publish, internal error).
+    #[error("publish of message {message_id} to exchange '{exchange}' with routing key '{routing_key}' was nacked by the broker (a queue may be full with overflow=reject-publish)")]
+    PublishNacked {
+        /// The message id.
+        message_id: String,
+        /// Exchange published to.
+        exchange: String,
+        /// Routing key used.
+        routing_key: String,
+    },
+
+    /// No confirm arrived within the publish timeout.
+    #[error("publish of message {message_id} was not confirmed within {timeout:?} (broker unreachable, blocked by an alarm, or overloaded)")]
+    PublishTimeout {
+        /// The message id.
+        message_id: String,
+        /// The timeout that elapsed.
+        timeout: Duration,
+    },
+
+    /// A mandatory publish matched no queue.
+    #[error("message {message_id} is unroutable: exchange '{exchange}' has no queue bound for routing key '{routing_key}'")]
+    Unroutable {
+        /// The message id.
+        message_id: String,
+        /// Exchange published to.
+        exchange: String,
+        /// Routing key used.
+        routing_key: String,
+    },
+
+    /// A referenced queue or exchange does not exist (AMQP 404).
+    #[error("{kind} '{name}' not found: declare the topology first (`helixmq topology apply`) or check the name")]
+    NotFound {
+        /// "queue" or "exchange".
+        kind: &'static str,
+        /// The name.
+        name: String,
+    },
+
+    /// The message priority is above what the target queue accepts.
+    #[error("priority {priority} is out of range: {reason}")]
+    InvalidPriority {
+        /// The priority asked for.
+        priority: u8,
+        /// Why it is refused.
+        reason: String,
+    },
+
+    /// A message could not be encoded or decoded (headers, payload, size).
+    #[error("invalid message: {0}")]
+    InvalidMessage(String),
+
+    /// The operation needs a connection and there is none.
+    #[error("not connected to the broker")]
+    NotConnected,
+
+    /// Reconnection gave up after the configured number of attempts.
+    #[error("gave up reconnecting after {attempts} attempts (max_reconnect_attempts)")]
+    ReconnectExhausted {
+        /// Attempts made.
+        attempts: u32,
+        /// The last connection error.
+        #[source]
+        source: Option<BoxError>,
+    },
+
+    /// A subscription's consumer was cancelled by the broker (queue deleted, node down).
+    #[error("consumer on queue '{queue}' was cancelled by the broker (was the queue deleted?)")]
+    ConsumerCancelled {
+        /// The queue consumed.
+        queue: String,
+    },
+
+    /// The broker or client was shut down.
+    #[error("the broker handle is closed")]
+    Closed,
+
+    /// An AMQP channel or protocol error not covered above.
+    #[error("AMQP error: {context}")]
+    Amqp {
+        /// What helixmq was doing.
+        context: String,
+        /// The lapin error.
+        #[source]
+        source: BoxError,
+    },
+
+    /// An I/O error (files, sockets).
+    #[error("{context}")]
+    Io {
+        /// What was being done, and on which path.
+        context: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Error {
+    /// Whether retrying the same operation later may succeed (transient faults).
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            Error::ConnectionRefused { .. }
+                | Error::Connect { .. }
+                | Error::PublishTimeout { .. }
+                | Error::NotConnected
+                | Error::PublishNacked { .. }
+        )
+    }
+
+    pub(crate) fn invalid_config(problem: impl Into<String>) -> Self {
+        Error::InvalidConfig { problems: vec![problem.into()] }
+    }
+}

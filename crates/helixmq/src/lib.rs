@@ -1,0 +1,41 @@
+//! helixmq — a RabbitMQ task-queue layer that does not lose work.
+//!
+//! Publish returns `Ok` only after the broker confirmed the message. A delivery
+//! is acked only after its handler succeeded, or after it was re-routed (retry
+//! queue or DLQ) and that re-route was confirmed. Connections recover by
+//! themselves. The same API runs on an embedded in-process broker for demos
+//! and doc examples.
+//!
+//! # Layout
+//! - [`config`]: `messaging.yaml` + environment, validated; the password is a [`Secret`].
+//! - [`topology`]: exchanges, queues, bindings as data; every name from [`Names`];
+//!   RabbitMQ definitions export.
+//! - [`message`]: the [`Message`] model and its AMQP mapping.
+//! - [`broker`]: the [`Broker`] handle — connect, publish (confirmed), subscribe, close.
+//! - [`consumer`]: the reliable consumer written once for every backend: handlers,
+//!   [`Outcome`]s, retries, dead-lettering, duplicate guard, graceful shutdown.
+//! - [`backend`]: the [`Backend`] seam, with [`backend::memory`] (embedded broker)
+//!   and [`backend::rabbitmq`] (lapin, recovery, confirms).
+//! - [`metrics`]: Prometheus counters; [`http`]: `/metrics` and `/health` router.
+//! - [`error`]: the one [`Error`] enum.
+
+#![warn(missing_docs)]
+
+pub mod backend;
+pub mod broker;
+pub mod config;
+pub mod consumer;
+pub mod error;
+pub mod http;
+pub mod message;
+pub mod metrics;
+pub mod topology;
+
+pub use backend::{Backend, BackendKind, ConnectionState};
+pub use broker::{Broker, DedupOptions, PublishOptions, RetryPolicy, SubscribeOptions};
+pub use config::{Config, Secret};
+pub use consumer::{Context, Handler, Outcome, ShutdownReport, Subscription, SubscriptionStatus};
+pub use error::{BoxError, Error, Result};
+pub use message::{HeaderValue, Message, Priority};
+pub use metrics::Metrics;
+pub use topology::{Names, Topology};

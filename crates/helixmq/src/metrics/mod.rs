@@ -1,0 +1,118 @@
+//! Prometheus metrics, registered into a registry the user owns.
+//!
+//! Nothing global: [`Metrics::new`] registers into the `Registry` it is given,
+//! and a broker built without one keeps private counters.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// Label set for per-exchange series (bounded: exchanges come from the topology).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ExchangeLabel {
+    /// Exchange name.
+    pub exchange: String,
+}
+
+/// Label set for per-queue series (bounded: queues come from the topology).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct QueueLabel {
+    /// Queue name.
+    pub queue: String,
+}
+
+/// Every metric helixmq exports. Names follow the spec (`rabbitmq_*`).
+#[derive(Clone, Debug)]
+pub struct Metrics {
+    /// Confirmed publishes.
+    pub published: Family<ExchangeLabel, Counter>,
+    /// Publishes that failed (nack, timeout, unroutable).
+    pub publish_failures: Family<ExchangeLabel, Counter>,
+    /// Deliveries handed to handlers.
+    pub consumed: Family<QueueLabel, Counter>,
+    /// Deliveries acked after success.
+    pub acked: Family<QueueLabel, Counter>,
+    /// Deliveries nacked back to their queue (re-route failed, shutdown).
+    pub nacked: Family<QueueLabel, Counter>,
+    /// Deliveries sent to the retry route.
+    pub retried: Family<QueueLabel, Counter>,
+    /// Deliveries sent to the DLQ.
+    pub dead_lettered: Family<QueueLabel, Counter>,
+    /// Redeliveries skipped by the duplicate guard.
+    pub duplicates_skipped: Family<QueueLabel, Counter>,
+    /// Publish-to-confirm latency.
+    pub publish_latency: Histogram,
+    /// Handler run time.
+    pub handler_duration: Histogram,
+    /// Handlers running now.
+    pub handlers_in_flight: Gauge,
+    /// Publishes waiting for their confirm.
+    pub confirms_pending: Gauge,
+    /// 0 disconnected, 1 connected, 2 blocked.
+    pub connection_state: Gauge,
+    /// Successful connections (first and reconnects).
+    pub connection_successes: Counter,
+    /// Failed connection attempts.
+    pub connection_failures: Counter,
+    /// Recoveries after a lost connection.
+    pub connection_recoveries: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            published: Family::default(),
+            publish_failures: Family::default(),
+            consumed: Family::default(),
+            acked: Family::default(),
+            nacked: Family::default(),
+            retried: Family::default(),
+            dead_lettered: Family::default(),
+            duplicates_skipped: Family::default(),
+            publish_latency: Histogram::new(exponential_buckets(0.0001, 2.0, 18)),
+            handler_duration: Histogram::new(exponential_buckets(0.0001, 2.0, 20)),
+            handlers_in_flight: Gauge::default(),
+            confirms_pending: Gauge::default(),
+            connection_state: Gauge::default(),
+            connection_successes: Counter::default(),
+            connection_failures: Counter::default(),
+            connection_recoveries: Counter::default(),
+        }
+    }
+}
+
+impl Metrics {
+    /// Create the metrics and register them under the `rabbitmq_` prefix.
+    pub fn new(registry: &mut Registry) -> Self {
+        let m = Metrics::default();
+        let r = registry.sub_registry_with_prefix("rabbitmq");
+        r.register("messages_published", "Messages published and confirmed", m.published.clone());
+        r.register("publish_failures", "Publishes nacked, timed out or unroutable", m.publish_failures.clone());
+        r.register("messages_consumed", "Deliveries handed to a handler", m.consumed.clone());
+        r.register("messages_acked", "Deliveries acknowledged", m.acked.clone());
+        r.register("messages_nacked", "Deliveries negatively acknowledged and requeued", m.nacked.clone());
+        r.register("messages_retried", "Deliveries re-routed to the retry queue", m.retried.clone());
+        r.register("messages_dead_lettered", "Deliveries re-routed to the DLQ", m.dead_lettered.clone());
+        r.register("messages_duplicate_skipped", "Redeliveries skipped by the duplicate guard", m.duplicates_skipped.clone());
+        r.register_with_unit("publish_latency", "Publish to confirm latency", prometheus_client::registry::Unit::Seconds, m.publish_latency.clone());
+        r.register_with_unit("handler_duration", "Handler run time", prometheus_client::registry::Unit::Seconds, m.handler_duration.clone());
+        r.register("handlers_in_flight", "Handlers running now", m.handlers_in_flight.clone());
+        r.register("confirms_pending", "Publishes awaiting their confirm", m.confirms_pending.clone());
+        r.register("connection_state", "0 disconnected, 1 connected, 2 blocked", m.connection_state.clone());
+        r.register("connection_successes", "Successful connections", m.connection_successes.clone());
+        r.register("connection_failures", "Failed connection attempts", m.connection_failures.clone());
+        r.register("connection_recoveries", "Recoveries after a lost connection", m.connection_recoveries.clone());
+        m
+    }
+
+    pub(crate) fn exchange(&self, f: &Family<ExchangeLabel, Counter>, exchange: &str) {
+        f.get_or_create(&ExchangeLabel { exchange: exchange.to_string() }).inc();
+    }
+
+    pub(crate) fn queue(&self, f: &Family<QueueLabel, Counter>, queue: &str) {
+        f.get_or_create(&QueueLabel { queue: queue.to_string() }).inc();
+    }
+}

@@ -1,0 +1,86 @@
+//! The one place every exchange and queue name is made.
+//!
+//! All names start with `{prefix}.` so that a user holding the spec's
+//! permissions (`{prefix}\..*`) may configure, write and read all of them.
+
+use std::time::Duration;
+
+/// The spec's prefix.
+pub const DEFAULT_PREFIX: &str = "helixagent";
+
+/// The names derived from one prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Names {
+    prefix: String,
+}
+
+impl Default for Names {
+    fn default() -> Self {
+        Names::new(DEFAULT_PREFIX)
+    }
+}
+
+impl Names {
+    /// Names under `prefix` (e.g. `helixagent`).
+    pub fn new(prefix: impl Into<String>) -> Self {
+        Names { prefix: prefix.into() }
+    }
+    /// The prefix.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+    fn name(&self, rest: &str) -> String {
+        format!("{}.{}", self.prefix, rest)
+    }
+    /// `{prefix}.tasks`, the direct exchange routing tasks by type.
+    pub fn tasks_exchange(&self) -> String {
+        self.name("tasks")
+    }
+    /// `{prefix}.events`, the topic exchange.
+    pub fn events_exchange(&self) -> String {
+        self.name("events")
+    }
+    /// `{prefix}.notifications`, the fanout exchange.
+    pub fn notifications_exchange(&self) -> String {
+        self.name("notifications")
+    }
+    /// `{prefix}.tasks.{kind}`, a task queue.
+    pub fn task_queue(&self, kind: &str) -> String {
+        self.name(&format!("tasks.{kind}"))
+    }
+    /// `{prefix}.events.{kind}`, an event queue.
+    pub fn event_queue(&self, kind: &str) -> String {
+        self.name(&format!("events.{kind}"))
+    }
+    /// `{prefix}.notifications.{kind}`, a notification queue.
+    pub fn notification_queue(&self, kind: &str) -> String {
+        self.name(&format!("notifications.{kind}"))
+    }
+    /// `{prefix}.dlq`, the dead-letter queue.
+    pub fn dlq(&self) -> String {
+        self.name("dlq")
+    }
+    /// `{prefix}.dlx`, the fanout exchange feeding the DLQ. Work queues name it as
+    /// their `x-dead-letter-exchange`: the default exchange is refused under least privilege.
+    pub fn dead_letter_exchange(&self) -> String {
+        self.name("dlx")
+    }
+    /// `{prefix}.requeue`, the direct exchange where retried messages come back
+    /// after their delay; every work queue is bound to it with its own name as key.
+    pub fn requeue_exchange(&self) -> String {
+        self.name("requeue")
+    }
+    /// Retry tier for `delay`: `{prefix}.retry` for the spec's 60 s, else
+    /// `{prefix}.retry.{delay}` (e.g. `helixagent.retry.5s`). The same name is
+    /// used for the tier's fanout exchange and its queue.
+    pub fn retry_tier(&self, delay: Duration) -> String {
+        if delay == DEFAULT_RETRY_DELAY {
+            self.name("retry")
+        } else {
+            self.name(&format!("retry.{}", humantime::format_duration(delay)).replace(' ', ""))
+        }
+    }
+}
+
+/// The spec's retry queue TTL.
+pub const DEFAULT_RETRY_DELAY: Duration = Duration::from_secs(60);
