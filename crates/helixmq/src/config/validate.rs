@@ -598,16 +598,17 @@ pub(crate) fn parse_host_port(entry: &str, default_port: u16) -> Result<(String,
     if !host.contains(':') {
         check_host(&host)?;
     }
-    let port =
-        match port {
-            None => default_port,
-            Some(p) => match p.parse::<u32>() {
-                Ok(n) if (1..=65535).contains(&n) => n as u16,
-                _ => return Err(format!(
+    let port = match port {
+        None => default_port,
+        Some(p) => match p.parse::<u32>() {
+            Ok(n) if (1..=65535).contains(&n) => n as u16,
+            _ => {
+                return Err(format!(
                     "port `{p}` is not from 1 to 65535; write `host:port`, e.g. `rabbit-2:5672`"
-                )),
-            },
-        };
+                ))
+            }
+        },
+    };
     Ok((host, port))
 }
 
