@@ -247,7 +247,7 @@ impl<'a> Builder<'a> {
                 v,
                 1,
                 65535,
-                "use the broker's AMQP port, e.g. 5672 (5671 for TLS)",
+                "use the broker's AMQP port, e.g. 5672, or 5671 for TLS",
             )
             .map(|p| p as u16)
         });
@@ -475,9 +475,8 @@ fn text(v: &Loose) -> Result<String, String> {
         Loose::Str(s) => Ok(s.clone()),
         Loose::Null => Ok(String::new()),
         Loose::Bool(_) | Loose::Int(_) | Loose::Float(_) => Err(format!(
-            "expected text, got {}: YAML reads it as a number or boolean, so quote it (e.g. `\"{}\"`)",
-            v.kind(),
-            v.show()
+            "expected text, got {}: YAML reads it as a number or boolean, so put it in quotes",
+            v.kind()
         )),
         Loose::Seq(_) | Loose::Map(_) => Err(format!("expected text, got {}", v.kind())),
     }
@@ -488,24 +487,22 @@ fn int(v: &Loose, min: i128, max: i128, hint: &str) -> Result<i128, String> {
     let n = match v {
         Loose::Int(n) => *n,
         Loose::Str(s) => s.trim().parse::<i128>().map_err(|_| {
-            format!("not a whole number; expected a number from {min} to {max} ({hint})")
+            format!("not a whole number; expected a number from {min} to {max}; {hint}")
         })?,
         Loose::Float(_) => {
             return Err(format!(
-                "not a whole number; expected a number from {min} to {max} ({hint})"
+                "not a whole number; expected a number from {min} to {max}; {hint}"
             ))
         }
         other => {
             return Err(format!(
-                "expected a number from {min} to {max}, got {} ({hint})",
+                "expected a number from {min} to {max}, got {}; {hint}",
                 other.kind()
             ))
         }
     };
     if n < min || n > max {
-        Err(format!(
-            "out of range: must be from {min} to {max} ({hint})"
-        ))
+        Err(format!("out of range: must be from {min} to {max}; {hint}"))
     } else {
         Ok(n)
     }
@@ -598,16 +595,17 @@ pub(crate) fn parse_host_port(entry: &str, default_port: u16) -> Result<(String,
     if !host.contains(':') {
         check_host(&host)?;
     }
-    let port =
-        match port {
-            None => default_port,
-            Some(p) => match p.parse::<u32>() {
-                Ok(n) if (1..=65535).contains(&n) => n as u16,
-                _ => return Err(format!(
+    let port = match port {
+        None => default_port,
+        Some(p) => match p.parse::<u32>() {
+            Ok(n) if (1..=65535).contains(&n) => n as u16,
+            _ => {
+                return Err(format!(
                     "port `{p}` is not from 1 to 65535; write `host:port`, e.g. `rabbit-2:5672`"
-                )),
-            },
-        };
+                ))
+            }
+        },
+    };
     Ok((host, port))
 }
 
