@@ -647,3 +647,26 @@ fn oversized_text_is_refused() {
     let yaml = format!("# {}\n", "x".repeat(2 << 20));
     one_problem(&yaml, &[], &["(file)", "bytes"]);
 }
+
+#[test]
+fn host_with_characters_a_host_cannot_hold() {
+    one_problem(
+        &rabbit("host: \"rabbit host\""),
+        &[],
+        &["rabbitmq.host = `rabbit host`", "contains ` `"],
+    );
+    one_problem(
+        "",
+        &[("RABBITMQ_HOST", "a,b")],
+        &["rabbitmq.host = `a,b` (from RABBITMQ_HOST)", "`hosts`"],
+    );
+}
+
+#[test]
+fn interpolation_problem_in_a_hosts_entry_is_reported_once() {
+    one_problem(
+        &rabbit("hosts: [\"${NODE2\"]"),
+        &[],
+        &["rabbitmq.hosts[0] = `${NODE2`", "unterminated"],
+    );
+}

@@ -347,9 +347,13 @@ impl<'a> Builder<'a> {
                 return Vec::new();
             }
         };
+        let from_file = !self.src.env.overrides.contains_key("rabbitmq.hosts");
         let mut out = Vec::new();
         for (i, item) in items.iter().enumerate() {
             let path = format!("rabbitmq.hosts[{i}]");
+            if from_file && self.src.failed.contains(&path) {
+                continue; // its interpolation problem is already reported
+            }
             let parsed = match item {
                 Loose::Str(s) => parse_host_port(s, default_port),
                 other => Err(format!(
@@ -551,13 +555,22 @@ fn check_host(host: &str) -> Result<(), String> {
     if host.contains("://") {
         return Err("looks like a URL; put URLs in RABBITMQ_URL and only a host name here".into());
     }
-    if host
-        .chars()
-        .any(|c| c.is_whitespace() || matches!(c, '/' | '@' | '?' | '#' | ','))
-    {
-        return Err("not a host name: it contains a space or one of `/ @ ? # ,`; give a host name or IP address (several nodes go in `hosts`)".into());
+    let allowed =
+        |c: char| c.is_alphanumeric() || matches!(c, '-' | '.' | '_' | ':' | '[' | ']' | '%');
+    if let Some(bad) = host.chars().find(|c| !allowed(*c)) {
+        let several = if bad == ',' {
+            " (several nodes go in `hosts`)"
+        } else {
+            ""
+        };
+        return Err(format!(
+            "contains `{}`, which a host name cannot hold; give a host name or IP address{several}",
+            bad.escape_default()
+        ));
     }
     let bare = host.trim_start_matches('[').trim_end_matches(']');
+    // An IPv6 link-local address may carry a zone: `fe80::1%eth0`.
+    let bare = bare.split_once('%').map_or(bare, |(addr, _zone)| addr);
     if host.contains(':') && bare.parse::<Ipv6Addr>().is_err() {
         return Err(
             "a host, not `host:port`: put the port in `rabbitmq.port` (RABBITMQ_PORT)".into(),
@@ -690,6 +703,11 @@ mod tests {
         assert!(check_host("").is_err());
         assert!(check_host("h:5672").unwrap_err().contains("rabbitmq.port"));
         assert!(check_host("amqp://h").unwrap_err().contains("RABBITMQ_URL"));
+        assert!(check_host("a b").unwrap_err().contains("` `"));
+        assert!(check_host("${X").unwrap_err().contains("`$`"));
+        assert!(check_host("a,b").unwrap_err().contains("hosts"));
+        assert!(check_host("fe80::1%eth0").is_ok());
+        assert!(check_host("bücher.example").is_ok());
     }
 
     #[test]
