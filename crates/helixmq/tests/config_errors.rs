@@ -171,7 +171,7 @@ fn unknown_key_in_tls_and_top_level_and_helixmq() {
         &[],
     );
     assert_eq!(ps.len(), 3, "{ps:#?}");
-    assert!(ps[0].contains("rabbit: unknown key `rabbit` in section `the top level`; valid keys there are: rabbitmq, helixmq"), "{}", ps[0]);
+    assert!(ps[0].contains("rabbit: unknown key `rabbit` at the top level; valid keys there are: rabbitmq, helixmq. Did you mean `rabbitmq`?"), "{}", ps[0]);
     assert!(
         ps[1].contains("rabbitmq.tls.verify: unknown key `verify` in section `rabbitmq.tls`"),
         "{}",

@@ -113,3 +113,20 @@ fn errors_with_many_problems_keep_the_password_out() {
     .unwrap_err();
     assert_hidden(&err.to_string());
 }
+
+#[test]
+fn redacted_url_for_logs() {
+    let c = ok(
+        &format!("rabbitmq:\n  password: \"{PW}\"\n  username: \"a b\"\n"),
+        &[],
+    );
+    assert_eq!(
+        c.rabbitmq.redacted_url(),
+        "amqp://a%20b:***@localhost:5672/%2F"
+    );
+    let c = ok(
+        "",
+        &[("RABBITMQ_URL", "amqps://u:Tr0ub4dor%263xyz@[::1]/prod")],
+    );
+    assert_eq!(c.rabbitmq.redacted_url(), "amqps://u:***@[::1]:5671/prod");
+}

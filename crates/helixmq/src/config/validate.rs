@@ -105,9 +105,8 @@ fn closest<'k>(key: &str, valid: &[&'k str]) -> Option<&'k str> {
         .map(|v| (distance(&key.to_lowercase(), v), *v))
         .filter(|(d, v)| {
             let key = key.to_lowercase();
-            *d <= 2
-                || *d <= v.len() / 3
-                || (key.len() >= 4 && (v.contains(&*key) || key.contains(v)))
+            // One edit per three letters: `url` is not a typo of `tls`.
+            *d <= (v.len() / 3).max(1) || (key.len() >= 4 && (v.contains(&*key) || key.contains(v)))
         })
         .min_by_key(|(d, _)| *d)
         .map(|(_, v)| v)
@@ -134,10 +133,10 @@ impl<'a> Builder<'a> {
     /// Check that `value` (the section at `path`) is a mapping with known keys.
     /// Returns whether the section can be read.
     fn section(&mut self, path: &str, value: Option<&Loose>, keys: &[&str]) -> bool {
-        let name = if path.is_empty() {
-            "the top level"
+        let place = if path.is_empty() {
+            "at the top level".to_string()
         } else {
-            path
+            format!("in section `{path}`")
         };
         match value {
             None | Some(Loose::Null) => false,
@@ -155,7 +154,7 @@ impl<'a> Builder<'a> {
                         .map(|k| format!(" Did you mean `{k}`?"))
                         .unwrap_or_default();
                     self.problems.push(format!(
-                        "{full}: unknown key `{key}` in section `{name}`; valid keys there are: {}.{hint}",
+                        "{full}: unknown key `{key}` {place}; valid keys there are: {}.{hint}",
                         keys.join(", ")
                     ));
                 }
