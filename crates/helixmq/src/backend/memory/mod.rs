@@ -3,9 +3,7 @@
 use async_trait::async_trait;
 use tokio::sync::watch;
 
-use crate::backend::{
-    Backend, BackendKind, ConnectionState, Delivery, DeliveryStream, Outgoing, QueueStats,
-};
+use crate::backend::{Backend, BackendKind, ConnectionState, Delivery, DeliveryStream, Outgoing, QueueStats};
 use crate::error::{Error, Result};
 use crate::topology::Topology;
 
@@ -23,9 +21,7 @@ impl Default for MemoryBroker {
 impl MemoryBroker {
     /// A new, empty broker.
     pub fn new() -> Self {
-        MemoryBroker {
-            state: watch::channel(ConnectionState::Connected).0,
-        }
+        MemoryBroker { state: watch::channel(ConnectionState::Connected).0 }
     }
 }
 
