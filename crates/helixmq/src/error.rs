@@ -188,8 +188,6 @@ impl Error {
     }
 
     pub(crate) fn invalid_config(problem: impl Into<String>) -> Self {
-        Error::InvalidConfig {
-            problems: vec![problem.into()],
-        }
+        Error::InvalidConfig { problems: vec![problem.into()] }
     }
 }
