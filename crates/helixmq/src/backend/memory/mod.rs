@@ -34,7 +34,9 @@ use async_trait::async_trait;
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
-use crate::backend::{Backend, BackendKind, ConnectionState, Delivery, DeliveryStream, Outgoing, QueueStats};
+use crate::backend::{
+    Backend, BackendKind, ConnectionState, Delivery, DeliveryStream, Outgoing, QueueStats,
+};
 use crate::error::{Error, Result};
 use crate::topology::Topology;
 use consumer::{MemoryAcker, MemoryStream};
@@ -99,7 +101,6 @@ impl MemoryBroker {
     /// A new, empty broker. Inside a Tokio runtime it starts its expiry timer;
     /// outside one, TTLs are enforced lazily when a queue is read.
     pub fn new() -> Self {
-<<<<<<< HEAD
         let shared = Arc::new(Shared {
             state: Mutex::new(State::default()),
             timer: Arc::new(Notify::new()),
@@ -157,9 +158,6 @@ async fn expiry_timer(shared: Weak<Shared>, wake: Arc<Notify>, stop: Cancellatio
             _ = wake.notified() => {}
             _ = sleep => {}
         }
-=======
-        MemoryBroker { state: watch::channel(ConnectionState::Connected).0 }
->>>>>>> config
     }
 }
 

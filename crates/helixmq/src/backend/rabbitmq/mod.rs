@@ -32,14 +32,10 @@ use tokio::sync::watch;
 use tokio::time::{timeout_at, Instant};
 use tokio_util::sync::CancellationToken;
 
-<<<<<<< HEAD
 use crate::backend::{
     Backend, BackendKind, ConnectionState, Delivery, DeliveryStream, Outgoing, QueueStats,
 };
 use crate::config::RabbitMqConfig;
-=======
-use crate::backend::{Backend, BackendKind, ConnectionState, Delivery, DeliveryStream, Outgoing, QueueStats};
->>>>>>> config
 use crate::error::{Error, Result};
 use crate::message::amqp::from_properties;
 use crate::metrics::Metrics;
@@ -74,18 +70,12 @@ impl std::fmt::Debug for RabbitBackend {
 }
 
 impl RabbitBackend {
-<<<<<<< HEAD
     /// Connect as configured (hosts tried in turn) and start the connection
     /// manager. Wrong credentials, an unknown vhost or nothing listening fail
     /// here at once, without a retry loop.
     pub async fn connect(cfg: &RabbitMqConfig, metrics: Metrics) -> Result<Self> {
         let name = format!("helixmq pid {}", std::process::id());
         Self::connect_named(cfg, metrics, &name).await
-=======
-    /// Connect.
-    pub async fn connect(_cfg: &crate::config::RabbitMqConfig, _m: crate::metrics::Metrics) -> Result<Self> {
-        Err(Error::NotConnected)
->>>>>>> config
     }
 
     /// [`RabbitBackend::connect`] with a client-provided connection name, as
