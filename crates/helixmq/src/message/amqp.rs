@@ -35,8 +35,12 @@ use crate::error::{Error, Result};
 
 /// A short string (≤ 255 bytes), refused clearly when longer; `what` names the field.
 pub(crate) fn short(what: &str, s: &str) -> Result<ShortString> {
-    ShortString::try_new(s)
-        .map_err(|_| Error::InvalidMessage(format!("{what} is {} bytes long; AMQP allows at most 255", s.len())))
+    ShortString::try_new(s).map_err(|_| {
+        Error::InvalidMessage(format!(
+            "{what} is {} bytes long; AMQP allows at most 255",
+            s.len()
+        ))
+    })
 }
 
 /// Encode one header value.
@@ -49,9 +53,9 @@ pub fn to_amqp_value(v: &HeaderValue) -> Result<AMQPValue> {
         HeaderValue::String(s) => AMQPValue::LongString(LongString::from(s.as_bytes())),
         HeaderValue::Bytes(b) => AMQPValue::ByteArray(ByteArray::from(b.clone())),
         HeaderValue::Timestamp(t) => AMQPValue::Timestamp(*t),
-        HeaderValue::Array(a) => {
-            AMQPValue::FieldArray(FieldArray::from(a.iter().map(to_amqp_value).collect::<Result<Vec<_>>>()?))
-        }
+        HeaderValue::Array(a) => AMQPValue::FieldArray(FieldArray::from(
+            a.iter().map(to_amqp_value).collect::<Result<Vec<_>>>()?,
+        )),
         HeaderValue::Table(t) => AMQPValue::FieldTable(to_field_table(t)?),
     })
 }
@@ -75,7 +79,9 @@ pub fn from_amqp_value(v: &AMQPValue) -> HeaderValue {
             Ok(t) => HeaderValue::String(t.to_string()),
             Err(_) => HeaderValue::Bytes(s.as_bytes().to_vec()),
         },
-        AMQPValue::FieldArray(a) => HeaderValue::Array(a.as_slice().iter().map(from_amqp_value).collect()),
+        AMQPValue::FieldArray(a) => {
+            HeaderValue::Array(a.as_slice().iter().map(from_amqp_value).collect())
+        }
         AMQPValue::Timestamp(t) => HeaderValue::Timestamp(*t),
         AMQPValue::FieldTable(t) => HeaderValue::Table(from_field_table(t)),
         AMQPValue::ByteArray(b) => HeaderValue::Bytes(b.as_slice().to_vec()),
@@ -101,7 +107,10 @@ pub fn to_field_table(h: &BTreeMap<String, HeaderValue>) -> Result<FieldTable> {
     for (k, v) in h {
         let name = ShortString::try_new(k.as_str()).map_err(|_| {
             let head: String = k.chars().take(32).collect();
-            Error::InvalidMessage(format!("header name '{head}…' is {} bytes long; AMQP allows at most 255", k.len()))
+            Error::InvalidMessage(format!(
+                "header name '{head}…' is {} bytes long; AMQP allows at most 255",
+                k.len()
+            ))
         })?;
         t.insert(name, to_amqp_value(v)?);
     }
@@ -110,13 +119,19 @@ pub fn to_field_table(h: &BTreeMap<String, HeaderValue>) -> Result<FieldTable> {
 
 /// Decode a header table.
 pub fn from_field_table(t: &FieldTable) -> BTreeMap<String, HeaderValue> {
-    t.inner().iter().map(|(k, v)| (k.as_str().to_string(), from_amqp_value(v))).collect()
+    t.inner()
+        .iter()
+        .map(|(k, v)| (k.as_str().to_string(), from_amqp_value(v)))
+        .collect()
 }
 
 /// The AMQP properties (with headers) of `m`.
 pub fn to_properties(m: &Message) -> Result<BasicProperties> {
     let mut headers = m.headers.clone();
-    headers.insert(header::ATTEMPT.to_string(), HeaderValue::Int(m.attempt as i64));
+    headers.insert(
+        header::ATTEMPT.to_string(),
+        HeaderValue::Int(m.attempt as i64),
+    );
     let mut p = BasicProperties::default()
         .with_message_id(short("message id", &m.id)?)
         .with_timestamp(m.timestamp)
@@ -154,7 +169,11 @@ pub fn to_properties(m: &Message) -> Result<BasicProperties> {
 /// id-keyed machinery (duplicate guard) never lumps such messages together.
 pub fn from_properties(properties: &BasicProperties, body: impl Into<Bytes>) -> Message {
     let text = |s: &Option<ShortString>| s.as_ref().map(|s| s.as_str().to_string());
-    let mut headers: Headers = properties.headers().as_ref().map(from_field_table).unwrap_or_default();
+    let mut headers: Headers = properties
+        .headers()
+        .as_ref()
+        .map(from_field_table)
+        .unwrap_or_default();
     let attempt = headers
         .remove(header::ATTEMPT)
         .and_then(|v| v.as_i64())
@@ -170,10 +189,16 @@ pub fn from_properties(properties: &BasicProperties, body: impl Into<Bytes>) -> 
         headers,
         timestamp: properties.timestamp().unwrap_or(0),
         // Another publisher may use priorities above ours; they mean "highest" here.
-        priority: properties.priority().map(|p| Priority::new(p.min(Priority::MAX)).unwrap_or(Priority::CRITICAL)),
+        priority: properties
+            .priority()
+            .map(|p| Priority::new(p.min(Priority::MAX)).unwrap_or(Priority::CRITICAL)),
         correlation_id: text(properties.correlation_id()),
         reply_to: text(properties.reply_to()),
-        expiration: properties.expiration().as_ref().and_then(|e| e.as_str().parse::<u64>().ok()).map(Duration::from_millis),
+        expiration: properties
+            .expiration()
+            .as_ref()
+            .and_then(|e| e.as_str().parse::<u64>().ok())
+            .map(Duration::from_millis),
         delivery: match properties.delivery_mode() {
             Some(2) => Delivery::Persistent,
             _ => Delivery::Transient,
@@ -190,18 +215,28 @@ mod tests {
     fn every_type() -> Headers {
         let mut nested = BTreeMap::new();
         nested.insert("inner".to_string(), HeaderValue::Int(-7));
-        nested.insert("deeper".to_string(), HeaderValue::Array(vec![HeaderValue::Bool(false), HeaderValue::Void]));
+        nested.insert(
+            "deeper".to_string(),
+            HeaderValue::Array(vec![HeaderValue::Bool(false), HeaderValue::Void]),
+        );
         let mut h = Headers::new();
         h.insert("void".into(), HeaderValue::Void);
         h.insert("bool".into(), HeaderValue::Bool(true));
         h.insert("int".into(), HeaderValue::Int(i64::MIN));
         h.insert("float".into(), HeaderValue::Float(1.5e-3));
         h.insert("string".into(), HeaderValue::String("héllo".into()));
-        h.insert("bytes".into(), HeaderValue::Bytes(vec![0, 159, 146, 150, 255]));
+        h.insert(
+            "bytes".into(),
+            HeaderValue::Bytes(vec![0, 159, 146, 150, 255]),
+        );
         h.insert("timestamp".into(), HeaderValue::Timestamp(1_700_000_000));
         h.insert(
             "array".into(),
-            HeaderValue::Array(vec![HeaderValue::Int(1), HeaderValue::String("two".into()), HeaderValue::Table(nested.clone())]),
+            HeaderValue::Array(vec![
+                HeaderValue::Int(1),
+                HeaderValue::String("two".into()),
+                HeaderValue::Table(nested.clone()),
+            ]),
         );
         h.insert("table".into(), HeaderValue::Table(nested));
         h
@@ -242,15 +277,36 @@ mod tests {
             (AMQPValue::ShortInt(-300), HeaderValue::Int(-300)),
             (AMQPValue::ShortUInt(60_000), HeaderValue::Int(60_000)),
             (AMQPValue::LongInt(-70_000), HeaderValue::Int(-70_000)),
-            (AMQPValue::LongUInt(4_000_000_000), HeaderValue::Int(4_000_000_000)),
+            (
+                AMQPValue::LongUInt(4_000_000_000),
+                HeaderValue::Int(4_000_000_000),
+            ),
             (AMQPValue::LongLongInt(i64::MAX), HeaderValue::Int(i64::MAX)),
             (AMQPValue::Float(0.5), HeaderValue::Float(0.5)),
             (AMQPValue::Double(0.25), HeaderValue::Float(0.25)),
-            (AMQPValue::ShortString("short".into()), HeaderValue::String("short".into())),
-            (AMQPValue::LongString(LongString::from(vec![0xff, 0xfe])), HeaderValue::Bytes(vec![0xff, 0xfe])),
-            (AMQPValue::DecimalValue(DecimalValue { scale: 2, value: 12345 }), HeaderValue::String("123.45".into())),
-            (AMQPValue::DecimalValue(DecimalValue { scale: 3, value: 5 }), HeaderValue::String("0.005".into())),
-            (AMQPValue::DecimalValue(DecimalValue { scale: 0, value: 7 }), HeaderValue::String("7".into())),
+            (
+                AMQPValue::ShortString("short".into()),
+                HeaderValue::String("short".into()),
+            ),
+            (
+                AMQPValue::LongString(LongString::from(vec![0xff, 0xfe])),
+                HeaderValue::Bytes(vec![0xff, 0xfe]),
+            ),
+            (
+                AMQPValue::DecimalValue(DecimalValue {
+                    scale: 2,
+                    value: 12345,
+                }),
+                HeaderValue::String("123.45".into()),
+            ),
+            (
+                AMQPValue::DecimalValue(DecimalValue { scale: 3, value: 5 }),
+                HeaderValue::String("0.005".into()),
+            ),
+            (
+                AMQPValue::DecimalValue(DecimalValue { scale: 0, value: 7 }),
+                HeaderValue::String("7".into()),
+            ),
             (AMQPValue::Void, HeaderValue::Void),
         ];
         for (amqp, want) in cases {
@@ -265,7 +321,10 @@ mod tests {
         let e = to_properties(&m).unwrap_err().to_string();
         assert!(e.contains("header name") && e.contains("255"), "{e}");
         let m = Message::new("b").with_correlation_id(long);
-        assert!(to_properties(&m).unwrap_err().to_string().contains("correlation id"));
+        assert!(to_properties(&m)
+            .unwrap_err()
+            .to_string()
+            .contains("correlation id"));
     }
 
     #[test]

@@ -15,7 +15,9 @@ use std::time::Duration;
 use futures::StreamExt;
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::uri::{AMQPAuthority, AMQPQueryString, AMQPScheme, AMQPUri, AMQPUserInfo, SASLMechanism};
+use lapin::uri::{
+    AMQPAuthority, AMQPQueryString, AMQPScheme, AMQPUri, AMQPUserInfo, SASLMechanism,
+};
 use lapin::{ConnectionProperties, Event};
 use rand::Rng;
 use tokio::sync::{watch, Notify};
@@ -116,7 +118,10 @@ impl Shared {
                 LinkState::Up(_) => self.suspect.notify_one(),
                 LinkState::Down => {}
                 LinkState::Exhausted(attempts, last) => {
-                    return Err(Error::ReconnectExhausted { attempts, source: Some(last.to_string().into()) })
+                    return Err(Error::ReconnectExhausted {
+                        attempts,
+                        source: Some(last.to_string().into()),
+                    })
                 }
                 LinkState::Closed => return Err(Error::Closed),
             }
@@ -137,9 +142,16 @@ impl Shared {
 fn uri_for(cfg: &RabbitMqConfig, host: &str, port: u16) -> AMQPUri {
     let external = cfg.tls.enabled && !cfg.tls.cert_file.is_empty() && cfg.password.is_empty();
     AMQPUri {
-        scheme: if cfg.tls.enabled { AMQPScheme::AMQPS } else { AMQPScheme::AMQP },
+        scheme: if cfg.tls.enabled {
+            AMQPScheme::AMQPS
+        } else {
+            AMQPScheme::AMQP
+        },
         authority: AMQPAuthority {
-            userinfo: AMQPUserInfo { username: cfg.username.clone(), password: cfg.password.expose().to_string() },
+            userinfo: AMQPUserInfo {
+                username: cfg.username.clone(),
+                password: cfg.password.expose().to_string(),
+            },
             host: host.to_string(),
             port,
         },
@@ -179,7 +191,10 @@ pub(crate) async fn open(cfg: &RabbitMqConfig, connection_name: &str) -> Result<
             Err(_) => {
                 last = Some(Error::Connect {
                     endpoint: format!("{host}:{port}"),
-                    reason: format!("no AMQP handshake within connect_timeout {:?}", cfg.connect_timeout),
+                    reason: format!(
+                        "no AMQP handshake within connect_timeout {:?}",
+                        cfg.connect_timeout
+                    ),
                     source: None,
                 })
             }
@@ -211,14 +226,28 @@ fn lapin_kind(k: ExchangeKind) -> lapin::ExchangeKind {
 
 /// Declare an exchange (idempotent). Names were checked (≤ 255 bytes) by `declare`.
 pub(crate) async fn declare_exchange_raw(ch: &lapin::Channel, e: &Exchange) -> lapin::Result<()> {
-    let opts = ExchangeDeclareOptions { durable: e.durable, ..Default::default() };
-    ch.exchange_declare(ShortString::from(e.name.as_str()), lapin_kind(e.kind), opts, FieldTable::default()).await
+    let opts = ExchangeDeclareOptions {
+        durable: e.durable,
+        ..Default::default()
+    };
+    ch.exchange_declare(
+        ShortString::from(e.name.as_str()),
+        lapin_kind(e.kind),
+        opts,
+        FieldTable::default(),
+    )
+    .await
 }
 
 /// Declare a queue with its arguments (idempotent; 406 when they differ).
 pub(crate) async fn declare_queue_raw(ch: &lapin::Channel, q: &Queue) -> lapin::Result<()> {
-    let opts = QueueDeclareOptions { durable: q.durable, ..Default::default() };
-    ch.queue_declare(ShortString::from(q.name.as_str()), opts, queue_arguments(q)).await.map(|_| ())
+    let opts = QueueDeclareOptions {
+        durable: q.durable,
+        ..Default::default()
+    };
+    ch.queue_declare(ShortString::from(q.name.as_str()), opts, queue_arguments(q))
+        .await
+        .map(|_| ())
 }
 
 /// Bind a queue (idempotent).
@@ -243,15 +272,24 @@ async fn redeclare(shared: &Shared, conn: &lapin::Connection) -> Result<()> {
         return Ok(());
     }
     let user = &shared.cfg.username;
-    let ch = conn.create_channel().await.map_err(|e| Error::Amqp { context: "open channel to redeclare".into(), source: errors::boxed(e) })?;
+    let ch = conn.create_channel().await.map_err(|e| Error::Amqp {
+        context: "open channel to redeclare".into(),
+        source: errors::boxed(e),
+    })?;
     for e in &exchanges {
-        declare_exchange_raw(&ch, e).await.map_err(|err| errors::op_error(err, "redeclare", Target::exchange(&e.name), user))?;
+        declare_exchange_raw(&ch, e)
+            .await
+            .map_err(|err| errors::op_error(err, "redeclare", Target::exchange(&e.name), user))?;
     }
     for q in &queues {
-        declare_queue_raw(&ch, q).await.map_err(|err| errors::op_error(err, "redeclare", Target::queue(&q.name), user))?;
+        declare_queue_raw(&ch, q)
+            .await
+            .map_err(|err| errors::op_error(err, "redeclare", Target::queue(&q.name), user))?;
     }
     for b in &bindings {
-        bind_raw(&ch, b).await.map_err(|err| errors::op_error(err, "rebind", Target::queue(&b.queue), user))?;
+        bind_raw(&ch, b)
+            .await
+            .map_err(|err| errors::op_error(err, "rebind", Target::queue(&b.queue), user))?;
     }
     let _ = ch.close(200, ShortString::from("redeclared")).await;
     Ok(())
@@ -301,7 +339,13 @@ async fn supervise(shared: &Shared, conn: &lapin::Connection) -> End {
             _ = tick.tick() => {}
         }
         if !conn.status().connected() {
-            let state = if conn.status().closed() { "closed" } else if conn.status().errored() { "errored" } else { "not connected" };
+            let state = if conn.status().closed() {
+                "closed"
+            } else if conn.status().errored() {
+                "errored"
+            } else {
+                "not connected"
+            };
             return End::Lost(format!("connection {state}"));
         }
     }
@@ -314,7 +358,10 @@ pub(crate) async fn run(shared: Arc<Shared>, mut link: Arc<Link>) {
         match supervise(&shared, &link.conn).await {
             End::Shutdown => {
                 if link.conn.status().connected() {
-                    let _ = link.conn.close(200, ShortString::from("helixmq closing")).await;
+                    let _ = link
+                        .conn
+                        .close(200, ShortString::from("helixmq closing"))
+                        .await;
                 }
                 shared.link.send_replace(LinkState::Closed);
                 shared.state.send_replace(ConnectionState::Closed);
@@ -334,7 +381,9 @@ pub(crate) async fn run(shared: Arc<Shared>, mut link: Arc<Link>) {
             attempt += 1;
             if max > 0 && attempt > max {
                 tracing::error!(attempts = max, last_error = %last, "giving up reconnecting (max_reconnect_attempts)");
-                shared.link.send_replace(LinkState::Exhausted(max, last.into()));
+                shared
+                    .link
+                    .send_replace(LinkState::Exhausted(max, last.into()));
                 shared.state.send_replace(ConnectionState::Closed);
                 return;
             }
@@ -374,7 +423,11 @@ pub(crate) async fn run(shared: Arc<Shared>, mut link: Arc<Link>) {
         generation += 1;
         shared.metrics.connection_recoveries.inc();
         tracing::info!(generation, attempts = attempt, "reconnected to RabbitMQ");
-        shared.state.send_replace(if conn.status().blocked() { ConnectionState::Blocked } else { ConnectionState::Connected });
+        shared.state.send_replace(if conn.status().blocked() {
+            ConnectionState::Blocked
+        } else {
+            ConnectionState::Connected
+        });
         link = Arc::new(Link { conn, generation });
         shared.link.send_replace(LinkState::Up(link.clone()));
     }
@@ -391,9 +444,15 @@ mod tests {
             let d1 = backoff(base, 1);
             assert!(d1 >= Duration::from_millis(50) && d1 <= base, "{d1:?}");
             let d4 = backoff(base, 4);
-            assert!(d4 >= Duration::from_millis(400) && d4 <= Duration::from_millis(800), "{d4:?}");
+            assert!(
+                d4 >= Duration::from_millis(400) && d4 <= Duration::from_millis(800),
+                "{d4:?}"
+            );
             let d40 = backoff(base, 40);
-            assert!(d40 <= Duration::from_secs(30) && d40 >= Duration::from_secs(15), "{d40:?}");
+            assert!(
+                d40 <= Duration::from_secs(30) && d40 >= Duration::from_secs(15),
+                "{d40:?}"
+            );
         }
     }
 

@@ -12,7 +12,9 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use futures::StreamExt;
-use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+};
 use lapin::types::{FieldTable, ShortString};
 
 use super::connection::{Link, Shared};
@@ -52,12 +54,27 @@ enum OpenError {
 impl RabbitStream {
     /// Open the consumer now, so that a missing queue or a refused permission
     /// surfaces from `consume` itself.
-    pub(crate) async fn start(shared: Arc<Shared>, queue: &str, prefetch: u16, tag: &str) -> Result<Self> {
+    pub(crate) async fn start(
+        shared: Arc<Shared>,
+        queue: &str,
+        prefetch: u16,
+        tag: &str,
+    ) -> Result<Self> {
         if ShortString::try_new(queue).is_err() || ShortString::try_new(tag).is_err() {
-            return Err(Error::InvalidMessage(format!("queue name or consumer tag longer than 255 bytes: '{queue}', '{tag}'")));
+            return Err(Error::InvalidMessage(format!(
+                "queue name or consumer tag longer than 255 bytes: '{queue}', '{tag}'"
+            )));
         }
         let global = shared.cfg.prefetch_global;
-        let mut s = RabbitStream { shared, queue: queue.into(), tag: tag.into(), prefetch, global, current: None, done: false };
+        let mut s = RabbitStream {
+            shared,
+            queue: queue.into(),
+            tag: tag.into(),
+            prefetch,
+            global,
+            current: None,
+            done: false,
+        };
         loop {
             match s.open().await {
                 Ok(c) => {
@@ -75,7 +92,13 @@ impl RabbitStream {
         let user = &self.shared.cfg.username;
         let attempt = async {
             let chan = link.conn.create_channel().await?;
-            chan.basic_qos(self.prefetch, BasicQosOptions { global: self.global }).await?;
+            chan.basic_qos(
+                self.prefetch,
+                BasicQosOptions {
+                    global: self.global,
+                },
+            )
+            .await?;
             let consumer = chan
                 .basic_consume(
                     ShortString::from(self.queue.as_str()),
@@ -87,20 +110,33 @@ impl RabbitStream {
             Ok::<_, lapin::Error>((chan, consumer))
         };
         match attempt.await {
-            Ok((chan, consumer)) => Ok(Current { link, chan, consumer }),
+            Ok((chan, consumer)) => Ok(Current {
+                link,
+                chan,
+                consumer,
+            }),
             Err(e) if errors::is_transient(&e) => {
                 tracing::debug!(queue = %self.queue, error = %e, "could not open consumer yet");
                 self.shared.report_failure();
                 Err(OpenError::Transient)
             }
-            Err(e) => Err(OpenError::Final(errors::op_error(e, "consume from", Target::queue(&self.queue), user))),
+            Err(e) => Err(OpenError::Final(errors::op_error(
+                e,
+                "consume from",
+                Target::queue(&self.queue),
+                user,
+            ))),
         }
     }
 
     fn decode(&self, d: lapin::message::Delivery) -> Delivery {
         let message = from_properties(&d.properties, d.data);
         Delivery {
-            acker: Box::new(RabbitAcker { acker: d.acker, id: message.id.clone(), queue: self.queue.clone() }),
+            acker: Box::new(RabbitAcker {
+                acker: d.acker,
+                id: message.id.clone(),
+                queue: self.queue.clone(),
+            }),
             message,
             exchange: d.exchange.to_string(),
             routing_key: d.routing_key.to_string(),
@@ -146,7 +182,9 @@ impl DeliveryStream for RabbitStream {
                     if cur.chan.status().connected() && cur.link.conn.status().connected() {
                         // The channel is fine, so this is the broker's basic.cancel.
                         self.done = true;
-                        return Some(Err(Error::ConsumerCancelled { queue: self.queue.clone() }));
+                        return Some(Err(Error::ConsumerCancelled {
+                            queue: self.queue.clone(),
+                        }));
                     }
                     self.shared.report_failure();
                 }
@@ -159,9 +197,18 @@ impl DeliveryStream for RabbitStream {
         if let Some(cur) = &self.current {
             if cur.chan.status().connected() {
                 cur.chan
-                    .basic_cancel(ShortString::from(self.tag.as_str()), BasicCancelOptions::default())
+                    .basic_cancel(
+                        ShortString::from(self.tag.as_str()),
+                        BasicCancelOptions::default(),
+                    )
                     .await
-                    .map_err(|e| Error::Amqp { context: format!("cancel consumer '{}' on queue '{}'", self.tag, self.queue), source: errors::boxed(e) })?;
+                    .map_err(|e| Error::Amqp {
+                        context: format!(
+                            "cancel consumer '{}' on queue '{}'",
+                            self.tag, self.queue
+                        ),
+                        source: errors::boxed(e),
+                    })?;
             }
         }
         Ok(())
@@ -200,7 +247,13 @@ impl Acker for RabbitAcker {
         self.outcome("ack", r)
     }
     async fn nack(&self, requeue: bool) -> Result<()> {
-        let r = self.acker.nack(BasicNackOptions { multiple: false, requeue }).await;
+        let r = self
+            .acker
+            .nack(BasicNackOptions {
+                multiple: false,
+                requeue,
+            })
+            .await;
         self.outcome("nack", r)
     }
 }

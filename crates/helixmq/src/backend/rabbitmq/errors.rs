@@ -32,7 +32,13 @@ pub(crate) fn amqp_reply(e: &lapin::Error) -> Option<(u16, String)> {
 pub(crate) fn is_transient(e: &lapin::Error) -> bool {
     match e.kind() {
         ErrorKind::ProtocolError(_) => match amqp_reply(e) {
-            Some((c, _)) => !matches!(c, code::ACCESS_REFUSED | code::NOT_FOUND | code::PRECONDITION_FAILED | code::NOT_ALLOWED),
+            Some((c, _)) => !matches!(
+                c,
+                code::ACCESS_REFUSED
+                    | code::NOT_FOUND
+                    | code::PRECONDITION_FAILED
+                    | code::NOT_ALLOWED
+            ),
             None => true,
         },
         ErrorKind::IOError(_)
@@ -51,17 +57,30 @@ pub(crate) fn boxed(e: lapin::Error) -> crate::error::BoxError {
 }
 
 /// Map an error of the connection handshake to host `host:port`.
-pub(crate) fn connect_error(e: lapin::Error, host: &str, port: u16, user: &str, vhost: &str) -> Error {
+pub(crate) fn connect_error(
+    e: lapin::Error,
+    host: &str,
+    port: u16,
+    user: &str,
+    vhost: &str,
+) -> Error {
     if let ErrorKind::IOError(io) = e.kind() {
         if io.kind() == std::io::ErrorKind::ConnectionRefused {
-            return Error::ConnectionRefused { host: host.to_string(), port, source: boxed(e) };
+            return Error::ConnectionRefused {
+                host: host.to_string(),
+                port,
+                source: boxed(e),
+            };
         }
     }
     match amqp_reply(&e) {
-        Some((code::ACCESS_REFUSED, text)) => {
-            Error::AccessRefused { user: Some(user.to_string()), detail: format!("login refused by {host}:{port}: {text}") }
-        }
-        Some((code::NOT_ALLOWED, _)) => Error::VhostNotAllowed { vhost: vhost.to_string() },
+        Some((code::ACCESS_REFUSED, text)) => Error::AccessRefused {
+            user: Some(user.to_string()),
+            detail: format!("login refused by {host}:{port}: {text}"),
+        },
+        Some((code::NOT_ALLOWED, _)) => Error::VhostNotAllowed {
+            vhost: vhost.to_string(),
+        },
         _ => {
             let reason = match e.kind() {
                 // RabbitMQ closes the socket without a reply when the SASL exchange fails
@@ -71,7 +90,11 @@ pub(crate) fn connect_error(e: lapin::Error, host: &str, port: u16, user: &str, 
                 }
                 _ => e.to_string(),
             };
-            Error::Connect { endpoint: format!("{host}:{port}"), reason, source: Some(boxed(e)) }
+            Error::Connect {
+                endpoint: format!("{host}:{port}"),
+                reason,
+                source: Some(boxed(e)),
+            }
         }
     }
 }
@@ -87,10 +110,16 @@ pub(crate) struct Target<'a> {
 
 impl<'a> Target<'a> {
     pub(crate) fn queue(name: &'a str) -> Self {
-        Target { kind: "queue", name }
+        Target {
+            kind: "queue",
+            name,
+        }
     }
     pub(crate) fn exchange(name: &'a str) -> Self {
-        Target { kind: "exchange", name }
+        Target {
+            kind: "exchange",
+            name,
+        }
     }
 }
 
@@ -104,12 +133,21 @@ pub(crate) fn op_error(e: lapin::Error, doing: &str, target: Target<'_>, user: &
         },
         Some((code::NOT_FOUND, text)) => {
             // The 404 may name another object than `target` (binding to a missing exchange).
-            let (kind, name) = named_object(&text).unwrap_or((target.kind, target.name.to_string()));
+            let (kind, name) =
+                named_object(&text).unwrap_or((target.kind, target.name.to_string()));
             Error::NotFound { kind, name }
         }
-        Some((code::ACCESS_REFUSED, text)) => Error::AccessRefused { user: Some(user.to_string()), detail: format!("{doing} '{}': {text}", target.name) },
-        Some((code::NOT_ALLOWED, _)) => Error::VhostNotAllowed { vhost: String::new() },
-        _ => Error::Amqp { context: format!("{doing} {} '{}' failed: {e}", target.kind, target.name), source: boxed(e) },
+        Some((code::ACCESS_REFUSED, text)) => Error::AccessRefused {
+            user: Some(user.to_string()),
+            detail: format!("{doing} '{}': {text}", target.name),
+        },
+        Some((code::NOT_ALLOWED, _)) => Error::VhostNotAllowed {
+            vhost: String::new(),
+        },
+        _ => Error::Amqp {
+            context: format!("{doing} {} '{}' failed: {e}", target.kind, target.name),
+            source: boxed(e),
+        },
     }
 }
 
@@ -117,7 +155,9 @@ pub(crate) fn op_error(e: lapin::Error, doing: &str, target: Target<'_>, user: &
 /// 'x-max-priority' for queue 'q' in vhost '/': received '5' but current is '10'`
 /// → `inequivalent arg 'x-max-priority' …: received '5' but current is '10'`.
 pub(crate) fn precondition_detail(text: &str) -> String {
-    text.strip_prefix("PRECONDITION_FAILED - ").unwrap_or(text).to_string()
+    text.strip_prefix("PRECONDITION_FAILED - ")
+        .unwrap_or(text)
+        .to_string()
 }
 
 /// `("queue", name)` or `("exchange", name)` from a 404 text such as
@@ -128,7 +168,10 @@ pub(crate) fn named_object(text: &str) -> Option<(&'static str, String)> {
         if let Some(start) = text.find(&marker) {
             let rest = &text[start + marker.len()..];
             let end = rest.find("' in vhost").or_else(|| rest.find('\''))?;
-            return Some((if kind == "queue" { "queue" } else { "exchange" }, rest[..end].to_string()));
+            return Some((
+                if kind == "queue" { "queue" } else { "exchange" },
+                rest[..end].to_string(),
+            ));
         }
     }
     None
@@ -140,11 +183,19 @@ mod tests {
 
     #[test]
     fn texts_are_parsed() {
-        assert_eq!(named_object("NOT_FOUND - no exchange 'a.b' in vhost '/'"), Some(("exchange", "a.b".into())));
-        assert_eq!(named_object("NOT_FOUND - no queue 'q' in vhost 'v'"), Some(("queue", "q".into())));
+        assert_eq!(
+            named_object("NOT_FOUND - no exchange 'a.b' in vhost '/'"),
+            Some(("exchange", "a.b".into()))
+        );
+        assert_eq!(
+            named_object("NOT_FOUND - no queue 'q' in vhost 'v'"),
+            Some(("queue", "q".into()))
+        );
         assert_eq!(named_object("NOT_FOUND - something"), None);
         assert_eq!(
-            precondition_detail("PRECONDITION_FAILED - inequivalent arg 'x-max-priority' for queue 'q'"),
+            precondition_detail(
+                "PRECONDITION_FAILED - inequivalent arg 'x-max-priority' for queue 'q'"
+            ),
             "inequivalent arg 'x-max-priority' for queue 'q'"
         );
     }

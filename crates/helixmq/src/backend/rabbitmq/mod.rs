@@ -23,13 +23,18 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use lapin::options::{BasicGetOptions, ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions, QueuePurgeOptions};
+use lapin::options::{
+    BasicGetOptions, ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions,
+    QueuePurgeOptions,
+};
 use lapin::types::{FieldTable, ShortString};
 use tokio::sync::watch;
 use tokio::time::{timeout_at, Instant};
 use tokio_util::sync::CancellationToken;
 
-use crate::backend::{Backend, BackendKind, ConnectionState, Delivery, DeliveryStream, Outgoing, QueueStats};
+use crate::backend::{
+    Backend, BackendKind, ConnectionState, Delivery, DeliveryStream, Outgoing, QueueStats,
+};
 use crate::config::RabbitMqConfig;
 use crate::error::{Error, Result};
 use crate::message::amqp::from_properties;
@@ -58,7 +63,9 @@ pub struct RabbitBackend {
 
 impl std::fmt::Debug for RabbitBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RabbitBackend").field("connection_name", &self.shared.connection_name).finish()
+        f.debug_struct("RabbitBackend")
+            .field("connection_name", &self.shared.connection_name)
+            .finish()
     }
 }
 
@@ -74,7 +81,11 @@ impl RabbitBackend {
     /// [`RabbitBackend::connect`] with a client-provided connection name, as
     /// `rabbitmqctl list_connections client_properties` shows it (to find or
     /// close this client's connections).
-    pub async fn connect_named(cfg: &RabbitMqConfig, metrics: Metrics, connection_name: &str) -> Result<Self> {
+    pub async fn connect_named(
+        cfg: &RabbitMqConfig,
+        metrics: Metrics,
+        connection_name: &str,
+    ) -> Result<Self> {
         let conn = match connection::open(cfg, connection_name).await {
             Ok(c) => {
                 metrics.connection_successes.inc();
@@ -85,7 +96,10 @@ impl RabbitBackend {
                 return Err(e);
             }
         };
-        let link = Arc::new(Link { conn, generation: 1 });
+        let link = Arc::new(Link {
+            conn,
+            generation: 1,
+        });
         let (link_tx, _) = watch::channel(LinkState::Up(link.clone()));
         let (state_tx, _) = watch::channel(ConnectionState::Connected);
         let shared = Arc::new(Shared {
@@ -132,7 +146,12 @@ impl RabbitBackend {
                     self.shared.report_failure();
                     pause().await;
                 }
-                Err(e) => return Err(Error::Amqp { context: "open a channel".into(), source: errors::boxed(e) }),
+                Err(e) => {
+                    return Err(Error::Amqp {
+                        context: "open a channel".into(),
+                        source: errors::boxed(e),
+                    })
+                }
             }
         }
     }
@@ -140,7 +159,12 @@ impl RabbitBackend {
     /// Run `op` on a channel of `slot`, again on a fresh channel/connection when
     /// it fails for a transient reason, until the publish timeout; final broker
     /// refusals are mapped by `map`.
-    async fn retrying<T, F, Fut>(&self, slot: &Slot, op: F, map: impl Fn(lapin::Error) -> Error) -> Result<T>
+    async fn retrying<T, F, Fut>(
+        &self,
+        slot: &Slot,
+        op: F,
+        map: impl Fn(lapin::Error) -> Error,
+    ) -> Result<T>
     where
         F: Fn(lapin::Channel) -> Fut,
         Fut: std::future::Future<Output = lapin::Result<T>>,
@@ -177,7 +201,8 @@ impl Drop for RabbitBackend {
 }
 
 fn check_name(kind: &str, n: &str) -> Result<ShortString> {
-    ShortString::try_new(n).map_err(|_| Error::invalid_config(format!("{kind} name '{n}' is longer than 255 bytes")))
+    ShortString::try_new(n)
+        .map_err(|_| Error::invalid_config(format!("{kind} name '{n}' is longer than 255 bytes")))
 }
 
 #[async_trait]
@@ -198,23 +223,36 @@ impl Backend for RabbitBackend {
         }
         let user = self.user().to_string();
         for e in &t.exchanges {
-            self.retrying(&self.admin, |ch| async move { connection::declare_exchange_raw(&ch, e).await }, |err| {
-                errors::op_error(err, "declare", Target::exchange(&e.name), &user)
-            })
+            self.retrying(
+                &self.admin,
+                |ch| async move { connection::declare_exchange_raw(&ch, e).await },
+                |err| errors::op_error(err, "declare", Target::exchange(&e.name), &user),
+            )
             .await?;
             self.shared.declared.lock().unwrap().remember_exchange(e);
         }
         for q in &t.queues {
-            self.retrying(&self.admin, |ch| async move { connection::declare_queue_raw(&ch, q).await }, |err| {
-                errors::op_error(err, "declare", Target::queue(&q.name), &user)
-            })
+            self.retrying(
+                &self.admin,
+                |ch| async move { connection::declare_queue_raw(&ch, q).await },
+                |err| errors::op_error(err, "declare", Target::queue(&q.name), &user),
+            )
             .await?;
             self.shared.declared.lock().unwrap().remember_queue(q);
         }
         for b in &t.bindings {
-            self.retrying(&self.admin, |ch| async move { connection::bind_raw(&ch, b).await }, |err| {
-                errors::op_error(err, &format!("bind to exchange '{}'", b.exchange), Target::queue(&b.queue), &user)
-            })
+            self.retrying(
+                &self.admin,
+                |ch| async move { connection::bind_raw(&ch, b).await },
+                |err| {
+                    errors::op_error(
+                        err,
+                        &format!("bind to exchange '{}'", b.exchange),
+                        Target::queue(&b.queue),
+                        &user,
+                    )
+                },
+            )
             .await?;
             self.shared.declared.lock().unwrap().remember_binding(b);
         }
@@ -229,8 +267,14 @@ impl Backend for RabbitBackend {
         self.publisher.publish_batch(outs, timeout).await
     }
 
-    async fn consume(&self, queue: &str, prefetch: u16, consumer_tag: &str) -> Result<Box<dyn DeliveryStream>> {
-        let s = consumer::RabbitStream::start(self.shared.clone(), queue, prefetch, consumer_tag).await?;
+    async fn consume(
+        &self,
+        queue: &str,
+        prefetch: u16,
+        consumer_tag: &str,
+    ) -> Result<Box<dyn DeliveryStream>> {
+        let s = consumer::RabbitStream::start(self.shared.clone(), queue, prefetch, consumer_tag)
+            .await?;
         Ok(Box::new(s))
     }
 
@@ -251,7 +295,11 @@ impl Backend for RabbitBackend {
             let d = g.delivery;
             let message = from_properties(&d.properties, d.data);
             Delivery {
-                acker: Box::new(consumer::RabbitAcker { acker: d.acker, id: message.id.clone(), queue: queue.to_string() }),
+                acker: Box::new(consumer::RabbitAcker {
+                    acker: d.acker,
+                    id: message.id.clone(),
+                    queue: queue.to_string(),
+                }),
                 message,
                 exchange: d.exchange.to_string(),
                 routing_key: d.routing_key.to_string(),
@@ -269,12 +317,25 @@ impl Backend for RabbitBackend {
                 &self.admin,
                 |ch| {
                     let q = q.clone();
-                    async move { ch.queue_declare(q, QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default()).await }
+                    async move {
+                        ch.queue_declare(
+                            q,
+                            QueueDeclareOptions {
+                                passive: true,
+                                ..Default::default()
+                            },
+                            FieldTable::default(),
+                        )
+                        .await
+                    }
                 },
                 |e| errors::op_error(e, "inspect", Target::queue(queue), &user),
             )
             .await?;
-        Ok(QueueStats { messages: info.message_count() as u64, consumers: info.consumer_count() })
+        Ok(QueueStats {
+            messages: info.message_count() as u64,
+            consumers: info.consumer_count(),
+        })
     }
 
     async fn purge(&self, queue: &str) -> Result<u64> {
@@ -312,12 +373,19 @@ impl Backend for RabbitBackend {
     async fn delete_exchange(&self, exchange: &str) -> Result<()> {
         let x = check_name("exchange", exchange)?;
         let user = self.user().to_string();
-        self.shared.declared.lock().unwrap().forget_exchange(exchange);
+        self.shared
+            .declared
+            .lock()
+            .unwrap()
+            .forget_exchange(exchange);
         self.retrying(
             &self.admin,
             |ch| {
                 let x = x.clone();
-                async move { ch.exchange_delete(x, ExchangeDeleteOptions::default()).await }
+                async move {
+                    ch.exchange_delete(x, ExchangeDeleteOptions::default())
+                        .await
+                }
             },
             |e| errors::op_error(e, "delete", Target::exchange(exchange), &user),
         )

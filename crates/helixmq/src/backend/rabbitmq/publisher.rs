@@ -70,7 +70,9 @@ impl Publisher {
     pub(crate) fn new(shared: Arc<Shared>) -> Self {
         Publisher {
             shared,
-            slots: (0..POOL_SIZE).map(|_| tokio::sync::Mutex::new(None)).collect(),
+            slots: (0..POOL_SIZE)
+                .map(|_| tokio::sync::Mutex::new(None))
+                .collect(),
             next: AtomicUsize::new(0),
             misrouted_returns: Mutex::new(HashSet::new()),
         }
@@ -96,7 +98,10 @@ impl Publisher {
             .await;
             match opened {
                 Ok(chan) => {
-                    let c = PubChannel { chan, generation: link.generation };
+                    let c = PubChannel {
+                        chan,
+                        generation: link.generation,
+                    };
                     *slot = Some(c.clone());
                     return Ok(c);
                 }
@@ -105,7 +110,12 @@ impl Publisher {
                     self.shared.report_failure();
                     pause().await;
                 }
-                Err(e) => return Err(Error::Amqp { context: "open a publisher channel".into(), source: errors::boxed(e) }),
+                Err(e) => {
+                    return Err(Error::Amqp {
+                        context: "open a publisher channel".into(),
+                        source: errors::boxed(e),
+                    })
+                }
             }
         }
     }
@@ -127,8 +137,16 @@ impl Publisher {
         self.publish_prepared(&p, deadline, timeout).await
     }
 
-    async fn publish_prepared(&self, p: &Prepared<'_>, deadline: Instant, timeout: Duration) -> Result<()> {
-        let timed_out = || Error::PublishTimeout { message_id: p.out.message.id.clone(), timeout };
+    async fn publish_prepared(
+        &self,
+        p: &Prepared<'_>,
+        deadline: Instant,
+        timeout: Duration,
+    ) -> Result<()> {
+        let timed_out = || Error::PublishTimeout {
+            message_id: p.out.message.id.clone(),
+            timeout,
+        };
         loop {
             let i = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len();
             let pc = match timeout_at(deadline, self.channel(i)).await {
@@ -160,10 +178,23 @@ impl Publisher {
         }
     }
 
-    async fn send(&self, pc: &PubChannel, p: &Prepared<'_>) -> std::result::Result<lapin::PublisherConfirm, Attempt> {
-        let opts = BasicPublishOptions { mandatory: p.out.mandatory, immediate: false };
+    async fn send(
+        &self,
+        pc: &PubChannel,
+        p: &Prepared<'_>,
+    ) -> std::result::Result<lapin::PublisherConfirm, Attempt> {
+        let opts = BasicPublishOptions {
+            mandatory: p.out.mandatory,
+            immediate: false,
+        };
         pc.chan
-            .basic_publish(p.exchange.clone(), p.routing_key.clone(), opts, &p.out.message.payload, p.properties.clone())
+            .basic_publish(
+                p.exchange.clone(),
+                p.routing_key.clone(),
+                opts,
+                &p.out.message.payload,
+                p.properties.clone(),
+            )
             .await
             .map_err(|e| self.failed(pc, p, e))
     }
@@ -176,7 +207,10 @@ impl Publisher {
             let user = &self.shared.cfg.username;
             match c {
                 code::NOT_FOUND if about_us(p.out.exchange) => {
-                    return Attempt::Done(Err(Error::NotFound { kind: "exchange", name: p.out.exchange.to_string() }))
+                    return Attempt::Done(Err(Error::NotFound {
+                        kind: "exchange",
+                        name: p.out.exchange.to_string(),
+                    }))
                 }
                 code::ACCESS_REFUSED if about_us(p.out.exchange) => {
                     return Attempt::Done(Err(Error::AccessRefused {
@@ -185,7 +219,9 @@ impl Publisher {
                     }))
                 }
                 // "message size N is larger than configured max size M"
-                code::PRECONDITION_FAILED if text.contains(&p.out.message.payload.len().to_string()) => {
+                code::PRECONDITION_FAILED
+                    if text.contains(&p.out.message.payload.len().to_string()) =>
+                {
                     return Attempt::Done(Err(Error::InvalidMessage(format!(
                         "message {} refused by the broker: {}",
                         p.out.message.id,
@@ -195,7 +231,10 @@ impl Publisher {
                 _ => {}
             }
         } else if !errors::is_transient(&e) {
-            return Attempt::Done(Err(Error::Amqp { context: format!("publish message {}", p.out.message.id), source: errors::boxed(e) }));
+            return Attempt::Done(Err(Error::Amqp {
+                context: format!("publish message {}", p.out.message.id),
+                source: errors::boxed(e),
+            }));
         }
         // Someone's publish killed the channel, or the connection went: resend.
         tracing::debug!(message_id = %p.out.message.id, generation = pc.generation, error = %e, "publish interrupted; sending again");
@@ -203,7 +242,12 @@ impl Publisher {
         Attempt::Resend
     }
 
-    async fn settle(&self, pc: &PubChannel, p: &Prepared<'_>, res: lapin::Result<Confirmation>) -> Attempt {
+    async fn settle(
+        &self,
+        pc: &PubChannel,
+        p: &Prepared<'_>,
+        res: lapin::Result<Confirmation>,
+    ) -> Attempt {
         let id = &p.out.message.id;
         let unroutable = || {
             Attempt::Done(Err(Error::Unroutable {
@@ -213,9 +257,16 @@ impl Publisher {
             }))
         };
         match res {
-            Ok(Confirmation::Ack(returned)) | Ok(Confirmation::Nack(returned)) if returned.is_some() => {
+            Ok(Confirmation::Ack(returned)) | Ok(Confirmation::Nack(returned))
+                if returned.is_some() =>
+            {
                 let returned = returned.expect("checked");
-                let theirs = returned.delivery.properties.message_id().as_ref().map(|s| s.as_str().to_string());
+                let theirs = returned
+                    .delivery
+                    .properties
+                    .message_id()
+                    .as_ref()
+                    .map(|s| s.as_str().to_string());
                 if theirs.as_deref() == Some(id.as_str()) {
                     return unroutable();
                 }
@@ -228,7 +279,9 @@ impl Publisher {
                 }
                 self.check_misrouted(id, unroutable).await
             }
-            Ok(Confirmation::Ack(_)) | Ok(Confirmation::NotRequested) => self.check_misrouted(id, unroutable).await,
+            Ok(Confirmation::Ack(_)) | Ok(Confirmation::NotRequested) => {
+                self.check_misrouted(id, unroutable).await
+            }
             Ok(Confirmation::Nack(_)) => Attempt::Done(Err(Error::PublishNacked {
                 message_id: id.clone(),
                 exchange: p.out.exchange.to_string(),
@@ -254,16 +307,31 @@ impl Publisher {
     /// Publish many: all sent on one channel first (in order), then every
     /// confirm awaited. Failures that mean "send again" fall back to
     /// [`Publisher::publish`] one by one within the same deadline.
-    pub(crate) async fn publish_batch(&self, outs: &[Outgoing<'_>], timeout: Duration) -> Vec<Result<()>> {
+    pub(crate) async fn publish_batch(
+        &self,
+        outs: &[Outgoing<'_>],
+        timeout: Duration,
+    ) -> Vec<Result<()>> {
         let deadline = Instant::now() + timeout;
-        let timed_out = |o: &Outgoing<'_>| Error::PublishTimeout { message_id: o.message.id.clone(), timeout };
+        let timed_out = |o: &Outgoing<'_>| Error::PublishTimeout {
+            message_id: o.message.id.clone(),
+            timeout,
+        };
         let prepared: Vec<Result<Prepared<'_>>> = outs.iter().map(|o| self.prepare(o)).collect();
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len();
         let pc = match timeout_at(deadline, self.channel(i)).await {
             Ok(Ok(pc)) => Some(pc),
             Ok(Err(e)) => {
                 let msg = e.to_string();
-                return outs.iter().map(|_| Err(Error::Amqp { context: "publish batch".into(), source: msg.clone().into() })).collect();
+                return outs
+                    .iter()
+                    .map(|_| {
+                        Err(Error::Amqp {
+                            context: "publish batch".into(),
+                            source: msg.clone().into(),
+                        })
+                    })
+                    .collect();
             }
             Err(_) => return outs.iter().map(|o| Err(timed_out(o))).collect(),
         };

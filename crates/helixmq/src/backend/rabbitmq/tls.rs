@@ -45,12 +45,23 @@ pub(crate) fn config(cfg: &TlsConfig) -> Result<Tls> {
     } else {
         let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&cfg.cert_file)
             .and_then(|it| it.collect())
-            .map_err(|e| tls_err(&format!("cert_file '{}' is not a PEM certificate", cfg.cert_file), e))?;
+            .map_err(|e| {
+                tls_err(
+                    &format!("cert_file '{}' is not a PEM certificate", cfg.cert_file),
+                    e,
+                )
+            })?;
         if cfg.key_file.is_empty() {
-            return Err(Error::invalid_config("rabbitmq.tls.key_file: a client certificate needs its private key"));
+            return Err(Error::invalid_config(
+                "rabbitmq.tls.key_file: a client certificate needs its private key",
+            ));
         }
-        let key = PrivateKeyDer::from_pem_file(&cfg.key_file)
-            .map_err(|e| tls_err(&format!("key_file '{}' is not a PEM private key", cfg.key_file), e))?;
+        let key = PrivateKeyDer::from_pem_file(&cfg.key_file).map_err(|e| {
+            tls_err(
+                &format!("key_file '{}' is not a PEM private key", cfg.key_file),
+                e,
+            )
+        })?;
         Some((certs, key))
     };
     let insecure = cfg.skip_verify || !cfg.verify_peer;
@@ -62,7 +73,9 @@ pub(crate) fn config(cfg: &TlsConfig) -> Result<Tls> {
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(AcceptAnyServerCert(provider())));
         let c = match client_auth {
-            Some((certs, key)) => builder.with_client_auth_cert(certs, key).map_err(|e| tls_err("client certificate/key", e))?,
+            Some((certs, key)) => builder
+                .with_client_auth_cert(certs, key)
+                .map_err(|e| tls_err("client certificate/key", e))?,
             None => builder.with_no_client_auth(),
         };
         RustlsConnector::from(c)
@@ -73,14 +86,19 @@ pub(crate) fn config(cfg: &TlsConfig) -> Result<Tls> {
             .map_err(|e| tls_err(&format!("ca_file '{}' is not a PEM bundle", cfg.ca_file), e))?;
         let (added, _) = roots.add_parsable_certificates(cas);
         if added == 0 {
-            return Err(tls_err(&format!("ca_file '{}'", cfg.ca_file), "no usable CA certificate in it"));
+            return Err(tls_err(
+                &format!("ca_file '{}'", cfg.ca_file),
+                "no usable CA certificate in it",
+            ));
         }
         let builder = rustls::ClientConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .map_err(|e| tls_err("protocol versions", e))?
             .with_root_certificates(roots);
         let c = match client_auth {
-            Some((certs, key)) => builder.with_client_auth_cert(certs, key).map_err(|e| tls_err("client certificate/key", e))?,
+            Some((certs, key)) => builder
+                .with_client_auth_cert(certs, key)
+                .map_err(|e| tls_err("client certificate/key", e))?,
             None => builder.with_no_client_auth(),
         };
         RustlsConnector::from(c)
@@ -96,7 +114,11 @@ pub(crate) fn config(cfg: &TlsConfig) -> Result<Tls> {
 }
 
 /// Open an AMQP connection to `uri`, through TLS when `tls` is set.
-pub(crate) async fn connect(uri: AMQPUri, props: ConnectionProperties, tls: Tls) -> lapin::Result<Connection> {
+pub(crate) async fn connect(
+    uri: AMQPUri,
+    props: ConnectionProperties,
+    tls: Tls,
+) -> lapin::Result<Connection> {
     let runtime = lapin::runtime::default_runtime()?;
     match tls {
         Some(connector) if uri.scheme == AMQPScheme::AMQPS => {
@@ -105,8 +127,12 @@ pub(crate) async fn connect(uri: AMQPUri, props: ConnectionProperties, tls: Tls)
                 runtime,
                 async move |uri: AMQPUri, rt| {
                     let host = uri.authority.host.clone();
-                    let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, format!("{host} resolves to no address"));
-                    for addr in tokio::net::lookup_host((host.as_str(), uri.authority.port)).await? {
+                    let mut last = std::io::Error::new(
+                        std::io::ErrorKind::NotFound,
+                        format!("{host} resolves to no address"),
+                    );
+                    for addr in tokio::net::lookup_host((host.as_str(), uri.authority.port)).await?
+                    {
                         match AsyncTcpStream::connect(&rt, addr).await {
                             Ok(plain) => return Ok(plain.into_rustls(&connector, &host).await?),
                             Err(e) => last = e,
@@ -145,7 +171,12 @@ impl ServerCertVerifier for AcceptAnyServerCert {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -154,7 +185,12 @@ impl ServerCertVerifier for AcceptAnyServerCert {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
