@@ -61,6 +61,10 @@ impl Node {
         .unwrap();
         sh("openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out server.pem -days 2 -extfile san.ext 2>/dev/null", &dir);
         sh("openssl req -x509 -newkey rsa:2048 -nodes -keyout other.key -out other-ca.pem -days 2 -subj /CN=untrusted 2>/dev/null", &dir);
+        // A client certificate for SASL EXTERNAL (user = its CN); v3 extensions, as webpki requires.
+        std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
+        sh("openssl req -newkey rsa:2048 -nodes -keyout client.key -out client.csr -subj /CN=hxclient 2>/dev/null", &dir);
+        sh("openssl x509 -req -in client.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out client.pem -days 2 -extfile client.ext 2>/dev/null", &dir);
         sh("chmod 755 . && chmod 644 *", &dir);
         let d = dir.display();
         std::fs::write(
@@ -69,6 +73,8 @@ impl Node {
                 "listeners.tcp.local = 127.0.0.1:{AMQP_PORT}\nlisteners.ssl.default = {AMQPS_PORT}\n\
                  ssl_options.cacertfile = {d}/ca.pem\nssl_options.certfile = {d}/server.pem\nssl_options.keyfile = {d}/server.key\n\
                  ssl_options.verify = verify_peer\nssl_options.fail_if_no_peer_cert = false\n\
+                 auth_mechanisms.1 = PLAIN\nauth_mechanisms.2 = AMQPLAIN\nauth_mechanisms.3 = EXTERNAL\n\
+                 ssl_cert_login_from = common_name\n\
                  management.tcp.port = 15698\nprometheus.tcp.port = 15798\n"
             ),
         )
@@ -225,6 +231,27 @@ async fn tls(node: &Node) {
         "{msg}"
     );
     assert!(started.elapsed() < Duration::from_secs(5));
+
+    // Client certificate, no password: SASL EXTERNAL logs in as the certificate's CN.
+    let out = tokio::task::spawn_blocking(|| {
+        let _ = ctl(&["add_user", "hxclient", "unused-password"]);
+        let _ = ctl(&["clear_password", "hxclient"]);
+        ctl(&["set_permissions", "-p", "/", "hxclient", ".*", ".*", ".*"])
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success());
+    let mut ext = cfg.clone();
+    ext.username = "hxclient".into();
+    ext.password = helixmq::Secret::new("");
+    ext.tls.cert_file = node.file("client.pem");
+    ext.tls.key_file = node.file("client.key");
+    let b = RabbitBackend::connect(&ext, Metrics::default())
+        .await
+        .expect("SASL EXTERNAL login with the client certificate");
+    b.declare(&Topology::system(&Names::new(&p))).await.unwrap();
+    b.delete_queue(&Names::new(&p).dlq()).await.unwrap();
+    b.close().await.unwrap();
 
     // skip_verify accepts it (and logs a warning).
     let mut skip = bad.clone();
