@@ -79,12 +79,19 @@ impl HealthSource {
 
     /// Health from a raw connection-state watch (for backends used without a [`Broker`]).
     pub fn from_parts(backend: BackendKind, connection: watch::Receiver<ConnectionState>) -> Self {
-        HealthSource { backend, connection, subscriptions: Vec::new() }
+        HealthSource {
+            backend,
+            connection,
+            subscriptions: Vec::new(),
+        }
     }
 
     /// Also require `subscription` to be active.
     pub fn watch(self, subscription: &Subscription) -> Self {
-        let (id, queue) = (subscription.id().to_string(), subscription.queue().to_string());
+        let (id, queue) = (
+            subscription.id().to_string(),
+            subscription.queue().to_string(),
+        );
         self.watch_status(id, queue, subscription.watch_status())
     }
 
@@ -96,7 +103,11 @@ impl HealthSource {
         queue: impl Into<String>,
         status: watch::Receiver<SubscriptionStatus>,
     ) -> Self {
-        self.subscriptions.push(WatchedSubscription { id: id.into(), queue: queue.into(), status });
+        self.subscriptions.push(WatchedSubscription {
+            id: id.into(),
+            queue: queue.into(),
+            status,
+        });
         self
     }
 
@@ -106,10 +117,12 @@ impl HealthSource {
         let mut reasons = Vec::new();
         match state {
             ConnectionState::Connected => {}
-            ConnectionState::Disconnected => reasons.push("broker connection lost; reconnecting".to_string()),
-            ConnectionState::Blocked => {
-                reasons.push("broker blocked publishing (memory or disk alarm); publishes wait".to_string())
+            ConnectionState::Disconnected => {
+                reasons.push("broker connection lost; reconnecting".to_string())
             }
+            ConnectionState::Blocked => reasons.push(
+                "broker blocked publishing (memory or disk alarm); publishes wait".to_string(),
+            ),
             ConnectionState::Closed => reasons.push("broker connection closed".to_string()),
         }
         let subscriptions = self
@@ -120,19 +133,34 @@ impl HealthSource {
                 let (text, error) = match status {
                     SubscriptionStatus::Active => ("active", None),
                     SubscriptionStatus::Stopped => {
-                        reasons.push(format!("subscription '{}' on queue '{}' stopped", s.id, s.queue));
+                        reasons.push(format!(
+                            "subscription '{}' on queue '{}' stopped",
+                            s.id, s.queue
+                        ));
                         ("stopped", None)
                     }
                     SubscriptionStatus::Failed(why) => {
-                        reasons.push(format!("subscription '{}' on queue '{}' failed: {why}", s.id, s.queue));
+                        reasons.push(format!(
+                            "subscription '{}' on queue '{}' failed: {why}",
+                            s.id, s.queue
+                        ));
                         ("failed", Some(why))
                     }
                 };
-                SubscriptionHealth { id: s.id.clone(), queue: s.queue.clone(), status: text, error }
+                SubscriptionHealth {
+                    id: s.id.clone(),
+                    queue: s.queue.clone(),
+                    status: text,
+                    error,
+                }
             })
             .collect();
         Health {
-            status: if reasons.is_empty() { "ok" } else { "unavailable" },
+            status: if reasons.is_empty() {
+                "ok"
+            } else {
+                "unavailable"
+            },
             backend: match self.backend {
                 BackendKind::Memory => "memory",
                 BackendKind::RabbitMq => "rabbitmq",
@@ -209,14 +237,22 @@ async fn metrics(State(s): State<AppState>) -> Response {
         Err(e) => {
             // Only a failing `fmt::Write` can get here; String never fails, but a
             // custom collector could: say so instead of sending half a scrape.
-            (StatusCode::INTERNAL_SERVER_ERROR, format!("encoding metrics failed: {e}")).into_response()
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("encoding metrics failed: {e}"),
+            )
+                .into_response()
         }
     }
 }
 
 async fn health_handler(State(s): State<AppState>) -> Response {
     let h = s.health.check();
-    let code = if h.is_ok() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let code = if h.is_ok() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     (code, Json(h)).into_response()
 }
 
@@ -239,7 +275,10 @@ impl Server {
         let addr = self.addr;
         match self.task.await {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(source)) => Err(Error::Io { context: format!("HTTP server on {addr} failed"), source }),
+            Ok(Err(source)) => Err(Error::Io {
+                context: format!("HTTP server on {addr} failed"),
+                source,
+            }),
             Err(e) => Err(Error::Io {
                 context: format!("HTTP server task on {addr} ended abnormally"),
                 source: std::io::Error::other(e.to_string()),
@@ -251,14 +290,23 @@ impl Server {
 /// Bind `addr` and serve `router` on it until `shutdown` is cancelled; then
 /// stop accepting, let open requests finish, and end. Binding happens before
 /// this returns, so a port already in use is an error here, not later.
-pub async fn serve(addr: SocketAddr, router: Router, shutdown: CancellationToken) -> Result<Server> {
+pub async fn serve(
+    addr: SocketAddr,
+    router: Router,
+    shutdown: CancellationToken,
+) -> Result<Server> {
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(|source| Error::Io {
         context: format!("cannot listen on {addr} for /metrics and /health (is the port in use? choose another with --metrics-addr)"),
         source,
     })?;
-    let addr = listener.local_addr().map_err(|source| Error::Io { context: "local address of the HTTP listener".into(), source })?;
+    let addr = listener.local_addr().map_err(|source| Error::Io {
+        context: "local address of the HTTP listener".into(),
+        source,
+    })?;
     let task = tokio::spawn(async move {
-        axum::serve(listener, router).with_graceful_shutdown(shutdown.cancelled_owned()).await
+        axum::serve(listener, router)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await
     });
     tracing::info!(%addr, "serving /metrics and /health");
     Ok(Server { addr, task })
