@@ -49,7 +49,14 @@ fn setup() -> Setup {
 }
 
 async fn get(url: &str) -> (u16, String, Option<String>) {
-    let r = reqwest::get(url).await.expect("HTTP request");
+    let r = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap()
+        .get(url)
+        .send()
+        .await
+        .expect("HTTP request");
     let code = r.status().as_u16();
     let ct = r
         .headers()
