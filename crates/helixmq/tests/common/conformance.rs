@@ -24,8 +24,8 @@ use futures::FutureExt;
 use helixmq::backend::Delivery;
 use helixmq::message::header;
 use helixmq::{
-    Broker, Context, Error, HeaderValue, Message, Names, Outcome, Priority, PublishOptions, RetryPolicy,
-    SubscribeOptions, Subscription, SubscriptionStatus, Topology,
+    Broker, Context, Error, HeaderValue, Message, Names, Outcome, Priority, PublishOptions,
+    RetryPolicy, SubscribeOptions, Subscription, SubscriptionStatus, Topology,
 };
 use tokio::sync::{watch, Semaphore};
 
@@ -80,7 +80,10 @@ macro_rules! helixmq_conformance {
 
 /// A fresh prefix under `helixagent.` (the spec's permission pattern).
 pub fn unique_prefix() -> String {
-    format!("helixagent.t{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+    format!(
+        "helixagent.t{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    )
 }
 
 /// Declare the spec topology, run `case`, then delete everything declared
@@ -91,9 +94,17 @@ where
     Fut: Future<Output = ()>,
 {
     let names = broker.names().clone();
-    broker.declare(&Topology::spec(&names)).await.expect("declare the spec topology");
-    let fx = Fx { broker: broker.clone(), names };
-    let res = AssertUnwindSafe(tokio::time::timeout(CASE_TIMEOUT, case(fx))).catch_unwind().await;
+    broker
+        .declare(&Topology::spec(&names))
+        .await
+        .expect("declare the spec topology");
+    let fx = Fx {
+        broker: broker.clone(),
+        names,
+    };
+    let res = AssertUnwindSafe(tokio::time::timeout(CASE_TIMEOUT, case(fx)))
+        .catch_unwind()
+        .await;
     cleanup(&broker).await;
     match res {
         Err(panic) => std::panic::resume_unwind(panic),
@@ -140,7 +151,11 @@ impl Default for Recorder {
 
 impl Recorder {
     pub fn record(&self, message: &Message, ctx: &Context) {
-        let call = Call { message: message.clone(), ctx: ctx.clone(), at: Instant::now() };
+        let call = Call {
+            message: message.clone(),
+            ctx: ctx.clone(),
+            at: Instant::now(),
+        };
         self.0.send_modify(|v| v.push(call));
     }
     pub fn calls(&self) -> Vec<Call> {
@@ -153,7 +168,12 @@ impl Recorder {
             Ok(Ok(v)) => Some(v.clone()),
             _ => None,
         };
-        got.unwrap_or_else(|| panic!("{what}: waited {WAIT:?} for {n} handler calls, saw {}", self.0.borrow().len()))
+        got.unwrap_or_else(|| {
+            panic!(
+                "{what}: waited {WAIT:?} for {n} handler calls, saw {}",
+                self.0.borrow().len()
+            )
+        })
     }
 }
 
@@ -162,7 +182,10 @@ impl Fx {
     pub fn opts(&self, prefetch: u16) -> SubscribeOptions {
         SubscribeOptions {
             prefetch: Some(prefetch),
-            retry: Some(RetryPolicy { max_attempts: 3, delays: vec![RETRY_DELAY] }),
+            retry: Some(RetryPolicy {
+                max_attempts: 3,
+                delays: vec![RETRY_DELAY],
+            }),
             ..SubscribeOptions::default()
         }
     }
@@ -173,7 +196,10 @@ impl Fx {
         for i in 0..n {
             let m = Message::new(format!("message {i}"));
             ids.push(m.id.clone());
-            self.broker.publish(exchange, key, m).await.expect("publish");
+            self.broker
+                .publish(exchange, key, m)
+                .await
+                .expect("publish");
         }
         ids
     }
@@ -204,39 +230,74 @@ impl Fx {
             }
             stream.cancel().await.expect("cancel");
         }
-        let left = self.broker.backend().queue_stats(queue).await.expect("queue stats").messages;
-        assert_eq!(left, 0, "queue {queue}: {left} messages more than the {n} expected");
+        let left = self
+            .broker
+            .backend()
+            .queue_stats(queue)
+            .await
+            .expect("queue stats")
+            .messages;
+        assert_eq!(
+            left, 0,
+            "queue {queue}: {left} messages more than the {n} expected"
+        );
         got
     }
 
     /// The ids in `queue`, which must be exactly `want` (as a set).
     pub async fn expect_ids(&self, queue: &str, want: &[&String]) {
-        let got: BTreeSet<String> = self.drain(queue, want.len()).await.into_iter().map(|d| d.message.id).collect();
+        let got: BTreeSet<String> = self
+            .drain(queue, want.len())
+            .await
+            .into_iter()
+            .map(|d| d.message.id)
+            .collect();
         let want: BTreeSet<String> = want.iter().map(|s| s.to_string()).collect();
         assert_eq!(got, want, "queue {queue}");
     }
 
     pub async fn ready(&self, queue: &str) -> u64 {
-        self.broker.backend().queue_stats(queue).await.expect("queue stats").messages
+        self.broker
+            .backend()
+            .queue_stats(queue)
+            .await
+            .expect("queue stats")
+            .messages
     }
 }
 
 fn header_i64(m: &Message, k: &str) -> i64 {
-    m.headers.get(k).and_then(HeaderValue::as_i64).unwrap_or_else(|| panic!("header {k} missing in {:?}", m.headers))
+    m.headers
+        .get(k)
+        .and_then(HeaderValue::as_i64)
+        .unwrap_or_else(|| panic!("header {k} missing in {:?}", m.headers))
 }
 
 fn header_str<'a>(m: &'a Message, k: &str) -> &'a str {
-    m.header_str(k).unwrap_or_else(|| panic!("header {k} missing in {:?}", m.headers))
+    m.header_str(k)
+        .unwrap_or_else(|| panic!("header {k} missing in {:?}", m.headers))
 }
 
 /// Lost = published ids found neither acked nor in the queue; duplicates = ids seen twice.
 fn assert_none_lost(published: &[String], acked: &[String], remaining: &[String]) {
     let mut seen = HashSet::new();
-    let dups: Vec<&String> = acked.iter().chain(remaining).filter(|id| !seen.insert(*id)).collect();
+    let dups: Vec<&String> = acked
+        .iter()
+        .chain(remaining)
+        .filter(|id| !seen.insert(*id))
+        .collect();
     let lost: Vec<&String> = published.iter().filter(|id| !seen.contains(id)).collect();
     assert!(lost.is_empty(), "lost {} messages: {lost:?}", lost.len());
-    assert!(dups.is_empty(), "{} messages both acked and still queued (or acked twice): {dups:?}", dups.len());
-    assert_eq!(seen.len(), published.len(), "messages nobody published appeared");
+    assert!(
+        dups.is_empty(),
+        "{} messages both acked and still queued (or acked twice): {dups:?}",
+        dups.len()
+    );
+    assert_eq!(
+        seen.len(),
+        published.len(),
+        "messages nobody published appeared"
+    );
 }
 
 // ---------------------------------------------------------------- routing
@@ -244,11 +305,18 @@ fn assert_none_lost(published: &[String], acked: &[String], remaining: &[String]
 pub async fn routing_tasks_direct_by_routing_key(fx: Fx) {
     let x = fx.names.tasks_exchange();
     let mut sent = Vec::new();
-    for kind in ["background", "llm", "debate", "verification", "notifications"] {
+    for kind in [
+        "background",
+        "llm",
+        "debate",
+        "verification",
+        "notifications",
+    ] {
         sent.push((kind, fx.publish_n(&x, kind, 2).await));
     }
     for (kind, ids) in &sent {
-        fx.expect_ids(&fx.names.task_queue(kind), &ids.iter().collect::<Vec<_>>()).await;
+        fx.expect_ids(&fx.names.task_queue(kind), &ids.iter().collect::<Vec<_>>())
+            .await;
     }
 }
 
@@ -259,14 +327,24 @@ pub async fn routing_events_topic_patterns(fx: Fx) {
     let verify = fx.publish_n(&x, "verification.provider.ok", 1).await;
     let other = fx.publish_n(&x, "billing.invoice", 1).await;
     let not_debate = fx.publish_n(&x, "predebate.x", 1).await;
-    fx.expect_ids(&fx.names.event_queue("debate"), &[&debate[0], &debate_bare[0]]).await;
-    fx.expect_ids(&fx.names.event_queue("verify"), &[&verify[0]]).await;
-    let all: Vec<&String> = [&debate, &debate_bare, &verify, &other, &not_debate].into_iter().flatten().collect();
+    fx.expect_ids(
+        &fx.names.event_queue("debate"),
+        &[&debate[0], &debate_bare[0]],
+    )
+    .await;
+    fx.expect_ids(&fx.names.event_queue("verify"), &[&verify[0]])
+        .await;
+    let all: Vec<&String> = [&debate, &debate_bare, &verify, &other, &not_debate]
+        .into_iter()
+        .flatten()
+        .collect();
     fx.expect_ids(&fx.names.event_queue("audit"), &all).await;
 }
 
 pub async fn routing_notifications_fanout_to_all(fx: Fx) {
-    let ids = fx.publish_n(&fx.names.notifications_exchange(), "whatever", 3).await;
+    let ids = fx
+        .publish_n(&fx.names.notifications_exchange(), "whatever", 3)
+        .await;
     let want: Vec<&String> = ids.iter().collect();
     for q in ["websocket", "sse", "webhooks"] {
         fx.expect_ids(&fx.names.notification_queue(q), &want).await;
@@ -276,9 +354,17 @@ pub async fn routing_notifications_fanout_to_all(fx: Fx) {
 pub async fn unroutable_mandatory_publish_is_an_error(fx: Fx) {
     let m = Message::new("nowhere");
     let id = m.id.clone();
-    let e = fx.broker.publish(&fx.names.tasks_exchange(), "no-such-kind", m).await.unwrap_err();
+    let e = fx
+        .broker
+        .publish(&fx.names.tasks_exchange(), "no-such-kind", m)
+        .await
+        .unwrap_err();
     match &e {
-        Error::Unroutable { message_id, routing_key, .. } => {
+        Error::Unroutable {
+            message_id,
+            routing_key,
+            ..
+        } => {
             assert_eq!(message_id, &id);
             assert_eq!(routing_key, "no-such-kind");
         }
@@ -286,23 +372,48 @@ pub async fn unroutable_mandatory_publish_is_an_error(fx: Fx) {
     }
     assert!(e.to_string().contains("no-such-kind"), "{e}");
     // Not mandatory: accepted and dropped.
-    let opts = PublishOptions { mandatory: false, ..PublishOptions::default() };
-    fx.broker.publish_with(&fx.names.tasks_exchange(), "no-such-kind", Message::new("x"), &opts).await.unwrap();
+    let opts = PublishOptions {
+        mandatory: false,
+        ..PublishOptions::default()
+    };
+    fx.broker
+        .publish_with(
+            &fx.names.tasks_exchange(),
+            "no-such-kind",
+            Message::new("x"),
+            &opts,
+        )
+        .await
+        .unwrap();
 }
 
 pub async fn publish_to_missing_exchange_is_not_found(fx: Fx) {
     let missing = format!("{}.no-such-exchange", fx.names.prefix());
-    let e = fx.broker.publish(&missing, "k", Message::new("x")).await.unwrap_err();
-    assert!(matches!(&e, Error::NotFound { kind: "exchange", name } if *name == missing), "{e:?}");
+    let e = fx
+        .broker
+        .publish(&missing, "k", Message::new("x"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, Error::NotFound { kind: "exchange", name } if *name == missing),
+        "{e:?}"
+    );
     // The backend is still usable afterwards.
-    let ids = fx.publish_n(&fx.names.tasks_exchange(), "background", 1).await;
-    fx.expect_ids(&fx.names.task_queue("background"), &[&ids[0]]).await;
+    let ids = fx
+        .publish_n(&fx.names.tasks_exchange(), "background", 1)
+        .await;
+    fx.expect_ids(&fx.names.task_queue("background"), &[&ids[0]])
+        .await;
 }
 
 pub async fn redeclare_with_other_arguments_is_precondition_failed(fx: Fx) {
     let mut t = Topology::spec(&fx.names);
     let llm = fx.names.task_queue("llm");
-    t.queues.iter_mut().find(|q| q.name == llm).unwrap().max_priority = Some(5);
+    t.queues
+        .iter_mut()
+        .find(|q| q.name == llm)
+        .unwrap()
+        .max_priority = Some(5);
     let e = fx.broker.backend().declare(&t).await.unwrap_err();
     match &e {
         Error::PreconditionFailed { kind, name, detail } => {
@@ -321,13 +432,24 @@ pub async fn redeclare_with_other_arguments_is_precondition_failed(fx: Fx) {
 // ---------------------------------------------------------------- priorities
 
 pub async fn priority_above_queue_max_is_refused(fx: Fx) {
-    assert!(matches!("11".parse::<Priority>(), Err(Error::InvalidPriority { priority: 11, .. })));
+    assert!(matches!(
+        "11".parse::<Priority>(),
+        Err(Error::InvalidPriority { priority: 11, .. })
+    ));
     let mut t = Topology::system(&fx.names);
     let q = format!("{}.tasks.lowprio", fx.names.prefix());
-    t.add_work_queue(helixmq::topology::Queue::durable(q.clone()).max_priority(5), &fx.names.tasks_exchange(), "lowprio");
+    t.add_work_queue(
+        helixmq::topology::Queue::durable(q.clone()).max_priority(5),
+        &fx.names.tasks_exchange(),
+        "lowprio",
+    );
     fx.broker.declare(&t).await.unwrap();
     let m = Message::new("too high").with_priority(Priority::HIGH);
-    let e = fx.broker.publish(&fx.names.tasks_exchange(), "lowprio", m).await.unwrap_err();
+    let e = fx
+        .broker
+        .publish(&fx.names.tasks_exchange(), "lowprio", m)
+        .await
+        .unwrap_err();
     match &e {
         Error::InvalidPriority { priority, reason } => {
             assert_eq!(*priority, 8);
@@ -338,7 +460,10 @@ pub async fn priority_above_queue_max_is_refused(fx: Fx) {
     assert_eq!(fx.ready(&q).await, 0, "a refused message is not sent");
     let ok = Message::new("fits").with_priority(Priority::new(5).unwrap());
     let id = ok.id.clone();
-    fx.broker.publish(&fx.names.tasks_exchange(), "lowprio", ok).await.unwrap();
+    fx.broker
+        .publish(&fx.names.tasks_exchange(), "lowprio", ok)
+        .await
+        .unwrap();
     fx.expect_ids(&q, &[&id]).await;
 }
 
@@ -356,13 +481,21 @@ pub async fn priority_order_highest_first_fifo_within(fx: Fx) {
         ("normal-3", Priority::NORMAL),
     ];
     for (label, p) in plan {
-        let m = Message::new(label).with_priority(p).with_header("label", label);
+        let m = Message::new(label)
+            .with_priority(p)
+            .with_header("label", label);
         fx.broker.publish(&x, "llm", m).await.unwrap();
     }
-    assert_eq!(fx.ready(&fx.names.task_queue("llm")).await, plan.len() as u64);
+    assert_eq!(
+        fx.ready(&fx.names.task_queue("llm")).await,
+        plan.len() as u64
+    );
     let rec = Recorder::default();
     let r = rec.clone();
-    let opts = SubscribeOptions { concurrency: Some(1), ..fx.opts(1) };
+    let opts = SubscribeOptions {
+        concurrency: Some(1),
+        ..fx.opts(1)
+    };
     let sub = fx
         .broker
         .subscribe(
@@ -380,7 +513,10 @@ pub async fn priority_order_highest_first_fifo_within(fx: Fx) {
         .unwrap();
     let calls = rec.wait_for(plan.len(), "priority order").await;
     sub.shutdown(WAIT).await;
-    let order: Vec<String> = calls.iter().map(|c| header_str(&c.message, "label").to_string()).collect();
+    let order: Vec<String> = calls
+        .iter()
+        .map(|c| header_str(&c.message, "label").to_string())
+        .collect();
     let want = [
         "critical-1",
         "critical-2",
@@ -401,24 +537,47 @@ pub async fn priority_order_highest_first_fifo_within(fx: Fx) {
 pub async fn ttl_expiry_ends_in_dlq_with_x_death(fx: Fx) {
     let m = Message::new("too late").with_expiration(Duration::from_millis(200));
     let id = m.id.clone();
-    fx.broker.publish(&fx.names.tasks_exchange(), "background", m).await.unwrap();
+    fx.broker
+        .publish(&fx.names.tasks_exchange(), "background", m)
+        .await
+        .unwrap();
     let dead = fx.drain(&fx.names.dlq(), 1).await;
     let d = &dead[0];
     assert_eq!(d.message.id, id);
-    assert_eq!(d.routing_key, "background", "dead-lettering keeps the routing key");
+    assert_eq!(
+        d.routing_key, "background",
+        "dead-lettering keeps the routing key"
+    );
     let Some(HeaderValue::Array(deaths)) = d.message.headers.get("x-death") else {
         panic!("no x-death array in {:?}", d.message.headers)
     };
-    let Some(HeaderValue::Table(first)) = deaths.first() else { panic!("x-death entry is not a table: {deaths:?}") };
-    assert_eq!(first.get("reason").and_then(HeaderValue::as_str), Some("expired"), "{first:?}");
-    assert_eq!(first.get("queue").and_then(HeaderValue::as_str), Some(fx.names.task_queue("background").as_str()));
+    let Some(HeaderValue::Table(first)) = deaths.first() else {
+        panic!("x-death entry is not a table: {deaths:?}")
+    };
+    assert_eq!(
+        first.get("reason").and_then(HeaderValue::as_str),
+        Some("expired"),
+        "{first:?}"
+    );
+    assert_eq!(
+        first.get("queue").and_then(HeaderValue::as_str),
+        Some(fx.names.task_queue("background").as_str())
+    );
     assert_eq!(first.get("count").and_then(HeaderValue::as_i64), Some(1));
-    assert_eq!(d.message.header_str("x-first-death-reason"), Some("expired"));
+    assert_eq!(
+        d.message.header_str("x-first-death-reason"),
+        Some("expired")
+    );
     fx.drain(&fx.names.task_queue("background"), 0).await;
 }
 
 /// Subscribe `queue` with a handler answering `outcome(attempt, call)`; records every call.
-async fn subscribe_with<F>(fx: &Fx, queue: &str, opts: SubscribeOptions, outcome: F) -> (Subscription, Recorder)
+async fn subscribe_with<F>(
+    fx: &Fx,
+    queue: &str,
+    opts: SubscribeOptions,
+    outcome: F,
+) -> (Subscription, Recorder)
 where
     F: Fn(&Message) -> Result<Outcome, helixmq::BoxError> + Send + Sync + 'static,
 {
@@ -445,9 +604,21 @@ where
 
 pub async fn retry_returns_to_origin_queue_on_each_exchange(fx: Fx) {
     let routes = [
-        (fx.names.tasks_exchange(), "verification", fx.names.task_queue("verification")),
-        (fx.names.events_exchange(), "verification.provider.ok", fx.names.event_queue("verify")),
-        (fx.names.notifications_exchange(), "", fx.names.notification_queue("websocket")),
+        (
+            fx.names.tasks_exchange(),
+            "verification",
+            fx.names.task_queue("verification"),
+        ),
+        (
+            fx.names.events_exchange(),
+            "verification.provider.ok",
+            fx.names.event_queue("verify"),
+        ),
+        (
+            fx.names.notifications_exchange(),
+            "",
+            fx.names.notification_queue("websocket"),
+        ),
     ];
     for (exchange, key, queue) in &routes {
         let (sub, rec) = subscribe_with(&fx, queue, fx.opts(5), |m| {
@@ -463,14 +634,29 @@ pub async fn retry_returns_to_origin_queue_on_each_exchange(fx: Fx) {
         sub.shutdown(WAIT).await;
         assert_eq!(calls.len(), 2, "{queue}: exactly one retry");
         let (first, second) = (&calls[0], &calls[1]);
-        assert_eq!((first.message.id.as_str(), first.message.attempt), (ids[0].as_str(), 1));
-        assert_eq!((second.message.id.as_str(), second.message.attempt), (ids[0].as_str(), 2));
-        assert_eq!(&second.ctx.queue, queue, "came back to the queue it failed in");
+        assert_eq!(
+            (first.message.id.as_str(), first.message.attempt),
+            (ids[0].as_str(), 1)
+        );
+        assert_eq!(
+            (second.message.id.as_str(), second.message.attempt),
+            (ids[0].as_str(), 2)
+        );
+        assert_eq!(
+            &second.ctx.queue, queue,
+            "came back to the queue it failed in"
+        );
         assert_eq!(header_str(&second.message, header::ORIGIN_QUEUE), queue);
-        assert_eq!(header_str(&second.message, header::ORIGIN_EXCHANGE), exchange);
+        assert_eq!(
+            header_str(&second.message, header::ORIGIN_EXCHANGE),
+            exchange
+        );
         assert_eq!(header_str(&second.message, header::LAST_ERROR), "transient");
         let waited = second.at - first.at;
-        assert!(waited >= RETRY_DELAY - Duration::from_millis(50), "{queue}: retried after {waited:?}");
+        assert!(
+            waited >= RETRY_DELAY - Duration::from_millis(50),
+            "{queue}: retried after {waited:?}"
+        );
         fx.drain(queue, 0).await;
     }
     fx.drain(&fx.names.dlq(), 0).await;
@@ -478,13 +664,23 @@ pub async fn retry_returns_to_origin_queue_on_each_exchange(fx: Fx) {
 
 pub async fn max_attempts_end_in_dlq_with_failure_headers(fx: Fx) {
     let queue = fx.names.task_queue("debate");
-    let (sub, rec) = subscribe_with(&fx, &queue, fx.opts(5), |_| Err("boom: upstream 503".into())).await;
+    let (sub, rec) = subscribe_with(
+        &fx,
+        &queue,
+        fx.opts(5),
+        |_| Err("boom: upstream 503".into()),
+    )
+    .await;
     let ids = fx.publish_n(&fx.names.tasks_exchange(), "debate", 2).await;
     let calls = rec.wait_for(6, "three attempts each").await;
     let dead = fx.drain(&fx.names.dlq(), 2).await;
     sub.shutdown(WAIT).await;
     for id in &ids {
-        let attempts: Vec<u32> = calls.iter().filter(|c| &c.message.id == id).map(|c| c.message.attempt).collect();
+        let attempts: Vec<u32> = calls
+            .iter()
+            .filter(|c| &c.message.id == id)
+            .map(|c| c.message.attempt)
+            .collect();
         assert_eq!(attempts, [1, 2, 3], "message {id}");
     }
     assert_eq!(rec.calls().len(), 6, "no fourth attempt");
@@ -494,33 +690,57 @@ pub async fn max_attempts_end_in_dlq_with_failure_headers(fx: Fx) {
         let m = &d.message;
         assert_eq!(m.attempt, 3);
         assert_eq!(header_str(m, header::ORIGIN_QUEUE), queue);
-        assert_eq!(header_str(m, header::ORIGIN_EXCHANGE), fx.names.tasks_exchange());
+        assert_eq!(
+            header_str(m, header::ORIGIN_EXCHANGE),
+            fx.names.tasks_exchange()
+        );
         assert_eq!(header_str(m, header::ORIGIN_ROUTING_KEY), "debate");
         assert!(header_str(m, header::LAST_ERROR).contains("boom: upstream 503"));
         let reason = header_str(m, header::DEAD_LETTER_REASON);
-        assert!(reason.contains("3 attempts") && reason.contains("boom"), "{reason}");
-        let (first, last) = (header_i64(m, header::FIRST_FAILURE), header_i64(m, header::LAST_FAILURE));
-        assert!(first > 1_600_000_000_000 && first <= last, "first {first} last {last}");
-        assert!(last - first >= 2 * RETRY_DELAY.as_millis() as i64 - 100, "two delays between first and last failure");
+        assert!(
+            reason.contains("3 attempts") && reason.contains("boom"),
+            "{reason}"
+        );
+        let (first, last) = (
+            header_i64(m, header::FIRST_FAILURE),
+            header_i64(m, header::LAST_FAILURE),
+        );
+        assert!(
+            first > 1_600_000_000_000 && first <= last,
+            "first {first} last {last}"
+        );
+        assert!(
+            last - first >= 2 * RETRY_DELAY.as_millis() as i64 - 100,
+            "two delays between first and last failure"
+        );
     }
     fx.drain(&queue, 0).await;
 }
 
 pub async fn dead_letter_outcome_goes_straight_to_dlq(fx: Fx) {
     let queue = fx.names.event_queue("debate");
-    let (sub, rec) = subscribe_with(&fx, &queue, fx.opts(5), |_| Ok(Outcome::dead_letter("poison: bad schema"))).await;
-    let ids = fx.publish_n(&fx.names.events_exchange(), "debate.started", 1).await;
+    let (sub, rec) = subscribe_with(&fx, &queue, fx.opts(5), |_| {
+        Ok(Outcome::dead_letter("poison: bad schema"))
+    })
+    .await;
+    let ids = fx
+        .publish_n(&fx.names.events_exchange(), "debate.started", 1)
+        .await;
     let dead = fx.drain(&fx.names.dlq(), 1).await;
     sub.shutdown(WAIT).await;
     assert_eq!(rec.calls().len(), 1, "no retry for a dead letter");
     let m = &dead[0].message;
     assert_eq!(m.id, ids[0]);
     assert_eq!(m.attempt, 1);
-    assert_eq!(header_str(m, header::DEAD_LETTER_REASON), "poison: bad schema");
+    assert_eq!(
+        header_str(m, header::DEAD_LETTER_REASON),
+        "poison: bad schema"
+    );
     assert_eq!(header_str(m, header::ORIGIN_ROUTING_KEY), "debate.started");
     fx.drain(&queue, 0).await;
     // audit got its own copy through `#`; it was not consumed.
-    fx.expect_ids(&fx.names.event_queue("audit"), &[&ids[0]]).await;
+    fx.expect_ids(&fx.names.event_queue("audit"), &[&ids[0]])
+        .await;
 }
 
 pub async fn panicking_handler_counts_as_retry(fx: Fx) {
@@ -532,12 +752,18 @@ pub async fn panicking_handler_counts_as_retry(fx: Fx) {
         Ok(Outcome::Ack)
     })
     .await;
-    let ids = fx.publish_n(&fx.names.tasks_exchange(), "background", 1).await;
+    let ids = fx
+        .publish_n(&fx.names.tasks_exchange(), "background", 1)
+        .await;
     let calls = rec.wait_for(2, "retry after panic").await;
     sub.shutdown(WAIT).await;
     assert_eq!(calls[1].message.id, ids[0]);
     assert_eq!(calls[1].message.attempt, 2);
-    assert!(header_str(&calls[1].message, header::LAST_ERROR).contains("handler bug"), "{:?}", calls[1].message.headers);
+    assert!(
+        header_str(&calls[1].message, header::LAST_ERROR).contains("handler bug"),
+        "{:?}",
+        calls[1].message.headers
+    );
     fx.drain(&queue, 0).await;
     fx.drain(&fx.names.dlq(), 0).await;
 }
@@ -546,7 +772,10 @@ pub async fn handler_past_timeout_counts_as_retry(fx: Fx) {
     let queue = fx.names.task_queue("background");
     let rec = Recorder::default();
     let r = rec.clone();
-    let opts = SubscribeOptions { handler_timeout: Some(Duration::from_millis(200)), ..fx.opts(5) };
+    let opts = SubscribeOptions {
+        handler_timeout: Some(Duration::from_millis(200)),
+        ..fx.opts(5)
+    };
     let sub = fx
         .broker
         .subscribe(
@@ -565,10 +794,15 @@ pub async fn handler_past_timeout_counts_as_retry(fx: Fx) {
         )
         .await
         .unwrap();
-    let ids = fx.publish_n(&fx.names.tasks_exchange(), "background", 1).await;
+    let ids = fx
+        .publish_n(&fx.names.tasks_exchange(), "background", 1)
+        .await;
     let calls = rec.wait_for(2, "retry after timeout").await;
     sub.shutdown(WAIT).await;
-    assert_eq!((calls[1].message.id.as_str(), calls[1].message.attempt), (ids[0].as_str(), 2));
+    assert_eq!(
+        (calls[1].message.id.as_str(), calls[1].message.attempt),
+        (ids[0].as_str(), 2)
+    );
     assert!(header_str(&calls[1].message, header::LAST_ERROR).contains("timed out"));
     fx.drain(&queue, 0).await;
 }
@@ -577,11 +811,22 @@ pub async fn handler_past_timeout_counts_as_retry(fx: Fx) {
 
 pub async fn redelivery_when_consumer_goes_away_without_ack(fx: Fx) {
     let queue = fx.names.task_queue("notifications");
-    let ids = fx.publish_n(&fx.names.tasks_exchange(), "notifications", 3).await;
-    let mut stream = fx.broker.backend().consume(&queue, 10, "goes-away").await.unwrap();
+    let ids = fx
+        .publish_n(&fx.names.tasks_exchange(), "notifications", 3)
+        .await;
+    let mut stream = fx
+        .broker
+        .backend()
+        .consume(&queue, 10, "goes-away")
+        .await
+        .unwrap();
     let mut first = Vec::new();
     for _ in 0..3 {
-        let d = tokio::time::timeout(WAIT, stream.next()).await.expect("delivery").unwrap().unwrap();
+        let d = tokio::time::timeout(WAIT, stream.next())
+            .await
+            .expect("delivery")
+            .unwrap()
+            .unwrap();
         assert!(!d.redelivered);
         first.push(d.message.id.clone());
     }
@@ -595,12 +840,27 @@ pub async fn redelivery_when_consumer_goes_away_without_ack(fx: Fx) {
 
 pub async fn nack_requeue_and_reject(fx: Fx) {
     let queue = fx.names.task_queue("verification");
-    let ids = fx.publish_n(&fx.names.tasks_exchange(), "verification", 1).await;
-    let mut stream = fx.broker.backend().consume(&queue, 1, "nacker").await.unwrap();
-    let d = tokio::time::timeout(WAIT, stream.next()).await.unwrap().unwrap().unwrap();
+    let ids = fx
+        .publish_n(&fx.names.tasks_exchange(), "verification", 1)
+        .await;
+    let mut stream = fx
+        .broker
+        .backend()
+        .consume(&queue, 1, "nacker")
+        .await
+        .unwrap();
+    let d = tokio::time::timeout(WAIT, stream.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     assert!(!d.redelivered);
     d.acker.nack(true).await.unwrap();
-    let d = tokio::time::timeout(WAIT, stream.next()).await.unwrap().unwrap().unwrap();
+    let d = tokio::time::timeout(WAIT, stream.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     assert_eq!(d.message.id, ids[0]);
     assert!(d.redelivered, "requeued → redelivered");
     d.acker.nack(false).await.unwrap();
@@ -608,21 +868,35 @@ pub async fn nack_requeue_and_reject(fx: Fx) {
     drop(stream);
     let dead = fx.drain(&fx.names.dlq(), 1).await;
     assert_eq!(dead[0].message.id, ids[0]);
-    assert_eq!(dead[0].message.header_str("x-first-death-reason"), Some("rejected"));
+    assert_eq!(
+        dead[0].message.header_str("x-first-death-reason"),
+        Some("rejected")
+    );
     fx.drain(&queue, 0).await;
 }
 
 pub async fn prefetch_is_respected(fx: Fx) {
     let queue = fx.names.task_queue("background");
-    let ids = fx.publish_n(&fx.names.tasks_exchange(), "background", 10).await;
+    let ids = fx
+        .publish_n(&fx.names.tasks_exchange(), "background", 10)
+        .await;
     let started = Recorder::default();
     let done = Recorder::default();
     let gate = Arc::new(Semaphore::new(0));
     let in_flight = Arc::new(AtomicUsize::new(0));
     let max_in_flight = Arc::new(AtomicUsize::new(0));
-    let (s, d, g, n, mx) = (started.clone(), done.clone(), gate.clone(), in_flight.clone(), max_in_flight.clone());
+    let (s, d, g, n, mx) = (
+        started.clone(),
+        done.clone(),
+        gate.clone(),
+        in_flight.clone(),
+        max_in_flight.clone(),
+    );
     // Concurrency above the prefetch: only the prefetch may bound what is in flight.
-    let opts = SubscribeOptions { concurrency: Some(10), ..fx.opts(3) };
+    let opts = SubscribeOptions {
+        concurrency: Some(10),
+        ..fx.opts(3)
+    };
     let sub = fx
         .broker
         .subscribe(
@@ -646,12 +920,20 @@ pub async fn prefetch_is_respected(fx: Fx) {
     started.wait_for(3, "three in flight").await;
     // Real time for a broken backend to push a fourth.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(started.calls().len(), 3, "prefetch 3: a fourth delivery arrived before any ack");
+    assert_eq!(
+        started.calls().len(),
+        3,
+        "prefetch 3: a fourth delivery arrived before any ack"
+    );
     assert_eq!(fx.ready(&queue).await, 7);
     gate.add_permits(100);
     let calls = done.wait_for(10, "all processed").await;
     sub.shutdown(WAIT).await;
-    assert!(max_in_flight.load(Ordering::SeqCst) <= 3, "max in flight {}", max_in_flight.load(Ordering::SeqCst));
+    assert!(
+        max_in_flight.load(Ordering::SeqCst) <= 3,
+        "max in flight {}",
+        max_in_flight.load(Ordering::SeqCst)
+    );
     let acked: Vec<String> = calls.iter().map(|c| c.message.id.clone()).collect();
     assert_none_lost(&ids, &acked, &[]);
     fx.drain(&queue, 0).await;
@@ -663,15 +945,34 @@ pub async fn consumers_share_a_queue(fx: Fx) {
     let backend = fx.broker.backend();
     let mut a = backend.consume(&queue, 1, "a").await.unwrap();
     let mut b = backend.consume(&queue, 1, "b").await.unwrap();
-    let da = tokio::time::timeout(WAIT, a.next()).await.unwrap().unwrap().unwrap();
-    let db = tokio::time::timeout(WAIT, b.next()).await.unwrap().unwrap().unwrap();
-    assert_ne!(da.message.id, db.message.id, "each consumer gets its own message");
-    assert_eq!(fx.ready(&queue).await, 2, "prefetch 1 each: two still ready");
+    let da = tokio::time::timeout(WAIT, a.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let db = tokio::time::timeout(WAIT, b.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_ne!(
+        da.message.id, db.message.id,
+        "each consumer gets its own message"
+    );
+    assert_eq!(
+        fx.ready(&queue).await,
+        2,
+        "prefetch 1 each: two still ready"
+    );
     da.acker.ack().await.unwrap();
     db.acker.ack().await.unwrap();
     let mut acked = vec![da.message.id.clone(), db.message.id.clone()];
     for s in [&mut a, &mut b] {
-        let d = tokio::time::timeout(WAIT, s.next()).await.unwrap().unwrap().unwrap();
+        let d = tokio::time::timeout(WAIT, s.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
         d.acker.ack().await.unwrap();
         acked.push(d.message.id.clone());
     }
@@ -684,10 +985,15 @@ pub async fn consumers_share_a_queue(fx: Fx) {
 pub async fn graceful_shutdown_loses_nothing(fx: Fx) {
     const N: usize = 40;
     let queue = fx.names.task_queue("background");
-    let ids = fx.publish_n(&fx.names.tasks_exchange(), "background", N).await;
+    let ids = fx
+        .publish_n(&fx.names.tasks_exchange(), "background", N)
+        .await;
     let done = Recorder::default();
     let d = done.clone();
-    let opts = SubscribeOptions { concurrency: Some(4), ..fx.opts(4) };
+    let opts = SubscribeOptions {
+        concurrency: Some(4),
+        ..fx.opts(4)
+    };
     let sub = fx
         .broker
         .subscribe(
@@ -718,7 +1024,9 @@ pub async fn graceful_shutdown_loses_nothing(fx: Fx) {
 pub async fn shutdown_deadline_returns_unfinished_messages(fx: Fx) {
     const N: usize = 10;
     let queue = fx.names.task_queue("background");
-    let ids = fx.publish_n(&fx.names.tasks_exchange(), "background", N).await;
+    let ids = fx
+        .publish_n(&fx.names.tasks_exchange(), "background", N)
+        .await;
     let started = Recorder::default();
     let s = started.clone();
     let sub = fx
@@ -745,7 +1053,11 @@ pub async fn shutdown_deadline_returns_unfinished_messages(fx: Fx) {
     assert_none_lost(&ids, &[], &remaining);
     let stuck: HashSet<String> = started.calls().into_iter().map(|c| c.message.id).collect();
     for d in &rest {
-        assert_eq!(d.redelivered, stuck.contains(&d.message.id), "only the abandoned ones are redelivered");
+        assert_eq!(
+            d.redelivered,
+            stuck.contains(&d.message.id),
+            "only the abandoned ones are redelivered"
+        );
     }
 }
 
@@ -754,22 +1066,45 @@ pub async fn shutdown_deadline_returns_unfinished_messages(fx: Fx) {
 pub async fn publish_batch_confirms_each(fx: Fx) {
     let messages: Vec<Message> = (0..50).map(|i| Message::new(format!("b{i}"))).collect();
     let ids: Vec<String> = messages.iter().map(|m| m.id.clone()).collect();
-    let res = fx.broker.publish_batch(&fx.names.tasks_exchange(), "llm", &messages, &PublishOptions::default()).await;
+    let res = fx
+        .broker
+        .publish_batch(
+            &fx.names.tasks_exchange(),
+            "llm",
+            &messages,
+            &PublishOptions::default(),
+        )
+        .await;
     assert_eq!(res.len(), 50);
     assert!(res.iter().all(Result::is_ok), "{res:?}");
-    let got: Vec<String> = fx.drain(&fx.names.task_queue("llm"), 50).await.into_iter().map(|d| d.message.id).collect();
+    let got: Vec<String> = fx
+        .drain(&fx.names.task_queue("llm"), 50)
+        .await
+        .into_iter()
+        .map(|d| d.message.id)
+        .collect();
     assert_eq!(got, ids, "FIFO within one priority");
 
     let res = fx
         .broker
-        .publish_batch(&fx.names.tasks_exchange(), "no-such-kind", &messages[..3], &PublishOptions::default())
+        .publish_batch(
+            &fx.names.tasks_exchange(),
+            "no-such-kind",
+            &messages[..3],
+            &PublishOptions::default(),
+        )
         .await;
-    assert!(res.iter().all(|r| matches!(r, Err(Error::Unroutable { .. }))), "{res:?}");
+    assert!(
+        res.iter()
+            .all(|r| matches!(r, Err(Error::Unroutable { .. }))),
+        "{res:?}"
+    );
 }
 
 pub async fn stats_and_purge(fx: Fx) {
     let queue = fx.names.task_queue("background");
-    fx.publish_n(&fx.names.tasks_exchange(), "background", 5).await;
+    fx.publish_n(&fx.names.tasks_exchange(), "background", 5)
+        .await;
     let stats = fx.broker.backend().queue_stats(&queue).await.unwrap();
     assert_eq!((stats.messages, stats.consumers), (5, 0));
     assert_eq!(fx.broker.backend().purge(&queue).await.unwrap(), 5);
@@ -789,6 +1124,9 @@ pub async fn deleted_queue_fails_the_subscription(fx: Fx) {
         .expect("the subscription notices")
         .unwrap()
         .clone();
-    assert!(matches!(&st, SubscriptionStatus::Failed(why) if why.contains(&queue)), "{st:?}");
+    assert!(
+        matches!(&st, SubscriptionStatus::Failed(why) if why.contains(&queue)),
+        "{st:?}"
+    );
     assert!(!sub.is_active());
 }
