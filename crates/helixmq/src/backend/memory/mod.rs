@@ -228,7 +228,7 @@ impl Backend for MemoryBroker {
             Ok(q.get(fx).map(|(s, tag)| (s, tag, q.name.clone(), q.uid)))
         })?;
         Ok(got.map(|(s, tag, name, uid)| Delivery {
-            message: s.msg,
+            message: Arc::unwrap_or_clone(s.msg),
             exchange: s.exchange.to_string(),
             routing_key: s.routing_key.to_string(),
             queue: name.to_string(),

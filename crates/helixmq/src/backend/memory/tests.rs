@@ -202,3 +202,37 @@ async fn publish_batch_reports_each() {
     assert!(r[0].is_ok());
     assert!(matches!(r[1], Err(Error::Unroutable { .. })));
 }
+
+/// Throughput of the embedded broker: one task publishes (confirmed, one at a
+/// time), another consumes with prefetch 1000 and acks each. Run with
+/// `cargo test --release -p helixmq --lib throughput -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark; run in release mode"]
+async fn throughput() {
+    const N: usize = 1_000_000;
+    let b = Arc::new(MemoryBroker::new());
+    let n = Names::new("hx");
+    b.declare(&Topology::spec(&n)).await.unwrap();
+    let q = n.task_queue("background");
+    let mut stream = b.consume(&q, 1000, "bench").await.unwrap();
+    let started = std::time::Instant::now();
+    let consumer = tokio::spawn(async move {
+        for _ in 0..N {
+            let d = stream.next().await.unwrap().unwrap();
+            d.acker.ack().await.unwrap();
+        }
+    });
+    let x = n.tasks_exchange();
+    let m = Message::new(vec![0u8; 256]);
+    for _ in 0..N {
+        b.publish(out(&x, "background", &m), T).await.unwrap();
+    }
+    let published = started.elapsed();
+    consumer.await.unwrap();
+    let all = started.elapsed();
+    println!(
+        "embedded broker: {N} messages of 256 B published in {published:?}, published+consumed+acked in {all:?}: {:.0} msg/s",
+        N as f64 / all.as_secs_f64()
+    );
+    assert_eq!(b.queue_stats(&q).await.unwrap().messages, 0);
+}
