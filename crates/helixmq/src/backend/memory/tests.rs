@@ -203,36 +203,58 @@ async fn publish_batch_reports_each() {
     assert!(matches!(r[1], Err(Error::Unroutable { .. })));
 }
 
-/// Throughput of the embedded broker: one task publishes (confirmed, one at a
-/// time), another consumes with prefetch 1000 and acks each. Run with
-/// `cargo test --release -p helixmq --lib throughput -- --ignored --nocapture`.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "benchmark; run in release mode"]
-async fn throughput() {
-    const N: usize = 1_000_000;
+/// CPU time of this process so far (user + system), from `/proc/self/stat`:
+/// on a shared machine, messages per CPU-second is the honest figure.
+fn cpu_time() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(Duration::from_millis(ticks * 10))
+}
+
+/// One task publishes `n` messages (confirmed, one at a time), another
+/// consumes them with prefetch 1000 and acks each. Prints wall and CPU rates.
+async fn bench(label: &str, n: usize) {
     let b = Arc::new(MemoryBroker::new());
-    let n = Names::new("hx");
-    b.declare(&Topology::spec(&n)).await.unwrap();
-    let q = n.task_queue("background");
+    let names = Names::new("hx");
+    b.declare(&Topology::spec(&names)).await.unwrap();
+    let q = names.task_queue("background");
     let mut stream = b.consume(&q, 1000, "bench").await.unwrap();
-    let started = std::time::Instant::now();
+    let (started, cpu0) = (std::time::Instant::now(), cpu_time());
     let consumer = tokio::spawn(async move {
-        for _ in 0..N {
+        for _ in 0..n {
             let d = stream.next().await.unwrap().unwrap();
             d.acker.ack().await.unwrap();
         }
     });
-    let x = n.tasks_exchange();
+    let x = names.tasks_exchange();
     let m = Message::new(vec![0u8; 256]);
-    for _ in 0..N {
+    for _ in 0..n {
         b.publish(out(&x, "background", &m), T).await.unwrap();
     }
-    let published = started.elapsed();
     consumer.await.unwrap();
-    let all = started.elapsed();
+    let wall = started.elapsed();
+    let cpu = cpu_time().zip(cpu0).map(|(b, a)| b - a).unwrap_or_default();
     println!(
-        "embedded broker: {N} messages of 256 B published in {published:?}, published+consumed+acked in {all:?}: {:.0} msg/s",
-        N as f64 / all.as_secs_f64()
+        "embedded broker, {label}: {n} messages of 256 B published+consumed+acked in {wall:?} \
+         ({:.0} msg/s wall), CPU {cpu:?} ({:.0} msg per CPU-second)",
+        n as f64 / wall.as_secs_f64(),
+        n as f64 / cpu.as_secs_f64().max(1e-3),
     );
     assert_eq!(b.queue_stats(&q).await.unwrap().messages, 0);
+}
+
+/// Throughput of the embedded broker. Run with
+/// `cargo test --release -p helixmq --lib throughput -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark; run in release mode"]
+async fn throughput_two_threads() {
+    bench("2 worker threads", 1_000_000).await;
+}
+
+/// The same on one thread: no lock contention, no cross-thread frees.
+#[tokio::test(flavor = "current_thread")]
+#[ignore = "benchmark; run in release mode"]
+async fn throughput_one_thread() {
+    bench("1 thread", 1_000_000).await;
 }
