@@ -133,7 +133,10 @@ impl MemoryBroker {
 }
 
 impl Drop for MemoryBroker {
+    /// Dropping the broker is closing it: streams still held end (`None`)
+    /// instead of waiting for messages nobody can publish any more.
     fn drop(&mut self) {
+        self.shared.with(|st, _| st.close());
         self.stop.cancel();
     }
 }

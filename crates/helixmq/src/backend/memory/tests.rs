@@ -258,3 +258,72 @@ async fn throughput_two_threads() {
 async fn throughput_one_thread() {
     bench("1 thread", 1_000_000).await;
 }
+
+/// Through the whole stack: `Broker::publish` and a subscription (consumer
+/// runtime: a task per message, metrics, ack after the handler).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark; run in release mode"]
+async fn throughput_through_broker_api() {
+    use crate::{Broker, Config, Outcome, SubscribeOptions};
+    const N: usize = 200_000;
+    let broker = Broker::embedded(Config::default());
+    broker.declare(&Topology::default()).await.unwrap();
+    let (done_tx, done_rx) = tokio::sync::watch::channel(0usize);
+    let done = Arc::new(done_tx);
+    let d = done.clone();
+    let opts = SubscribeOptions {
+        prefetch: Some(1000),
+        ..Default::default()
+    };
+    let (started, cpu0) = (std::time::Instant::now(), cpu_time());
+    let sub = broker
+        .subscribe(
+            "helixagent.tasks.background",
+            move |_m: Message, _ctx| {
+                let d = d.clone();
+                async move {
+                    d.send_modify(|n| *n += 1);
+                    Ok(Outcome::Ack)
+                }
+            },
+            opts,
+        )
+        .await
+        .unwrap();
+    let m = Message::new(vec![0u8; 256]);
+    for _ in 0..N {
+        broker
+            .publish("helixagent.tasks", "background", m.clone())
+            .await
+            .unwrap();
+    }
+    let mut rx = done_rx;
+    rx.wait_for(|n| *n >= N).await.unwrap();
+    let wall = started.elapsed();
+    let cpu = cpu_time().zip(cpu0).map(|(b, a)| b - a).unwrap_or_default();
+    sub.shutdown(T).await;
+    println!(
+        "Broker API on the embedded broker: {N} messages in {wall:?} ({:.0} msg/s wall), \
+         CPU {cpu:?} ({:.0} msg per CPU-second)",
+        N as f64 / wall.as_secs_f64(),
+        N as f64 / cpu.as_secs_f64().max(1e-3),
+    );
+}
+
+#[tokio::test]
+async fn the_timer_does_not_outlive_the_broker() {
+    let rt = tokio::runtime::Handle::current();
+    let before = rt.metrics().num_alive_tasks();
+    let b = MemoryBroker::new();
+    assert_eq!(rt.metrics().num_alive_tasks(), before + 1, "one timer task");
+    let weak = Arc::downgrade(&b.shared);
+    drop(b);
+    assert!(weak.upgrade().is_none(), "the timer holds the state weakly");
+    for _ in 0..100 {
+        if rt.metrics().num_alive_tasks() == before {
+            return;
+        }
+        tokio::task::yield_now().await;
+    }
+    panic!("the timer task is still alive after the broker was dropped");
+}
