@@ -9,8 +9,8 @@
 //! - Consumers: manual ack, nack with or without requeue, prefetch windows,
 //!   round-robin, unsettled deliveries requeued (redelivered) when a stream is dropped.
 //!
-//! Layout: [`state`] holds everything behind one mutex (exchanges in
-//! [`exchange`], queues in [`queue`]); [`consumer`] is the stream and ackers;
+//! Layout: `state` holds everything behind one mutex (exchanges in
+//! `exchange`, queues in `queue`); `consumer` is the stream and ackers;
 //! [`dead_letter`] writes the headers. Messages travel as [`Message`] values —
 //! nothing is encoded, and the payload (`Bytes`) is never copied.
 //!

@@ -448,4 +448,57 @@ mod tests {
         st.publish("", "hx.tasks.llm", true, &m, &mut fx).unwrap();
         assert_eq!(st.queue("hx.tasks.llm").unwrap().ready(), 1);
     }
+
+    fn expired_message() -> Message {
+        Message::new("x").with_expiration(std::time::Duration::ZERO)
+    }
+
+    #[test]
+    fn dead_letter_routing_key_override_and_cycle_drop() {
+        let mut st = State::default();
+        let mut t = Topology::system(&Names::new("hx"));
+        let mut src = Queue::durable("hx.src").dead_letter_to("hx.requeue");
+        src.dead_letter_routing_key = Some("hx.dst".into());
+        t.queues.push(src);
+        t.queues.push(Queue::durable("hx.dst"));
+        t.bindings.push(Binding {
+            exchange: "hx.requeue".into(),
+            queue: "hx.dst".into(),
+            routing_key: "hx.dst".into(),
+        });
+        // A queue that dead-letters expired messages back to itself.
+        t.queues
+            .push(Queue::durable("hx.loop").dead_letter_to("hx.requeue"));
+        t.bindings.push(Binding {
+            exchange: "hx.requeue".into(),
+            queue: "hx.loop".into(),
+            routing_key: "hx.loop".into(),
+        });
+        st.declare(&t).unwrap();
+
+        let mut fx = Effects::default();
+        st.publish("", "hx.src", true, &expired_message(), &mut fx)
+            .unwrap();
+        st.publish("", "hx.loop", true, &expired_message(), &mut fx)
+            .unwrap();
+        assert!(
+            st.finish(fx),
+            "the timer is woken for the new expiring heads"
+        );
+        let mut fx = Effects::default();
+        st.expire(&mut fx);
+        st.finish(fx);
+        let mut fx = Effects::default();
+        let (moved, _) = st
+            .queue("hx.dst")
+            .unwrap()
+            .get(&mut fx)
+            .expect("re-routed by x-dead-letter-routing-key");
+        assert_eq!(&*moved.routing_key, "hx.dst");
+        assert_eq!(
+            st.queue("hx.loop").unwrap().ready(),
+            0,
+            "an automatic cycle is dropped, not looped"
+        );
+    }
 }
