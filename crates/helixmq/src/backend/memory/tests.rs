@@ -203,6 +203,85 @@ async fn publish_batch_reports_each() {
     assert!(matches!(r[1], Err(Error::Unroutable { .. })));
 }
 
+/// Producers and consumers at once, consumers nacking some messages back and
+/// one going away mid-stream: every id is acked exactly once, none is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_producers_and_consumers_lose_nothing() {
+    use std::collections::HashMap;
+    const PRODUCERS: usize = 4;
+    const EACH: usize = 2_000;
+    let (b, n) = spec().await;
+    let b = Arc::new(b);
+    let q = n.task_queue("llm");
+    let acked = Arc::new(std::sync::Mutex::new(HashMap::<String, usize>::new()));
+    let (total_tx, mut total_rx) = tokio::sync::watch::channel(0usize);
+    let total_tx = Arc::new(total_tx);
+    let mut consumers = Vec::new();
+    for c in 0..3u64 {
+        let (b, q, acked, total) = (b.clone(), q.clone(), acked.clone(), total_tx.clone());
+        consumers.push(tokio::spawn(async move {
+            let mut s = b.consume(&q, 7, "c").await.unwrap();
+            let mut seen = 0u64;
+            while let Some(d) = s.next().await {
+                let d = d.unwrap();
+                seen += 1;
+                if c == 0 && seen == 500 {
+                    // Goes away holding this one (and up to 6 prefetched) unacked.
+                    drop(s);
+                    s = b.consume(&q, 7, "c0-again").await.unwrap();
+                    continue;
+                }
+                if seen % 10 == 0 && !d.redelivered {
+                    d.acker.nack(true).await.unwrap();
+                    continue;
+                }
+                d.acker.ack().await.unwrap();
+                *acked
+                    .lock()
+                    .unwrap()
+                    .entry(d.message.id.clone())
+                    .or_default() += 1;
+                total.send_modify(|t| *t += 1);
+            }
+        }));
+    }
+    let mut producers = Vec::new();
+    let mut ids = Vec::new();
+    for p in 0..PRODUCERS {
+        let msgs: Vec<Message> = (0..EACH)
+            .map(|i| {
+                Message::new("x")
+                    .with_priority(crate::message::Priority::new(((p + i) % 11) as u8).unwrap())
+            })
+            .collect();
+        ids.extend(msgs.iter().map(|m| m.id.clone()));
+        let (b, x) = (b.clone(), n.tasks_exchange());
+        producers.push(tokio::spawn(async move {
+            for m in &msgs {
+                b.publish(out(&x, "llm", m), T).await.unwrap();
+            }
+        }));
+    }
+    for p in producers {
+        p.await.unwrap();
+    }
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        total_rx.wait_for(|t| *t >= PRODUCERS * EACH),
+    )
+    .await
+    .expect("every message acked")
+    .unwrap();
+    b.close().await.unwrap();
+    for c in consumers {
+        c.await.unwrap();
+    }
+    let acked = acked.lock().unwrap();
+    let lost = ids.iter().filter(|id| !acked.contains_key(*id)).count();
+    let dups = acked.values().filter(|n| **n > 1).count();
+    assert_eq!((lost, dups, acked.len()), (0, 0, ids.len()));
+}
+
 /// CPU time of this process so far (user + system), from `/proc/self/stat`:
 /// on a shared machine, messages per CPU-second is the honest figure.
 fn cpu_time() -> Option<Duration> {
