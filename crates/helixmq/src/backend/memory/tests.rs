@@ -231,7 +231,7 @@ async fn concurrent_producers_and_consumers_lose_nothing() {
                     s = b.consume(&q, 7, "c0-again").await.unwrap();
                     continue;
                 }
-                if seen % 10 == 0 && !d.redelivered {
+                if seen.is_multiple_of(10) && !d.redelivered {
                     d.acker.nack(true).await.unwrap();
                     continue;
                 }
