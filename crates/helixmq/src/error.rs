@@ -188,6 +188,8 @@ impl Error {
     }
 
     pub(crate) fn invalid_config(problem: impl Into<String>) -> Self {
-        Error::InvalidConfig { problems: vec![problem.into()] }
+        Error::InvalidConfig {
+            problems: vec![problem.into()],
+        }
     }
 }

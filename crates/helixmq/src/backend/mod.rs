@@ -86,13 +86,22 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Publish many messages pipelined: all sent, then all confirms awaited.
     /// One result per message, in order.
-    async fn publish_batch(&self, outs: &[Outgoing<'_>], timeout: std::time::Duration) -> Vec<Result<()>> {
+    async fn publish_batch(
+        &self,
+        outs: &[Outgoing<'_>],
+        timeout: std::time::Duration,
+    ) -> Vec<Result<()>> {
         let futs = outs.iter().map(|o| self.publish(o.clone(), timeout));
         futures::future::join_all(futs).await
     }
 
     /// Start consuming `queue` with at most `prefetch` unacked deliveries.
-    async fn consume(&self, queue: &str, prefetch: u16, consumer_tag: &str) -> Result<Box<dyn DeliveryStream>>;
+    async fn consume(
+        &self,
+        queue: &str,
+        prefetch: u16,
+        consumer_tag: &str,
+    ) -> Result<Box<dyn DeliveryStream>>;
 
     /// Take one message without a consumer (`basic.get`), unacked.
     async fn get(&self, queue: &str) -> Result<Option<Delivery>>;

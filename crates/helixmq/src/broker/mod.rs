@@ -7,7 +7,7 @@
 pub(crate) mod options;
 pub(crate) use options as options_resolved;
 
-pub use options::{PublishOptions, RetryPolicy, SubscribeOptions, DedupOptions};
+pub use options::{DedupOptions, PublishOptions, RetryPolicy, SubscribeOptions};
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -80,7 +80,9 @@ impl Broker {
 
     /// Connect to RabbitMQ, counting into `metrics` (see [`Metrics::new`]).
     pub async fn connect_with_metrics(config: Config, metrics: Metrics) -> Result<Broker> {
-        let backend = crate::backend::rabbitmq::RabbitBackend::connect(&config.rabbitmq, metrics.clone()).await?;
+        let backend =
+            crate::backend::rabbitmq::RabbitBackend::connect(&config.rabbitmq, metrics.clone())
+                .await?;
         Ok(Broker::with_backend(Arc::new(backend), config, metrics))
     }
 
@@ -98,7 +100,15 @@ impl Broker {
                 gauge.set(s.gauge());
             }
         });
-        Broker { inner: Arc::new(Inner { backend, config, names, topology: Mutex::new(topology), metrics }) }
+        Broker {
+            inner: Arc::new(Inner {
+                backend,
+                config,
+                names,
+                topology: Mutex::new(topology),
+                metrics,
+            }),
+        }
     }
 
     /// Which backend this broker runs on.
@@ -133,7 +143,10 @@ impl Broker {
 
     /// Whether the broker is connected now.
     pub fn is_connected(&self) -> bool {
-        matches!(*self.inner.backend.state().borrow(), ConnectionState::Connected | ConnectionState::Blocked)
+        matches!(
+            *self.inner.backend.state().borrow(),
+            ConnectionState::Connected | ConnectionState::Blocked
+        )
     }
 
     /// Declare `topology` (idempotent) and remember it.
@@ -151,7 +164,8 @@ impl Broker {
 
     /// Publish with default options (mandatory, the configured timeout).
     pub async fn publish(&self, exchange: &str, routing_key: &str, message: Message) -> Result<()> {
-        self.publish_with(exchange, routing_key, message, &PublishOptions::default()).await
+        self.publish_with(exchange, routing_key, message, &PublishOptions::default())
+            .await
     }
 
     /// Publish; returns Ok only once the broker confirmed the message.
@@ -166,7 +180,9 @@ impl Broker {
             message.priority = Some(p);
         }
         self.check_priority(exchange, routing_key, &message)?;
-        let timeout = opts.timeout.unwrap_or(self.inner.config.rabbitmq.publish_timeout);
+        let timeout = opts
+            .timeout
+            .unwrap_or(self.inner.config.rabbitmq.publish_timeout);
         let span = tracing::debug_span!("publish", message_id = %message.id, correlation_id = message.correlation_id.as_deref().unwrap_or(""), exchange, routing_key);
         let _e = span.enter();
         let started = Instant::now();
@@ -174,7 +190,15 @@ impl Broker {
         let res = self
             .inner
             .backend
-            .publish(Outgoing { exchange, routing_key, mandatory: opts.mandatory, message: &message }, timeout)
+            .publish(
+                Outgoing {
+                    exchange,
+                    routing_key,
+                    mandatory: opts.mandatory,
+                    message: &message,
+                },
+                timeout,
+            )
             .await;
         self.inner.metrics.confirms_pending.dec();
         self.count_publish(exchange, &res, started);
@@ -189,7 +213,9 @@ impl Broker {
         messages: &[Message],
         opts: &PublishOptions,
     ) -> Vec<Result<()>> {
-        let timeout = opts.timeout.unwrap_or(self.inner.config.rabbitmq.publish_timeout);
+        let timeout = opts
+            .timeout
+            .unwrap_or(self.inner.config.rabbitmq.publish_timeout);
         let mut prepared: Vec<Message> = messages.to_vec();
         let mut checks = Vec::with_capacity(prepared.len());
         for m in &mut prepared {
@@ -202,12 +228,28 @@ impl Broker {
             .iter()
             .zip(&checks)
             .filter(|(_, c)| c.is_ok())
-            .map(|(m, _)| Outgoing { exchange, routing_key, mandatory: opts.mandatory, message: m })
+            .map(|(m, _)| Outgoing {
+                exchange,
+                routing_key,
+                mandatory: opts.mandatory,
+                message: m,
+            })
             .collect();
         let started = Instant::now();
-        self.inner.metrics.confirms_pending.inc_by(outs.len() as i64);
-        let mut sent = self.inner.backend.publish_batch(&outs, timeout).await.into_iter();
-        self.inner.metrics.confirms_pending.dec_by(outs.len() as i64);
+        self.inner
+            .metrics
+            .confirms_pending
+            .inc_by(outs.len() as i64);
+        let mut sent = self
+            .inner
+            .backend
+            .publish_batch(&outs, timeout)
+            .await
+            .into_iter();
+        self.inner
+            .metrics
+            .confirms_pending
+            .dec_by(outs.len() as i64);
         checks
             .into_iter()
             .map(|c| match c {
@@ -234,7 +276,9 @@ impl Broker {
 
     /// Refuse a priority above the maximum of a queue the message would reach.
     fn check_priority(&self, exchange: &str, routing_key: &str, message: &Message) -> Result<()> {
-        let Some(p) = message.priority else { return Ok(()) };
+        let Some(p) = message.priority else {
+            return Ok(());
+        };
         let t = self.inner.topology.lock().unwrap();
         for q in t.route(exchange, routing_key) {
             if let Some(max) = q.max_priority {
@@ -251,7 +295,12 @@ impl Broker {
 
     /// Consume `queue` with `handler` under `opts`'s retry and concurrency policy.
     /// The retry tiers the policy needs are declared first.
-    pub async fn subscribe<H: Handler>(&self, queue: &str, handler: H, opts: SubscribeOptions) -> Result<Subscription> {
+    pub async fn subscribe<H: Handler>(
+        &self,
+        queue: &str,
+        handler: H,
+        opts: SubscribeOptions,
+    ) -> Result<Subscription> {
         let opts = opts.resolved(&self.inner.config);
         let mut tiers = Topology::system(&self.inner.names);
         for d in &opts.retry.delays {

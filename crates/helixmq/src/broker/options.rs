@@ -19,7 +19,11 @@ pub struct PublishOptions {
 
 impl Default for PublishOptions {
     fn default() -> Self {
-        PublishOptions { mandatory: true, timeout: None, priority: None }
+        PublishOptions {
+            mandatory: true,
+            timeout: None,
+            priority: None,
+        }
     }
 }
 
@@ -41,10 +45,18 @@ impl RetryPolicy {
         if let Some(r) = requested {
             let mut tiers = self.delays.clone();
             tiers.sort();
-            return tiers.iter().copied().find(|d| *d >= r).or(tiers.last().copied()).unwrap_or(r);
+            return tiers
+                .iter()
+                .copied()
+                .find(|d| *d >= r)
+                .or(tiers.last().copied())
+                .unwrap_or(r);
         }
         let i = (attempt.max(1) as usize - 1).min(self.delays.len().saturating_sub(1));
-        self.delays.get(i).copied().unwrap_or(crate::topology::DEFAULT_RETRY_DELAY)
+        self.delays
+            .get(i)
+            .copied()
+            .unwrap_or(crate::topology::DEFAULT_RETRY_DELAY)
     }
 }
 
@@ -60,7 +72,10 @@ pub struct DedupOptions {
 
 impl Default for DedupOptions {
     fn default() -> Self {
-        DedupOptions { capacity: 100_000, ttl: Duration::from_secs(600) }
+        DedupOptions {
+            capacity: 100_000,
+            ttl: Duration::from_secs(600),
+        }
     }
 }
 
@@ -94,7 +109,10 @@ pub(crate) struct Resolved {
 
 impl SubscribeOptions {
     pub(crate) fn resolved(self, config: &Config) -> Resolved {
-        let prefetch = self.prefetch.unwrap_or(config.rabbitmq.prefetch_count).max(1);
+        let prefetch = self
+            .prefetch
+            .unwrap_or(config.rabbitmq.prefetch_count)
+            .max(1);
         let retry = self.retry.unwrap_or_else(|| RetryPolicy {
             max_attempts: config.helixmq.max_attempts,
             delays: vec![config.helixmq.retry_delay],
@@ -106,7 +124,11 @@ impl SubscribeOptions {
             handler_timeout: self.handler_timeout.unwrap_or(Duration::from_secs(300)),
             retry: RetryPolicy {
                 max_attempts: retry.max_attempts.max(1),
-                delays: if retry.delays.is_empty() { vec![config.helixmq.retry_delay] } else { retry.delays },
+                delays: if retry.delays.is_empty() {
+                    vec![config.helixmq.retry_delay]
+                } else {
+                    retry.delays
+                },
             },
             dedup: self.dedup,
         }
@@ -119,11 +141,20 @@ mod tests {
 
     #[test]
     fn delay_tiers() {
-        let p = RetryPolicy { max_attempts: 5, delays: vec![Duration::from_secs(1), Duration::from_secs(10)] };
+        let p = RetryPolicy {
+            max_attempts: 5,
+            delays: vec![Duration::from_secs(1), Duration::from_secs(10)],
+        };
         assert_eq!(p.delay_after(1, None), Duration::from_secs(1));
         assert_eq!(p.delay_after(2, None), Duration::from_secs(10));
         assert_eq!(p.delay_after(4, None), Duration::from_secs(10));
-        assert_eq!(p.delay_after(1, Some(Duration::from_secs(3))), Duration::from_secs(10));
-        assert_eq!(p.delay_after(1, Some(Duration::from_secs(30))), Duration::from_secs(10));
+        assert_eq!(
+            p.delay_after(1, Some(Duration::from_secs(3))),
+            Duration::from_secs(10)
+        );
+        assert_eq!(
+            p.delay_after(1, Some(Duration::from_secs(30))),
+            Duration::from_secs(10)
+        );
     }
 }

@@ -2,18 +2,61 @@
 //! validation that reports every problem at once.
 //!
 //! Loading order: YAML file (with `${VAR}` / `${VAR:-default}` interpolation),
-//! then the spec's `RABBITMQ_*` variables, then `RABBITMQ_URL`, then
-//! `HELIXMQ_PREFIX`. The password is a [`Secret`]: it never shows in `Debug`,
-//! `Display`, errors or logs.
+//! then the spec's `RABBITMQ_*` variables, then `RABBITMQ_HOSTS`, then
+//! `RABBITMQ_URL`, then `HELIXMQ_PREFIX`. The password is a [`Secret`]: it
+//! never shows in `Debug`, `Display`, errors or logs.
+//!
+//! # Layout
+//! - `load`: the pipeline, file → interpolation → environment → validation.
+//! - `loose`: the untyped tree the file is first read into, so that one bad
+//!   value does not hide the others.
+//! - `interpolate`: `${VAR}` / `${VAR:-default}`.
+//! - `env`: [`EnvSource`] and the variables that override fields.
+//! - `url`: `RABBITMQ_URL` (AMQP URIs).
+//! - `validate`: typed conversion and every check, one problem line each.
+//!
+//! ```
+//! use helixmq::config::{load_from_str, EnvSource};
+//! let env = EnvSource::map([("RABBITMQ_URL", "amqps://app:s%40cret@rabbit.example:5671/prod")]);
+//! let config = load_from_str("helixmq:\n  prefix: acme\n", &env).unwrap();
+//! assert_eq!(config.rabbitmq.host, "rabbit.example");
+//! assert_eq!(config.rabbitmq.password.expose(), "s@cret");
+//! assert!(config.rabbitmq.tls.enabled);
+//! assert!(!config.to_redacted_yaml().contains("s@cret"));
+//! ```
 
+mod env;
+mod interpolate;
 mod load;
+mod loose;
 mod secret;
+mod url;
+mod validate;
 
-pub use load::{load, load_from_str, EnvSource};
+pub use env::EnvSource;
+pub use load::{load, load_from_str};
 pub use secret::Secret;
 
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
+
+impl Config {
+    /// The effective configuration as YAML, the password shown as `***`
+    /// (`helixmq config check`).
+    pub fn to_redacted_yaml(&self) -> String {
+        // Serializing plain data (strings, numbers, booleans, durations as
+        // text) cannot fail; the fallback only keeps this function total.
+        serde_saphyr::to_string(self)
+            .unwrap_or_else(|e| format!("# cannot render the configuration: {e}\n"))
+    }
+}
+
+impl std::fmt::Display for Config {
+    /// The redacted YAML rendering.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.to_redacted_yaml())
+    }
+}
 
 /// Root of `messaging.yaml`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -113,15 +156,18 @@ impl Default for RabbitMqConfig {
 }
 
 impl RabbitMqConfig {
-    /// Every endpoint to try, in order: `host:port` first, then `hosts`.
+    /// Every endpoint to try, in order: `host:port` first, then `hosts`
+    /// (duplicates dropped). Hosts are names or addresses without brackets
+    /// (`::1`, not `[::1]`), ready for `TcpStream::connect((host, port))`;
+    /// a `hosts` entry without a port uses [`port`](Self::port).
     pub fn endpoints(&self) -> Vec<(String, u16)> {
-        let mut out = vec![(self.host.clone(), self.port)];
+        let bare = |h: &str| h.trim_start_matches('[').trim_end_matches(']').to_string();
+        let mut out = vec![(bare(&self.host), self.port)];
         for h in &self.hosts {
-            if let Some((host, port)) = h.rsplit_once(':') {
-                if let Ok(port) = port.parse() {
-                    if !out.iter().any(|(oh, op)| oh == host && *op == port) {
-                        out.push((host.to_string(), port));
-                    }
+            // Entries are validated when loaded; one set by hand that does not parse is skipped.
+            if let Ok((host, port)) = validate::parse_host_port(h, self.port) {
+                if !out.iter().any(|(oh, op)| *oh == host && *op == port) {
+                    out.push((host, port));
                 }
             }
         }
@@ -130,7 +176,7 @@ impl RabbitMqConfig {
 }
 
 /// TLS settings (the spec's `tls:` block).
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct TlsConfig {
     /// Use `amqps`.
@@ -146,6 +192,28 @@ pub struct TlsConfig {
     /// Verify the server certificate and host name. Default true.
     #[serde(default = "yes")]
     pub verify_peer: bool,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        // Not derived: a derived default would turn verify_peer off.
+        Self {
+            enabled: false,
+            cert_file: String::new(),
+            key_file: String::new(),
+            ca_file: String::new(),
+            skip_verify: false,
+            verify_peer: true,
+        }
+    }
+}
+
+impl TlsConfig {
+    /// Whether the server certificate is checked: `verify_peer` and not `skip_verify`
+    /// (`skip_verify` wins, and the backend logs a warning for it).
+    pub fn verifies_server(&self) -> bool {
+        self.verify_peer && !self.skip_verify
+    }
 }
 
 fn yes() -> bool {

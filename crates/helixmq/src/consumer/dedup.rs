@@ -12,7 +12,12 @@ pub(crate) struct Dedup {
 
 impl Dedup {
     pub(crate) fn new(capacity: usize, ttl: Duration) -> Self {
-        Dedup { capacity: capacity.max(1), ttl, seen: HashMap::new(), order: VecDeque::new() }
+        Dedup {
+            capacity: capacity.max(1),
+            ttl,
+            seen: HashMap::new(),
+            order: VecDeque::new(),
+        }
     }
 
     fn expire(&mut self, now: Instant) {

@@ -28,7 +28,10 @@ pub enum Outcome {
 impl Outcome {
     /// `Retry` with the policy's delay.
     pub fn retry(reason: impl Into<String>) -> Self {
-        Outcome::Retry { delay: None, reason: reason.into() }
+        Outcome::Retry {
+            delay: None,
+            reason: reason.into(),
+        }
     }
     /// `DeadLetter`.
     pub fn dead_letter(reason: impl Into<String>) -> Self {

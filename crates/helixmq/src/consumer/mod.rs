@@ -63,7 +63,10 @@ pub struct Subscription {
 
 impl std::fmt::Debug for Subscription {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Subscription").field("id", &self.id).field("queue", &self.queue).finish()
+        f.debug_struct("Subscription")
+            .field("id", &self.id)
+            .field("queue", &self.queue)
+            .finish()
     }
 }
 
@@ -96,8 +99,14 @@ impl Subscription {
         *self.drain.lock().unwrap() = deadline;
         self.stop.cancel();
         match self.task.take() {
-            Some(t) => t.await.unwrap_or(ShutdownReport { drained: 0, abandoned: 0 }),
-            None => ShutdownReport { drained: 0, abandoned: 0 },
+            Some(t) => t.await.unwrap_or(ShutdownReport {
+                drained: 0,
+                abandoned: 0,
+            }),
+            None => ShutdownReport {
+                drained: 0,
+                abandoned: 0,
+            },
         }
     }
 }
@@ -131,7 +140,11 @@ pub(crate) async fn start(
         .consumer_tag
         .clone()
         .unwrap_or_else(|| format!("helixmq-{queue}-{}", uuid::Uuid::now_v7().simple()));
-    let stream = broker.inner.backend.consume(&queue, opts.prefetch, &tag).await?;
+    let stream = broker
+        .inner
+        .backend
+        .consume(&queue, opts.prefetch, &tag)
+        .await?;
     let (status_tx, status) = watch::channel(SubscriptionStatus::Active);
     let stop = CancellationToken::new();
     let drain = Arc::new(Mutex::new(Duration::from_secs(30)));
@@ -141,10 +154,27 @@ pub(crate) async fn start(
         handler,
         retry: opts.retry.clone(),
         handler_timeout: opts.handler_timeout,
-        dedup: opts.dedup.as_ref().map(|d| Mutex::new(Dedup::new(d.capacity, d.ttl))),
+        dedup: opts
+            .dedup
+            .as_ref()
+            .map(|d| Mutex::new(Dedup::new(d.capacity, d.ttl))),
     });
-    let task = tokio::spawn(run(runner, stream, opts.concurrency, stop.clone(), drain.clone(), status_tx));
-    Ok(Subscription { id: tag, queue, stop, drain, status, task: Some(task) })
+    let task = tokio::spawn(run(
+        runner,
+        stream,
+        opts.concurrency,
+        stop.clone(),
+        drain.clone(),
+        status_tx,
+    ));
+    Ok(Subscription {
+        id: tag,
+        queue,
+        stop,
+        drain,
+        status,
+        task: Some(task),
+    })
 }
 
 async fn run(
@@ -199,12 +229,18 @@ async fn run(
     })
     .await;
     let report = match drained {
-        Ok(n) => ShutdownReport { drained: n, abandoned: 0 },
+        Ok(n) => ShutdownReport {
+            drained: n,
+            abandoned: 0,
+        },
         Err(_) => {
             let left = inflight.len();
             inflight.abort_all();
             while inflight.join_next().await.is_some() {}
-            ShutdownReport { drained: pending - left, abandoned: left }
+            ShutdownReport {
+                drained: pending - left,
+                abandoned: left,
+            }
         }
     };
     // Dropping the stream closes the consumer channel: anything unacked is requeued.
@@ -272,7 +308,10 @@ impl Runner {
                     .unwrap_or_else(|| "unknown panic".into());
                 Outcome::retry(format!("handler panicked: {what}"))
             }
-            Err(_) => Outcome::retry(format!("handler timed out after {:?}", self.handler_timeout)),
+            Err(_) => Outcome::retry(format!(
+                "handler timed out after {:?}",
+                self.handler_timeout
+            )),
         }
     }
 
@@ -281,10 +320,12 @@ impl Runner {
         let m = self.broker.metrics();
         let attempt = d.message.attempt;
         let outcome = match outcome {
-            Outcome::Retry { reason, .. } if attempt >= self.retry.max_attempts => Outcome::DeadLetter(format!(
-                "gave up after {attempt} attempts (max_attempts {}): {reason}",
-                self.retry.max_attempts
-            )),
+            Outcome::Retry { reason, .. } if attempt >= self.retry.max_attempts => {
+                Outcome::DeadLetter(format!(
+                    "gave up after {attempt} attempts (max_attempts {}): {reason}",
+                    self.retry.max_attempts
+                ))
+            }
             o => o,
         };
         let rerouted = match &outcome {
@@ -295,14 +336,19 @@ impl Runner {
                 let mut copy = failed_copy(&d, reason);
                 copy.attempt = attempt + 1;
                 tracing::info!(reason = %reason, delay = ?wait, "retrying");
-                self.republish(&tier, &d.queue, copy).await.map(|_| m.queue(&m.retried, &self.queue))
+                self.republish(&tier, &d.queue, copy)
+                    .await
+                    .map(|_| m.queue(&m.retried, &self.queue))
             }
             Outcome::DeadLetter(reason) => {
                 let mut copy = failed_copy(&d, reason);
-                copy.headers.insert(header::DEAD_LETTER_REASON.into(), reason.clone().into());
+                copy.headers
+                    .insert(header::DEAD_LETTER_REASON.into(), reason.clone().into());
                 tracing::warn!(reason = %reason, "dead-lettering");
                 let dlx = self.broker.names().dead_letter_exchange();
-                self.republish(&dlx, &d.queue, copy).await.map(|_| m.queue(&m.dead_lettered, &self.queue))
+                self.republish(&dlx, &d.queue, copy)
+                    .await
+                    .map(|_| m.queue(&m.dead_lettered, &self.queue))
             }
         };
         match rerouted {
@@ -332,10 +378,18 @@ impl Runner {
 
     async fn republish(&self, exchange: &str, routing_key: &str, copy: Message) -> Result<()> {
         let timeout = self.broker.publish_timeout();
-        let out = Outgoing { exchange, routing_key, mandatory: true, message: &copy };
+        let out = Outgoing {
+            exchange,
+            routing_key,
+            mandatory: true,
+            message: &copy,
+        };
         let res = self.broker.inner.backend.publish(out, timeout).await;
         if let Err(Error::Unroutable { .. }) = &res {
-            tracing::error!(exchange, "retry/DLQ route missing: is the topology declared?");
+            tracing::error!(
+                exchange,
+                "retry/DLQ route missing: is the topology declared?"
+            );
         }
         res
     }
@@ -346,10 +400,14 @@ fn failed_copy(d: &Delivery, reason: &str) -> Message {
     let mut copy = d.message.clone();
     let now = now_unix_millis();
     let h = &mut copy.headers;
-    h.entry(header::ORIGIN_QUEUE.into()).or_insert_with(|| d.queue.clone().into());
-    h.entry(header::ORIGIN_EXCHANGE.into()).or_insert_with(|| d.exchange.clone().into());
-    h.entry(header::ORIGIN_ROUTING_KEY.into()).or_insert_with(|| d.routing_key.clone().into());
-    h.entry(header::FIRST_FAILURE.into()).or_insert(HeaderValue::Int(now));
+    h.entry(header::ORIGIN_QUEUE.into())
+        .or_insert_with(|| d.queue.clone().into());
+    h.entry(header::ORIGIN_EXCHANGE.into())
+        .or_insert_with(|| d.exchange.clone().into());
+    h.entry(header::ORIGIN_ROUTING_KEY.into())
+        .or_insert_with(|| d.routing_key.clone().into());
+    h.entry(header::FIRST_FAILURE.into())
+        .or_insert(HeaderValue::Int(now));
     h.insert(header::LAST_FAILURE.into(), HeaderValue::Int(now));
     h.insert(header::LAST_ERROR.into(), truncate(reason, 1024).into());
     copy

@@ -58,7 +58,10 @@ impl Priority {
         if value > Self::MAX {
             return Err(Error::InvalidPriority {
                 priority: value,
-                reason: format!("priorities go from 0 to {} (low 1, normal 5, high 8, critical 10)", Self::MAX),
+                reason: format!(
+                    "priorities go from 0 to {} (low 1, normal 5, high 8, critical 10)",
+                    Self::MAX
+                ),
             });
         }
         Ok(Priority(value))
@@ -81,7 +84,9 @@ impl std::str::FromStr for Priority {
                 Ok(v) => Priority::new(v),
                 Err(_) => Err(Error::InvalidPriority {
                     priority: 0,
-                    reason: format!("'{s}' is not a priority: use 0-10 or low/normal/high/critical"),
+                    reason: format!(
+                        "'{s}' is not a priority: use 0-10 or low/normal/high/critical"
+                    ),
                 }),
             },
         }
@@ -161,7 +166,10 @@ impl Message {
     /// Decode the payload as JSON; the error names the message and the parse failure.
     pub fn parse_json<T: DeserializeOwned>(&self) -> Result<T> {
         serde_json::from_slice(&self.payload).map_err(|e| {
-            Error::InvalidMessage(format!("payload of message {} is not the expected JSON: {e}", self.id))
+            Error::InvalidMessage(format!(
+                "payload of message {} is not the expected JSON: {e}",
+                self.id
+            ))
         })
     }
 
@@ -196,7 +204,9 @@ impl Message {
     }
     /// The W3C `traceparent`, if any.
     pub fn traceparent(&self) -> Option<&str> {
-        self.headers.get(header::TRACEPARENT).and_then(HeaderValue::as_str)
+        self.headers
+            .get(header::TRACEPARENT)
+            .and_then(HeaderValue::as_str)
     }
     /// A string header.
     pub fn header_str(&self, key: &str) -> Option<&str> {
@@ -206,12 +216,18 @@ impl Message {
 
 /// Now, in Unix seconds.
 pub fn now_unix_secs() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// Now, in Unix milliseconds.
 pub fn now_unix_millis() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -224,7 +240,11 @@ mod tests {
         assert_eq!("3".parse::<Priority>().unwrap().value(), 3);
         let e = "11".parse::<Priority>().unwrap_err().to_string();
         assert!(e.contains("0 to 10"), "{e}");
-        assert!("urgent".parse::<Priority>().unwrap_err().to_string().contains("'urgent'"));
+        assert!("urgent"
+            .parse::<Priority>()
+            .unwrap_err()
+            .to_string()
+            .contains("'urgent'"));
     }
 
     #[test]

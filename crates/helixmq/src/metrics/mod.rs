@@ -89,30 +89,98 @@ impl Metrics {
     pub fn new(registry: &mut Registry) -> Self {
         let m = Metrics::default();
         let r = registry.sub_registry_with_prefix("rabbitmq");
-        r.register("messages_published", "Messages published and confirmed", m.published.clone());
-        r.register("publish_failures", "Publishes nacked, timed out or unroutable", m.publish_failures.clone());
-        r.register("messages_consumed", "Deliveries handed to a handler", m.consumed.clone());
+        r.register(
+            "messages_published",
+            "Messages published and confirmed",
+            m.published.clone(),
+        );
+        r.register(
+            "publish_failures",
+            "Publishes nacked, timed out or unroutable",
+            m.publish_failures.clone(),
+        );
+        r.register(
+            "messages_consumed",
+            "Deliveries handed to a handler",
+            m.consumed.clone(),
+        );
         r.register("messages_acked", "Deliveries acknowledged", m.acked.clone());
-        r.register("messages_nacked", "Deliveries negatively acknowledged and requeued", m.nacked.clone());
-        r.register("messages_retried", "Deliveries re-routed to the retry queue", m.retried.clone());
-        r.register("messages_dead_lettered", "Deliveries re-routed to the DLQ", m.dead_lettered.clone());
-        r.register("messages_duplicate_skipped", "Redeliveries skipped by the duplicate guard", m.duplicates_skipped.clone());
-        r.register_with_unit("publish_latency", "Publish to confirm latency", prometheus_client::registry::Unit::Seconds, m.publish_latency.clone());
-        r.register_with_unit("handler_duration", "Handler run time", prometheus_client::registry::Unit::Seconds, m.handler_duration.clone());
-        r.register("handlers_in_flight", "Handlers running now", m.handlers_in_flight.clone());
-        r.register("confirms_pending", "Publishes awaiting their confirm", m.confirms_pending.clone());
-        r.register("connection_state", "0 disconnected, 1 connected, 2 blocked", m.connection_state.clone());
-        r.register("connection_successes", "Successful connections", m.connection_successes.clone());
-        r.register("connection_failures", "Failed connection attempts", m.connection_failures.clone());
-        r.register("connection_recoveries", "Recoveries after a lost connection", m.connection_recoveries.clone());
+        r.register(
+            "messages_nacked",
+            "Deliveries negatively acknowledged and requeued",
+            m.nacked.clone(),
+        );
+        r.register(
+            "messages_retried",
+            "Deliveries re-routed to the retry queue",
+            m.retried.clone(),
+        );
+        r.register(
+            "messages_dead_lettered",
+            "Deliveries re-routed to the DLQ",
+            m.dead_lettered.clone(),
+        );
+        r.register(
+            "messages_duplicate_skipped",
+            "Redeliveries skipped by the duplicate guard",
+            m.duplicates_skipped.clone(),
+        );
+        r.register_with_unit(
+            "publish_latency",
+            "Publish to confirm latency",
+            prometheus_client::registry::Unit::Seconds,
+            m.publish_latency.clone(),
+        );
+        r.register_with_unit(
+            "handler_duration",
+            "Handler run time",
+            prometheus_client::registry::Unit::Seconds,
+            m.handler_duration.clone(),
+        );
+        r.register(
+            "handlers_in_flight",
+            "Handlers running now",
+            m.handlers_in_flight.clone(),
+        );
+        r.register(
+            "confirms_pending",
+            "Publishes awaiting their confirm",
+            m.confirms_pending.clone(),
+        );
+        r.register(
+            "connection_state",
+            "0 disconnected, 1 connected, 2 blocked",
+            m.connection_state.clone(),
+        );
+        r.register(
+            "connection_successes",
+            "Successful connections",
+            m.connection_successes.clone(),
+        );
+        r.register(
+            "connection_failures",
+            "Failed connection attempts",
+            m.connection_failures.clone(),
+        );
+        r.register(
+            "connection_recoveries",
+            "Recoveries after a lost connection",
+            m.connection_recoveries.clone(),
+        );
         m
     }
 
     pub(crate) fn exchange(&self, f: &Family<ExchangeLabel, Counter>, exchange: &str) {
-        f.get_or_create(&ExchangeLabel { exchange: exchange.to_string() }).inc();
+        f.get_or_create(&ExchangeLabel {
+            exchange: exchange.to_string(),
+        })
+        .inc();
     }
 
     pub(crate) fn queue(&self, f: &Family<QueueLabel, Counter>, queue: &str) {
-        f.get_or_create(&QueueLabel { queue: queue.to_string() }).inc();
+        f.get_or_create(&QueueLabel {
+            queue: queue.to_string(),
+        })
+        .inc();
     }
 }

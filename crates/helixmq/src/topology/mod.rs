@@ -180,7 +180,10 @@ impl Queue {
                 a.push(("x-delivery-limit", ArgValue::Int(d as i64)));
             }
             if self.dead_letter_exchange.is_some() {
-                a.push(("x-dead-letter-strategy", ArgValue::Str("at-least-once".into())));
+                a.push((
+                    "x-dead-letter-strategy",
+                    ArgValue::Str("at-least-once".into()),
+                ));
             }
         }
         a
@@ -230,8 +233,11 @@ pub const TASK_KINDS: [(&str, Option<u8>); 5] = [
     ("notifications", None),
 ];
 /// Event queues and their topic patterns.
-pub const EVENT_QUEUES: [(&str, &str); 3] =
-    [("debate", "debate.#"), ("verify", "verification.#"), ("audit", "#")];
+pub const EVENT_QUEUES: [(&str, &str); 3] = [
+    ("debate", "debate.#"),
+    ("verify", "verification.#"),
+    ("audit", "#"),
+];
 /// Notification queues on the fanout.
 pub const NOTIFICATION_QUEUES: [&str; 3] = ["websocket", "sse", "webhooks"];
 
@@ -248,8 +254,16 @@ impl Topology {
         let mut t = Topology {
             names: names.clone(),
             exchanges: vec![
-                Exchange { name: names.dead_letter_exchange(), kind: ExchangeKind::Fanout, durable: true },
-                Exchange { name: names.requeue_exchange(), kind: ExchangeKind::Direct, durable: true },
+                Exchange {
+                    name: names.dead_letter_exchange(),
+                    kind: ExchangeKind::Fanout,
+                    durable: true,
+                },
+                Exchange {
+                    name: names.requeue_exchange(),
+                    kind: ExchangeKind::Direct,
+                    durable: true,
+                },
             ],
             queues: vec![Queue::durable(names.dlq())
                 .message_ttl(Duration::from_secs(7 * 24 * 3600))
@@ -270,9 +284,21 @@ impl Topology {
         let tasks = names.tasks_exchange();
         let events = names.events_exchange();
         let notes = names.notifications_exchange();
-        t.exchanges.push(Exchange { name: tasks.clone(), kind: ExchangeKind::Direct, durable: true });
-        t.exchanges.push(Exchange { name: events.clone(), kind: ExchangeKind::Topic, durable: true });
-        t.exchanges.push(Exchange { name: notes.clone(), kind: ExchangeKind::Fanout, durable: true });
+        t.exchanges.push(Exchange {
+            name: tasks.clone(),
+            kind: ExchangeKind::Direct,
+            durable: true,
+        });
+        t.exchanges.push(Exchange {
+            name: events.clone(),
+            kind: ExchangeKind::Topic,
+            durable: true,
+        });
+        t.exchanges.push(Exchange {
+            name: notes.clone(),
+            kind: ExchangeKind::Fanout,
+            durable: true,
+        });
         for (kind, prio) in TASK_KINDS {
             let mut q = Queue::durable(names.task_queue(kind));
             q.max_priority = prio;
@@ -313,14 +339,22 @@ impl Topology {
     pub fn add_retry_tier(&mut self, delay: Duration) -> String {
         let name = self.names.retry_tier(delay);
         if !self.queues.iter().any(|q| q.name == name) {
-            self.exchanges.push(Exchange { name: name.clone(), kind: ExchangeKind::Fanout, durable: true });
+            self.exchanges.push(Exchange {
+                name: name.clone(),
+                kind: ExchangeKind::Fanout,
+                durable: true,
+            });
             self.queues.push(
                 Queue::durable(name.clone())
                     .message_ttl(delay)
                     .max_length(10_000, Overflow::RejectPublish)
                     .dead_letter_to(self.names.requeue_exchange()),
             );
-            self.bindings.push(Binding { exchange: name.clone(), queue: name.clone(), routing_key: String::new() });
+            self.bindings.push(Binding {
+                exchange: name.clone(),
+                queue: name.clone(),
+                routing_key: String::new(),
+            });
         }
         name
     }
@@ -343,25 +377,42 @@ mod tests {
     #[test]
     fn every_name_is_under_the_prefix() {
         let t = Topology::spec(&Names::new("hx"));
-        for n in t.exchanges.iter().map(|e| &e.name).chain(t.queues.iter().map(|q| &q.name)) {
+        for n in t
+            .exchanges
+            .iter()
+            .map(|e| &e.name)
+            .chain(t.queues.iter().map(|q| &q.name))
+        {
             assert!(n.starts_with("hx."), "{n}");
         }
         // No queue dead-letters to the default exchange (refused under least privilege).
-        assert!(t.queues.iter().all(|q| q.dead_letter_exchange.as_deref() != Some("")));
+        assert!(t
+            .queues
+            .iter()
+            .all(|q| q.dead_letter_exchange.as_deref() != Some("")));
     }
 
     #[test]
     fn spec_queues_and_arguments() {
         let t = Topology::default();
-        assert_eq!(t.queue("helixagent.tasks.llm").unwrap().max_priority, Some(10));
+        assert_eq!(
+            t.queue("helixagent.tasks.llm").unwrap().max_priority,
+            Some(10)
+        );
         let dlq = t.queue("helixagent.dlq").unwrap();
         assert_eq!(dlq.max_length, Some(100_000));
         assert_eq!(dlq.message_ttl, Some(Duration::from_secs(604_800)));
         let retry = t.queue("helixagent.retry").unwrap();
         assert_eq!(retry.message_ttl, Some(Duration::from_secs(60)));
         assert_eq!(retry.max_length, Some(10_000));
-        assert_eq!(t.exchange("helixagent.events").unwrap().kind, ExchangeKind::Topic);
-        assert_eq!(Names::default().retry_tier(Duration::from_millis(1500)), "helixagent.retry.1s500ms");
+        assert_eq!(
+            t.exchange("helixagent.events").unwrap().kind,
+            ExchangeKind::Topic
+        );
+        assert_eq!(
+            Names::default().retry_tier(Duration::from_millis(1500)),
+            "helixagent.retry.1s500ms"
+        );
     }
 }
 
@@ -379,7 +430,11 @@ pub fn topic_matches(pattern: &str, key: &str) -> bool {
         }
     }
     let p: Vec<&str> = pattern.split('.').collect();
-    let k: Vec<&str> = if key.is_empty() { Vec::new() } else { key.split('.').collect() };
+    let k: Vec<&str> = if key.is_empty() {
+        Vec::new()
+    } else {
+        key.split('.').collect()
+    };
     go(&p, &k)
 }
 
@@ -390,7 +445,9 @@ impl Topology {
         if exchange.is_empty() {
             return self.queue(routing_key).into_iter().collect();
         }
-        let Some(x) = self.exchange(exchange) else { return Vec::new() };
+        let Some(x) = self.exchange(exchange) else {
+            return Vec::new();
+        };
         let mut out: Vec<&Queue> = Vec::new();
         for b in self.bindings.iter().filter(|b| b.exchange == exchange) {
             let hit = match x.kind {

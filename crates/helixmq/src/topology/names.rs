@@ -23,7 +23,9 @@ impl Default for Names {
 impl Names {
     /// Names under `prefix` (e.g. `helixagent`).
     pub fn new(prefix: impl Into<String>) -> Self {
-        Names { prefix: prefix.into() }
+        Names {
+            prefix: prefix.into(),
+        }
     }
     /// The prefix.
     pub fn prefix(&self) -> &str {

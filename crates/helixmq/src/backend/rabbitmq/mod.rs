@@ -3,7 +3,9 @@
 use async_trait::async_trait;
 use tokio::sync::watch;
 
-use crate::backend::{Backend, BackendKind, ConnectionState, Delivery, DeliveryStream, Outgoing, QueueStats};
+use crate::backend::{
+    Backend, BackendKind, ConnectionState, Delivery, DeliveryStream, Outgoing, QueueStats,
+};
 use crate::error::{Error, Result};
 use crate::topology::Topology;
 
@@ -14,7 +16,10 @@ pub struct RabbitBackend {
 
 impl RabbitBackend {
     /// Connect.
-    pub async fn connect(_cfg: &crate::config::RabbitMqConfig, _m: crate::metrics::Metrics) -> Result<Self> {
+    pub async fn connect(
+        _cfg: &crate::config::RabbitMqConfig,
+        _m: crate::metrics::Metrics,
+    ) -> Result<Self> {
         Err(Error::NotConnected)
     }
 }

@@ -1,0 +1,433 @@
+//! The whole embedded broker as one value behind one lock: exchanges, queues,
+//! routing, declaration checks and dead-letter routing.
+//!
+//! One lock keeps every operation atomic — a dead letter leaves one queue and
+//! enters another in the same step, so nothing is in flight between them — and
+//! costs one uncontended mutex acquisition per publish.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::dead_letter;
+use super::exchange::ExchangeState;
+use super::queue::{DeadLetter, Effects, QueueState, Stored};
+use crate::error::{Error, Result};
+use crate::message::Message;
+use crate::topology::{ArgValue, Queue, Topology};
+
+/// Dead letters routed per operation before the rest are dropped: a guard
+/// against loops the cycle rule does not see (it never triggers on sane topologies).
+const MAX_DEAD_LETTER_HOPS: usize = 100_000;
+
+/// Broker state.
+#[derive(Debug, Default)]
+pub(super) struct State {
+    /// Set by `close`: every later operation fails with [`Error::Closed`].
+    pub closed: bool,
+    exchanges: HashMap<String, ExchangeState>,
+    queues: HashMap<Arc<str>, QueueState>,
+    next_uid: u64,
+    /// When the expiry timer will next wake on its own (`None`: it sleeps until told).
+    pub timer_deadline: Option<Instant>,
+}
+
+fn describe(v: Option<&ArgValue>) -> String {
+    match v {
+        None => "none".into(),
+        Some(ArgValue::Int(i)) => i.to_string(),
+        Some(ArgValue::Str(s)) => format!("'{s}'"),
+    }
+}
+
+/// The first argument where `want` differs from `have`, worded like RabbitMQ.
+fn queue_mismatch(have: &Queue, want: &Queue) -> Option<String> {
+    if have.durable != want.durable {
+        return Some(format!(
+            "inequivalent arg 'durable': received {} but current is {}",
+            want.durable, have.durable
+        ));
+    }
+    let (h, w) = (have.arguments(), want.arguments());
+    let mut names: Vec<&str> = h.iter().map(|(n, _)| *n).collect();
+    names.extend(
+        w.iter()
+            .map(|(n, _)| *n)
+            .filter(|n| !h.iter().any(|(m, _)| m == n)),
+    );
+    for name in names {
+        let hv = h.iter().find(|(n, _)| *n == name).map(|(_, v)| v);
+        let wv = w.iter().find(|(n, _)| *n == name).map(|(_, v)| v);
+        if hv != wv {
+            return Some(format!(
+                "inequivalent arg '{name}': received {} but current is {}",
+                describe(wv),
+                describe(hv)
+            ));
+        }
+    }
+    None
+}
+
+impl State {
+    /// Declare every exchange, queue and binding of `t`, or nothing at all if
+    /// one conflicts with what exists.
+    pub fn declare(&mut self, t: &Topology) -> Result<()> {
+        for x in &t.exchanges {
+            if x.name.is_empty() {
+                return Err(Error::AccessRefused {
+                    user: None,
+                    detail: "the default exchange '' cannot be declared".into(),
+                });
+            }
+            if let Some(have) = self.exchanges.get(&x.name) {
+                let detail = if have.kind != x.kind {
+                    Some(format!(
+                        "inequivalent arg 'type': received '{}' but current is '{}'",
+                        x.kind.as_str(),
+                        have.kind.as_str()
+                    ))
+                } else if have.durable != x.durable {
+                    Some(format!(
+                        "inequivalent arg 'durable': received {} but current is {}",
+                        x.durable, have.durable
+                    ))
+                } else {
+                    None
+                };
+                if let Some(detail) = detail {
+                    return Err(Error::PreconditionFailed {
+                        kind: "exchange",
+                        name: x.name.clone(),
+                        detail,
+                    });
+                }
+            }
+        }
+        for q in &t.queues {
+            if let Some(have) = self.queues.get(q.name.as_str()) {
+                if let Some(detail) = queue_mismatch(&have.def, q) {
+                    return Err(Error::PreconditionFailed {
+                        kind: "queue",
+                        name: q.name.clone(),
+                        detail,
+                    });
+                }
+            }
+        }
+        for b in &t.bindings {
+            if !self.exchanges.contains_key(&b.exchange) && t.exchange(&b.exchange).is_none() {
+                return Err(Error::NotFound {
+                    kind: "exchange",
+                    name: b.exchange.clone(),
+                });
+            }
+            if !self.queues.contains_key(b.queue.as_str()) && t.queue(&b.queue).is_none() {
+                return Err(Error::NotFound {
+                    kind: "queue",
+                    name: b.queue.clone(),
+                });
+            }
+        }
+        for x in &t.exchanges {
+            self.exchanges
+                .entry(x.name.clone())
+                .or_insert_with(|| ExchangeState::new(&x.name, x.kind, x.durable));
+        }
+        for q in &t.queues {
+            if !self.queues.contains_key(q.name.as_str()) {
+                self.next_uid += 1;
+                let state = QueueState::new(self.next_uid, q);
+                self.queues.insert(state.name.clone(), state);
+            }
+        }
+        for b in &t.bindings {
+            let queue = self
+                .queues
+                .get(b.queue.as_str())
+                .expect("checked above")
+                .name
+                .clone();
+            self.exchanges
+                .get_mut(&b.exchange)
+                .expect("checked above")
+                .bind(&b.routing_key, queue);
+        }
+        Ok(())
+    }
+
+    /// The queues a publish reaches; the default exchange `""` reaches the queue
+    /// named by the routing key.
+    fn route(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        out: &mut Vec<Arc<str>>,
+    ) -> Result<Arc<str>> {
+        if exchange.is_empty() {
+            if let Some(q) = self.queues.get(routing_key) {
+                out.push(q.name.clone());
+            }
+            return Ok(Arc::from(""));
+        }
+        let x = self
+            .exchanges
+            .get(exchange)
+            .ok_or_else(|| Error::NotFound {
+                kind: "exchange",
+                name: exchange.to_string(),
+            })?;
+        x.route(routing_key, out);
+        Ok(x.name.clone())
+    }
+
+    /// Publish one message (a copy per queue reached; the payload is shared).
+    pub fn publish(
+        &mut self,
+        exchange: &str,
+        routing_key: &str,
+        mandatory: bool,
+        msg: &Message,
+        fx: &mut Effects,
+    ) -> Result<()> {
+        let mut targets = Vec::new();
+        let exchange_name = self.route(exchange, routing_key, &mut targets)?;
+        if targets.is_empty() {
+            if mandatory {
+                return Err(Error::Unroutable {
+                    message_id: msg.id.clone(),
+                    exchange: exchange.to_string(),
+                    routing_key: routing_key.to_string(),
+                });
+            }
+            return Ok(());
+        }
+        let routing_key: Arc<str> = Arc::from(routing_key);
+        let mut refused = false;
+        for name in &targets {
+            let q = self
+                .queues
+                .get_mut(name)
+                .expect("bindings only name live queues");
+            let s = Stored {
+                msg: msg.clone(),
+                exchange: exchange_name.clone(),
+                routing_key: routing_key.clone(),
+                expires_at: None,
+                redelivered: false,
+            };
+            refused |= !q.enqueue(s, fx);
+        }
+        if refused {
+            // Like RabbitMQ: queues that had room keep their copy; the publisher is told.
+            return Err(Error::PublishNacked {
+                message_id: msg.id.clone(),
+                exchange: exchange.to_string(),
+                routing_key: routing_key.to_string(),
+            });
+        }
+        Ok(())
+    }
+
+    /// A live queue by name.
+    pub fn queue(&mut self, name: &str) -> Result<&mut QueueState> {
+        self.queues.get_mut(name).ok_or_else(|| Error::NotFound {
+            kind: "queue",
+            name: name.to_string(),
+        })
+    }
+
+    /// The queue `name` if it is still the one with `uid` (not deleted and re-declared).
+    pub fn queue_uid(&mut self, name: &str, uid: u64) -> Option<&mut QueueState> {
+        self.queues.get_mut(name).filter(|q| q.uid == uid)
+    }
+
+    /// Delete a queue and its bindings; its consumers are woken to see it gone.
+    pub fn delete_queue(&mut self, name: &str) {
+        if let Some(q) = self.queues.remove(name) {
+            for x in self.exchanges.values_mut() {
+                x.unbind_queue(name);
+            }
+            q.wake_all();
+        }
+    }
+
+    /// Delete an exchange with its bindings.
+    pub fn delete_exchange(&mut self, name: &str) {
+        self.exchanges.remove(name);
+    }
+
+    /// Close: wake every consumer so it sees the broker closed.
+    pub fn close(&mut self) {
+        self.closed = true;
+        for q in self.queues.values() {
+            q.wake_all();
+        }
+    }
+
+    /// Dead-letter every expired head; the next expiry, which the timer sleeps until.
+    pub fn expire(&mut self, fx: &mut Effects) -> Option<Instant> {
+        let mut next: Option<Instant> = None;
+        for q in self.queues.values_mut() {
+            if q.ready() > 0 {
+                if let Some(at) = q.expire(fx) {
+                    next = Some(next.map_or(at, |n| n.min(at)));
+                }
+            }
+        }
+        self.timer_deadline = next;
+        next
+    }
+
+    /// Apply an operation's effects: route its dead letters (which may cause
+    /// more), then tell whether the timer must wake earlier than planned.
+    pub fn finish(&mut self, mut fx: Effects) -> bool {
+        let mut hops = 0;
+        while let Some(d) = fx.dead.pop() {
+            hops += 1;
+            if hops > MAX_DEAD_LETTER_HOPS {
+                tracing::error!(queue = %d.queue, "dead-letter loop: message dropped");
+                continue;
+            }
+            self.route_dead_letter(d, &mut fx);
+        }
+        match fx.wake_at {
+            Some(at) if self.timer_deadline.is_none_or(|d| at < d) => {
+                self.timer_deadline = Some(at);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn route_dead_letter(&mut self, d: DeadLetter, fx: &mut Effects) {
+        let DeadLetter {
+            mut stored,
+            queue,
+            reason,
+            exchange,
+            routing_key,
+        } = d;
+        let key = routing_key.unwrap_or_else(|| stored.routing_key.clone());
+        dead_letter::annotate(
+            &mut stored.msg,
+            &queue,
+            reason.as_str(),
+            &stored.exchange,
+            &stored.routing_key,
+        );
+        let mut targets = Vec::new();
+        let Ok(exchange) = self.route(&exchange, &key, &mut targets) else {
+            tracing::warn!(queue = %queue, exchange = %exchange, "dead-letter exchange missing: message dropped");
+            return;
+        };
+        targets.retain(|t| !dead_letter::is_cycle(&stored.msg, t));
+        let Some((last, rest)) = targets.split_last() else {
+            return;
+        };
+        let to = |msg: Message| Stored {
+            msg,
+            exchange: exchange.clone(),
+            routing_key: key.clone(),
+            expires_at: None,
+            redelivered: false,
+        };
+        for name in rest {
+            self.enqueue_dead_letter(&queue, name, to(stored.msg.clone()), fx);
+        }
+        // The last target takes the original: no copy for the usual single route.
+        self.enqueue_dead_letter(&queue, last, to(stored.msg), fx);
+    }
+
+    fn enqueue_dead_letter(&mut self, from: &str, to: &str, s: Stored, fx: &mut Effects) {
+        let q = self
+            .queues
+            .get_mut(to)
+            .expect("bindings only name live queues");
+        if !q.enqueue(s, fx) {
+            // Broker-side dead-lettering is not confirmed, in RabbitMQ either.
+            tracing::warn!(from, to, "dead-letter target full: message dropped");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::topology::{Binding, Exchange, ExchangeKind, Names};
+
+    #[test]
+    fn redeclare_with_other_arguments_names_queue_and_argument() {
+        let names = Names::new("hx");
+        let mut st = State::default();
+        st.declare(&Topology::spec(&names)).unwrap();
+        st.declare(&Topology::spec(&names)).unwrap();
+        let mut t = Topology::spec(&names);
+        t.queues
+            .iter_mut()
+            .find(|q| q.name == "hx.tasks.llm")
+            .unwrap()
+            .max_priority = Some(5);
+        let e = st.declare(&t).unwrap_err();
+        let text = e.to_string();
+        assert!(
+            matches!(e, Error::PreconditionFailed { kind: "queue", .. }),
+            "{e:?}"
+        );
+        assert!(
+            text.contains("hx.tasks.llm") && text.contains("x-max-priority"),
+            "{text}"
+        );
+        assert!(text.contains("received 5 but current is 10"), "{text}");
+
+        let mut t = Topology::system(&names);
+        t.exchanges.push(Exchange {
+            name: "hx.tasks".into(),
+            kind: ExchangeKind::Topic,
+            durable: true,
+        });
+        let e = st.declare(&t).unwrap_err().to_string();
+        assert!(
+            e.contains("exchange 'hx.tasks'") && e.contains("'type'"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn binding_to_missing_queue_is_not_found_and_declares_nothing() {
+        let mut st = State::default();
+        let mut t = Topology::system(&Names::new("hx"));
+        t.bindings.push(Binding {
+            exchange: "hx.dlx".into(),
+            queue: "nope".into(),
+            routing_key: String::new(),
+        });
+        assert!(matches!(
+            st.declare(&t),
+            Err(Error::NotFound { kind: "queue", .. })
+        ));
+        assert!(st.queue("hx.dlq").is_err());
+    }
+
+    #[test]
+    fn publish_errors() {
+        let mut st = State::default();
+        st.declare(&Topology::spec(&Names::new("hx"))).unwrap();
+        let m = Message::new("x");
+        let mut fx = Effects::default();
+        assert!(matches!(
+            st.publish("nope", "k", true, &m, &mut fx),
+            Err(Error::NotFound {
+                kind: "exchange",
+                ..
+            })
+        ));
+        assert!(matches!(
+            st.publish("hx.tasks", "nope", true, &m, &mut fx),
+            Err(Error::Unroutable { .. })
+        ));
+        assert!(st.publish("hx.tasks", "nope", false, &m, &mut fx).is_ok());
+        st.publish("", "hx.tasks.llm", true, &m, &mut fx).unwrap();
+        assert_eq!(st.queue("hx.tasks.llm").unwrap().ready(), 1);
+    }
+}
