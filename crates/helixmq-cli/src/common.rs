@@ -54,3 +54,17 @@ pub fn tail(s: &str, max: usize) -> String {
     }
     format!("…{}", &s[start..])
 }
+
+/// Write one line to stdout; a closed pipe ends the process with status 0, as
+/// Unix tools do, and any other write error with status 1.
+pub fn out_line(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_fmt(args).and_then(|_| out.write_all(b"\n")) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("error: cannot write to stdout: {e}");
+        std::process::exit(1);
+    }
+}

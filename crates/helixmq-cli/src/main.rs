@@ -15,6 +15,12 @@
 //!   `topology diff` found differences.
 //! - 64: the command line itself is wrong (unknown option, missing argument).
 
+/// `println!` that ends the process quietly when stdout is a closed pipe
+/// (`helixmq dlq list | head`) instead of panicking.
+macro_rules! outln {
+    ($($t:tt)*) => { $crate::common::out_line(format_args!($($t)*)) };
+}
+
 mod cmd;
 mod common;
 mod mgmt;
@@ -147,10 +153,27 @@ fn main() -> ExitCode {
     match res {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", render_error(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes on one line, skipping a cause whose text the message
+/// before it already includes (library errors often quote their source).
+fn render_error(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
 }
 
 fn init_logging(format: LogFormat, default_level: &str) {

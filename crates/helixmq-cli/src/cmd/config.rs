@@ -25,17 +25,14 @@ pub async fn run(global: &Global, cmd: ConfigCmd) -> anyhow::Result<ExitCode> {
 
 fn check(global: &Global) -> anyhow::Result<ExitCode> {
     let cfg = load_config(global)?;
-    // `Secret` serializes as `***`: the rendering can never show the password.
-    let yaml = serde_saphyr::to_string(&cfg)?;
+    // The library's rendering writes the password as `***`.
+    let yaml = cfg.to_redacted_yaml();
     let source = match &global.config {
         Some(p) => format!("{} + environment", p.display()),
         None => "defaults + environment (no --config file)".to_string(),
     };
-    println!("# effective helixmq configuration ({source})");
-    print!("{yaml}");
-    if !yaml.ends_with('\n') {
-        println!();
-    }
+    outln!("# effective helixmq configuration ({source})");
+    outln!("{}", yaml.trim_end_matches('\n'));
     eprintln!("configuration OK");
     Ok(ExitCode::SUCCESS)
 }

@@ -296,17 +296,20 @@ async fn list(
         .collect();
     scan.release().await;
     if json {
-        println!("{}", serde_json::to_string_pretty(&shown)?);
+        outln!("{}", serde_json::to_string_pretty(&shown)?);
         return Ok(ExitCode::SUCCESS);
     }
     if !shown.is_empty() {
-        println!(
+        outln!(
             "{:<36}  {:<32}  {:>3}  {:>8}  REASON",
-            "ID", "ORIGIN QUEUE", "ATT", "AGE"
+            "ID",
+            "ORIGIN QUEUE",
+            "ATT",
+            "AGE"
         );
     }
     for e in &shown {
-        println!(
+        outln!(
             "{:<36}  {:<32}  {:>3}  {:>8}  {}",
             e.id,
             e.origin_queue.as_deref().unwrap_or("?"),
@@ -345,33 +348,33 @@ async fn show(broker: &Broker, dlq: &str, id: &str, json: bool) -> anyhow::Resul
         bail!("no message with id '{id}' among the {total} message(s) in {dlq} (see `helixmq dlq list`)");
     };
     if json {
-        println!("{}", serde_json::to_string_pretty(&e)?);
+        outln!("{}", serde_json::to_string_pretty(&e)?);
         return Ok(ExitCode::SUCCESS);
     }
     let opt = |o: &Option<String>| o.clone().unwrap_or_else(|| "-".into());
-    println!("id:                 {}", e.id);
-    println!("type:               {}", opt(&e.kind));
-    println!("origin queue:       {}", opt(&e.origin_queue));
-    println!("origin exchange:    {}", opt(&e.origin_exchange));
-    println!("origin routing key: {}", opt(&e.origin_routing_key));
-    println!("attempts:           {}", e.attempts);
-    println!("reason:             {}", e.reason);
-    println!("first failure:      {}", opt(&e.first_failure));
-    println!("last failure:       {}", opt(&e.last_failure));
-    println!("age:                {}", short_age(e.age_secs));
-    println!("correlation id:     {}", opt(&e.correlation_id));
-    println!(
+    outln!("id:                 {}", e.id);
+    outln!("type:               {}", opt(&e.kind));
+    outln!("origin queue:       {}", opt(&e.origin_queue));
+    outln!("origin exchange:    {}", opt(&e.origin_exchange));
+    outln!("origin routing key: {}", opt(&e.origin_routing_key));
+    outln!("attempts:           {}", e.attempts);
+    outln!("reason:             {}", e.reason);
+    outln!("first failure:      {}", opt(&e.first_failure));
+    outln!("last failure:       {}", opt(&e.last_failure));
+    outln!("age:                {}", short_age(e.age_secs));
+    outln!("correlation id:     {}", opt(&e.correlation_id));
+    outln!(
         "priority:           {}",
         e.priority
             .map(|p| p.to_string())
             .unwrap_or_else(|| "-".into())
     );
-    println!("headers:");
+    outln!("headers:");
     for (k, v) in e.headers.iter().flatten() {
-        println!("  {k}: {v}");
+        outln!("  {k}: {v}");
     }
-    println!("payload:");
-    println!("{}", e.payload.unwrap_or_default());
+    outln!("payload:");
+    outln!("{}", e.payload.unwrap_or_default());
     Ok(ExitCode::SUCCESS)
 }
 
@@ -441,7 +444,7 @@ async fn replay(
             continue;
         };
         if dry_run {
-            println!("would replay {} -> {target}", e.id);
+            outln!("would replay {} -> {target}", e.id);
             replayed += 1;
             continue;
         }
@@ -460,7 +463,7 @@ async fn replay(
                         e.id
                     )
                 })?;
-                println!("replayed {} -> {target}", e.id);
+                outln!("replayed {} -> {target}", e.id);
                 replayed += 1;
             }
             Err(err) => {
@@ -514,6 +517,6 @@ async fn purge(broker: &Broker, dlq: &str, yes: bool) -> anyhow::Result<ExitCode
         .purge(dlq)
         .await
         .with_context(|| format!("cannot purge {dlq}"))?;
-    println!("purged {n} message(s) from {dlq}");
+    outln!("purged {n} message(s) from {dlq}");
     Ok(ExitCode::SUCCESS)
 }

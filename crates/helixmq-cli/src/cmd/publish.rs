@@ -122,7 +122,7 @@ pub async fn run(global: &Global, args: PublishArgs) -> anyhow::Result<ExitCode>
             .await
         {
             Ok(()) => {
-                println!("{id}");
+                outln!("{id}");
                 confirmed = 1;
             }
             Err(e) => first_error = Some(e),

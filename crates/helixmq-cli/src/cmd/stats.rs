@@ -69,7 +69,7 @@ pub async fn run(global: &Global, args: StatsArgs) -> anyhow::Result<ExitCode> {
     loop {
         let s = sample(&mgmt, &cfg, args.all_queues).await?;
         if args.json {
-            println!("{}", serde_json::to_string(&s)?);
+            outln!("{}", serde_json::to_string(&s)?);
         } else {
             print_text(&s, args.watch);
         }
@@ -154,7 +154,7 @@ async fn sample(mgmt: &Management, cfg: &helixmq::Config, all: bool) -> anyhow::
 
 fn print_text(s: &Sample, watch: bool) {
     if watch {
-        println!(
+        outln!(
             "--- {} ---",
             humantime::format_rfc3339_seconds(std::time::SystemTime::now())
         );
@@ -166,9 +166,14 @@ fn print_text(s: &Sample, watch: bool) {
         .max()
         .unwrap_or(5)
         .max(5);
-    println!(
+    outln!(
         "{:<w$}  {:>8}  {:>8}  {:>9}  {:>10}  {:>10}",
-        "QUEUE", "READY", "UNACKED", "CONSUMERS", "PUBLISH/s", "DELIVER/s"
+        "QUEUE",
+        "READY",
+        "UNACKED",
+        "CONSUMERS",
+        "PUBLISH/s",
+        "DELIVER/s"
     );
     for q in &s.queues {
         let flag = if q.ready > MAX_READY || q.unacked > MAX_UNACKED {
@@ -176,24 +181,30 @@ fn print_text(s: &Sample, watch: bool) {
         } else {
             ""
         };
-        println!(
+        outln!(
             "{:<w$}  {:>8}  {:>8}  {:>9}  {:>10.1}  {:>10.1}{flag}",
-            q.name, q.ready, q.unacked, q.consumers, q.publish_rate, q.deliver_rate
+            q.name,
+            q.ready,
+            q.unacked,
+            q.consumers,
+            q.publish_rate,
+            q.deliver_rate
         );
     }
     if s.queues.is_empty() {
-        println!(
+        outln!(
             "(no queue under '{}.' in vhost '{}'; `helixmq topology apply` declares them)",
-            s.prefix, s.vhost
+            s.prefix,
+            s.vhost
         );
     }
-    println!("connections: {}   channels: {}", s.connections, s.channels);
+    outln!("connections: {}   channels: {}", s.connections, s.channels);
     if s.alerts.is_empty() {
-        println!(
+        outln!(
             "OK: no threshold crossed (ready > {MAX_READY}, unacked > {MAX_UNACKED}, channels > {MAX_CHANNELS}, connections > {MAX_CONNECTIONS})"
         );
     }
     for a in &s.alerts {
-        println!("ALERT {a}");
+        outln!("ALERT {a}");
     }
 }

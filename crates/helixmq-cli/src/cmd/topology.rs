@@ -43,7 +43,7 @@ pub async fn run(global: &Global, cmd: TopologyCmd) -> anyhow::Result<ExitCode> 
     let cfg = load_config(global)?;
     match cmd {
         TopologyCmd::Export => {
-            println!("{}", export_json(&cfg));
+            outln!("{}", export_json(&cfg));
             Ok(ExitCode::SUCCESS)
         }
         TopologyCmd::Apply => {
@@ -52,7 +52,7 @@ pub async fn run(global: &Global, cmd: TopologyCmd) -> anyhow::Result<ExitCode> 
             let res = broker.declare(&t).await.context("topology apply failed");
             let _ = broker.close().await;
             res?;
-            println!(
+            outln!(
                 "declared {} exchanges, {} queues, {} bindings under prefix '{}' on {} (vhost '{}')",
                 t.exchanges.len(),
                 t.queues.len(),
@@ -217,10 +217,10 @@ async fn diff(global: &Global, cfg: &helixmq::Config) -> anyhow::Result<ExitCode
     }
 
     for n in &notes {
-        println!("note     {n}");
+        outln!("note     {n}");
     }
     if diffs.is_empty() {
-        println!(
+        outln!(
             "in sync: {} exchanges, {} queues, {} bindings under '{}' match the configuration ({} vhost '{}')",
             want_x.len(),
             want_q.len(),
@@ -234,12 +234,12 @@ async fn diff(global: &Global, cfg: &helixmq::Config) -> anyhow::Result<ExitCode
     diffs.sort();
     for d in &diffs {
         match d {
-            Diff::Missing(what) => println!("missing  {what}"),
-            Diff::Extra(what) => println!("extra    {what}"),
-            Diff::Differs(what, how) => println!("differs  {what}: {how}"),
+            Diff::Missing(what) => outln!("missing  {what}"),
+            Diff::Extra(what) => outln!("extra    {what}"),
+            Diff::Differs(what, how) => outln!("differs  {what}: {how}"),
         }
     }
-    println!(
+    outln!(
         "{} difference(s); `helixmq topology apply` creates what is missing; a queue whose \
          arguments differ must be deleted and re-declared (or the configuration changed)",
         diffs.len()
@@ -336,7 +336,7 @@ async fn delete(global: &Global, cfg: &helixmq::Config, yes: bool) -> anyhow::Re
     if !failed.is_empty() {
         anyhow::bail!("could not delete:\n  {}", failed.join("\n  "));
     }
-    println!(
+    outln!(
         "deleted {} queues and {} exchanges under '{}'",
         queues.len(),
         exchanges.len(),
