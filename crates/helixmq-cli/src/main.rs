@@ -18,6 +18,7 @@
 /// `println!` that ends the process quietly when stdout is a closed pipe
 /// (`helixmq dlq list | head`) instead of panicking.
 macro_rules! outln {
+    () => { $crate::common::out_line(format_args!("")) };
     ($($t:tt)*) => { $crate::common::out_line(format_args!($($t)*)) };
 }
 
@@ -116,9 +117,11 @@ fn main() -> ExitCode {
             };
         }
     };
-    // The worker's job is to log what it does; other commands stay quiet unless asked.
+    // The worker's job is to log what it does; other commands stay quiet unless
+    // asked; the demo's failures are on purpose and its table tells the story.
     let default_level = match cli.command {
         Command::Worker(_) => "info",
+        Command::Demo(_) => "error",
         _ => "warn",
     };
     init_logging(cli.log_format, default_level);
