@@ -1,0 +1,259 @@
+//! One consumer = one channel with `basic.qos(prefetch)` and `basic.consume`,
+//! recovered inside [`DeliveryStream::next`]: when the channel or connection
+//! dies, `next` waits for the manager's new connection, reopens the channel
+//! with the same prefetch and consumer tag, and goes on yielding. Deliveries
+//! unacked at the loss are redelivered by RabbitMQ (`redelivered = true`).
+//!
+//! A server-side `basic.cancel` (queue deleted) ends the stream with
+//! [`Error::ConsumerCancelled`], never silently. Dropping the stream closes its
+//! channel, so RabbitMQ requeues whatever was not acked.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+};
+use lapin::types::{FieldTable, ShortString};
+
+use super::connection::{Link, Shared};
+use super::errors::{self, Target};
+use super::publisher::pause;
+use crate::backend::{Acker, Delivery, DeliveryStream};
+use crate::error::{Error, Result};
+use crate::message::amqp::from_properties;
+
+/// The open consumer of one connection generation.
+struct Current {
+    link: Arc<Link>,
+    chan: lapin::Channel,
+    consumer: lapin::Consumer,
+}
+
+/// A recovering delivery stream over one queue.
+pub(crate) struct RabbitStream {
+    shared: Arc<Shared>,
+    queue: String,
+    tag: String,
+    prefetch: u16,
+    global: bool,
+    current: Option<Current>,
+    /// Cancelled by us, or cancelled by the broker and reported: yield nothing more.
+    done: bool,
+}
+
+/// Why opening failed.
+enum OpenError {
+    /// Retry after the connection comes back.
+    Transient,
+    /// Report to the subscriber.
+    Final(Error),
+}
+
+impl RabbitStream {
+    /// Open the consumer now, so that a missing queue or a refused permission
+    /// surfaces from `consume` itself.
+    pub(crate) async fn start(
+        shared: Arc<Shared>,
+        queue: &str,
+        prefetch: u16,
+        tag: &str,
+    ) -> Result<Self> {
+        if ShortString::try_new(queue).is_err() || ShortString::try_new(tag).is_err() {
+            return Err(Error::InvalidMessage(format!(
+                "queue name or consumer tag longer than 255 bytes: '{queue}', '{tag}'"
+            )));
+        }
+        let global = shared.cfg.prefetch_global;
+        let mut s = RabbitStream {
+            shared,
+            queue: queue.into(),
+            tag: tag.into(),
+            prefetch,
+            global,
+            current: None,
+            done: false,
+        };
+        loop {
+            match s.open().await {
+                Ok(c) => {
+                    s.current = Some(c);
+                    return Ok(s);
+                }
+                Err(OpenError::Final(e)) => return Err(e),
+                Err(OpenError::Transient) => pause().await,
+            }
+        }
+    }
+
+    async fn open(&self) -> std::result::Result<Current, OpenError> {
+        let link = self.shared.live().await.map_err(OpenError::Final)?;
+        let user = &self.shared.cfg.username;
+        let attempt = async {
+            let chan = link.conn.create_channel().await?;
+            chan.basic_qos(
+                self.prefetch,
+                BasicQosOptions {
+                    global: self.global,
+                },
+            )
+            .await?;
+            let consumer = chan
+                .basic_consume(
+                    ShortString::from(self.queue.as_str()),
+                    ShortString::from(self.tag.as_str()),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+            Ok::<_, lapin::Error>((chan, consumer))
+        };
+        match attempt.await {
+            Ok((chan, consumer)) => Ok(Current {
+                link,
+                chan,
+                consumer,
+            }),
+            Err(e) if errors::is_transient(&e) => {
+                tracing::debug!(queue = %self.queue, error = %e, "could not open consumer yet");
+                self.shared.report_failure();
+                Err(OpenError::Transient)
+            }
+            Err(e) => Err(OpenError::Final(errors::op_error(
+                e,
+                "consume from",
+                Target::queue(&self.queue),
+                user,
+            ))),
+        }
+    }
+
+    fn decode(&self, d: lapin::message::Delivery) -> Delivery {
+        let message = from_properties(&d.properties, d.data);
+        Delivery {
+            acker: Box::new(RabbitAcker {
+                acker: d.acker,
+                id: message.id.clone(),
+                queue: self.queue.clone(),
+            }),
+            message,
+            exchange: d.exchange.to_string(),
+            routing_key: d.routing_key.to_string(),
+            queue: self.queue.clone(),
+            redelivered: d.redelivered,
+        }
+    }
+}
+
+#[async_trait]
+impl DeliveryStream for RabbitStream {
+    async fn next(&mut self) -> Option<Result<Delivery>> {
+        loop {
+            if self.done {
+                return None;
+            }
+            if self.current.is_none() {
+                match self.open().await {
+                    Ok(c) => {
+                        tracing::info!(queue = %self.queue, generation = c.link.generation, "consumer restored");
+                        self.current = Some(c)
+                    }
+                    Err(OpenError::Final(e)) => {
+                        self.done = true;
+                        return Some(Err(e));
+                    }
+                    Err(OpenError::Transient) => {
+                        pause().await;
+                        continue;
+                    }
+                }
+            }
+            let cur = self.current.as_mut().expect("opened above");
+            match cur.consumer.next().await {
+                Some(Ok(d)) => return Some(Ok(self.decode(d))),
+                Some(Err(e)) => {
+                    tracing::warn!(queue = %self.queue, error = %e, "consumer channel lost; reopening");
+                    self.current = None;
+                    self.shared.report_failure();
+                }
+                None => {
+                    let cur = self.current.take().expect("present");
+                    if cur.chan.status().connected() && cur.link.conn.status().connected() {
+                        // The channel is fine, so this is the broker's basic.cancel.
+                        self.done = true;
+                        return Some(Err(Error::ConsumerCancelled {
+                            queue: self.queue.clone(),
+                        }));
+                    }
+                    self.shared.report_failure();
+                }
+            }
+        }
+    }
+
+    async fn cancel(&mut self) -> Result<()> {
+        self.done = true;
+        if let Some(cur) = &self.current {
+            if cur.chan.status().connected() {
+                cur.chan
+                    .basic_cancel(
+                        ShortString::from(self.tag.as_str()),
+                        BasicCancelOptions::default(),
+                    )
+                    .await
+                    .map_err(|e| Error::Amqp {
+                        context: format!(
+                            "cancel consumer '{}' on queue '{}'",
+                            self.tag, self.queue
+                        ),
+                        source: errors::boxed(e),
+                    })?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Settles a delivery on the channel it came from. If that channel is gone
+/// the settlement fails harmlessly (lapin never sends a tag of a dead channel,
+/// so no 406) and RabbitMQ redelivers the message.
+pub(crate) struct RabbitAcker {
+    pub(crate) acker: lapin::Acker,
+    pub(crate) id: String,
+    pub(crate) queue: String,
+}
+
+impl RabbitAcker {
+    fn outcome(&self, what: &str, r: lapin::Result<bool>) -> Result<()> {
+        match r {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(Error::Amqp {
+                context: format!(
+                    "cannot {what} message {} from queue '{}': its channel is closed (connection lost?) or it was already settled; RabbitMQ will redeliver it",
+                    self.id, self.queue
+                ),
+                source: "channel closed".into(),
+            }),
+            Err(e) => Err(Error::Amqp { context: format!("{what} message {} from queue '{}'", self.id, self.queue), source: errors::boxed(e) }),
+        }
+    }
+}
+
+#[async_trait]
+impl Acker for RabbitAcker {
+    async fn ack(&self) -> Result<()> {
+        let r = self.acker.ack(BasicAckOptions::default()).await;
+        self.outcome("ack", r)
+    }
+    async fn nack(&self, requeue: bool) -> Result<()> {
+        let r = self
+            .acker
+            .nack(BasicNackOptions {
+                multiple: false,
+                requeue,
+            })
+            .await;
+        self.outcome("nack", r)
+    }
+}

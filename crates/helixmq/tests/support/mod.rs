@@ -1,0 +1,92 @@
+//! Helpers for the RabbitMQ backend tests: configuration for the local broker,
+//! unique prefixes under `helixagent.` (so the least-privilege user may use
+//! them), named connections (so a test can close only its own), and cleanup.
+
+#![allow(dead_code)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use helixmq::backend::rabbitmq::RabbitBackend;
+use helixmq::{Broker, Config, Metrics, Secret, Topology};
+
+/// Guest: administrator, loopback only.
+pub const GUEST: (&str, &str) = ("guest", "guest");
+/// The spec's least-privilege user (configure/write/read `^helixagent\..*`).
+pub const HELIXAGENT: (&str, &str) = ("helixagent", "helixagent123");
+/// A user with no permissions at all.
+pub const NOPERM: (&str, &str) = ("hx_noperm", "hx_noperm");
+
+/// A fresh prefix `helixagent.t<random>`.
+pub fn prefix() -> String {
+    format!("helixagent.t{:08x}", rand::random::<u32>())
+}
+
+/// Configuration for the local broker as `user`, with short retry timings.
+pub fn config(user: (&str, &str), prefix: &str) -> Config {
+    let mut c = Config::default();
+    c.rabbitmq.host = std::env::var("RABBITMQ_HOST").unwrap_or_else(|_| "127.0.0.1".into());
+    c.rabbitmq.port = 5672;
+    c.rabbitmq.username = user.0.into();
+    c.rabbitmq.password = Secret::new(user.1);
+    c.rabbitmq.vhost = "/".into();
+    c.rabbitmq.connect_timeout = Duration::from_secs(10);
+    c.rabbitmq.reconnect_delay = Duration::from_millis(200);
+    c.rabbitmq.max_reconnect_attempts = 0;
+    c.rabbitmq.publish_timeout = Duration::from_secs(30);
+    c.helixmq.prefix = prefix.into();
+    c
+}
+
+/// A broker over a named RabbitMQ connection; the name is `hxtest-<prefix>`.
+pub async fn broker(config: Config) -> helixmq::Result<Broker> {
+    let name = format!("hxtest-{}", config.helixmq.prefix);
+    let metrics = Metrics::default();
+    let backend = RabbitBackend::connect_named(&config.rabbitmq, metrics.clone(), &name).await?;
+    Ok(Broker::with_backend(Arc::new(backend), config, metrics))
+}
+
+/// Delete every queue and exchange of `t` and of what `broker` declared (ignoring errors).
+pub async fn cleanup(broker: &Broker, extra: Option<&Topology>) {
+    let mut t = broker.topology();
+    if let Some(x) = extra {
+        t.queues.extend(x.queues.iter().cloned());
+        t.exchanges.extend(x.exchanges.iter().cloned());
+    }
+    let prefix = format!("{}.", broker.names().prefix());
+    for q in &t.queues {
+        if q.name.starts_with(&prefix) {
+            let _ = broker.backend().delete_queue(&q.name).await;
+        }
+    }
+    for e in &t.exchanges {
+        if e.name.starts_with(&prefix) {
+            let _ = broker.backend().delete_exchange(&e.name).await;
+        }
+    }
+}
+
+/// Close this test's connections only (by connection name) with `rabbitmqctl`;
+/// returns how many were closed.
+pub fn close_my_connections(prefix: &str) -> usize {
+    let name = format!("hxtest-{prefix}");
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(["-q", "list_connections", "pid", "client_properties"])
+        .output()
+        .expect("rabbitmqctl runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut n = 0;
+    for line in text.lines() {
+        if line.contains(&format!("\"{name}\"")) {
+            let pid = line.split_whitespace().next().unwrap_or_default();
+            let st = std::process::Command::new("rabbitmqctl")
+                .args(["-q", "close_connection", pid, "helixmq test: forced close"])
+                .status()
+                .expect("rabbitmqctl runs");
+            if st.success() {
+                n += 1;
+            }
+        }
+    }
+    n
+}
