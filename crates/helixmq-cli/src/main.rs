@@ -180,8 +180,11 @@ fn render_error(e: &anyhow::Error) -> String {
 }
 
 fn init_logging(format: LogFormat, default_level: &str) {
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(v) if !v.trim().is_empty() => EnvFilter::new(v),
+        // lapin logs every returned message and channel close; helixmq reports what matters itself.
+        _ => EnvFilter::new(format!("{default_level},lapin=off")),
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -672,7 +672,7 @@ fn report(t: &Tally, names: &Names, total: u64, took: Duration) -> anyhow::Resul
     );
     outln!();
     outln!(
-        "throughput: {} deliveries settled in {:.2}s ({:.0}/s); latency is publish → processed, retries included",
+        "throughput: {} deliveries settled in {:.2}s ({:.0}/s); latency is publish → processed (time queued and retries included)",
         sproc + sd,
         took.as_secs_f64(),
         (sproc + sd) as f64 / took.as_secs_f64().max(1e-6)

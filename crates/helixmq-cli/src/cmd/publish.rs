@@ -177,6 +177,7 @@ pub async fn run(global: &Global, args: PublishArgs) -> anyhow::Result<ExitCode>
             }
             Ok(ExitCode::SUCCESS)
         }
+        Some(e) if args.count == 1 => Err(e.into()),
         Some(e) => {
             let failed = args.count - confirmed;
             Err(anyhow::Error::new(e).context(format!(
