@@ -175,3 +175,105 @@ pub fn mgmt_get(path: &str) -> serde_json::Value {
         .expect("management API (run scripts/provision)");
     r.json().unwrap_or(serde_json::Value::Null)
 }
+
+/// Declare a queue through the management API (to set up conflicts and strays).
+pub fn mgmt_put_queue(name: &str, arguments: serde_json::Value) {
+    let r = reqwest::blocking::Client::new()
+        .put(format!(
+            "http://127.0.0.1:15672/api/queues/%2F/{}",
+            enc(name)
+        ))
+        .basic_auth("guest", Some("guest"))
+        .json(&serde_json::json!({"durable": true, "auto_delete": false, "arguments": arguments}))
+        .send()
+        .unwrap();
+    assert!(r.status().is_success(), "PUT queue {name}: {}", r.status());
+}
+
+/// Delete a queue through the management API.
+pub fn mgmt_delete_queue(name: &str) {
+    let _ = reqwest::blocking::Client::new()
+        .delete(format!(
+            "http://127.0.0.1:15672/api/queues/%2F/{}",
+            enc(name)
+        ))
+        .basic_auth("guest", Some("guest"))
+        .send();
+}
+
+/// Peek at up to `n` messages of a queue (requeued afterwards).
+pub fn mgmt_peek(queue: &str, n: u32) -> Vec<serde_json::Value> {
+    let r = reqwest::blocking::Client::new()
+        .post(format!(
+            "http://127.0.0.1:15672/api/queues/%2F/{}/get",
+            enc(queue)
+        ))
+        .basic_auth("guest", Some("guest"))
+        .json(&serde_json::json!({"count": n, "ackmode": "ack_requeue_true", "encoding": "auto"}))
+        .send()
+        .unwrap();
+    r.json::<Vec<serde_json::Value>>().unwrap_or_default()
+}
+
+/// A child process that is sent SIGTERM (then reaped) if the test ends early.
+pub struct Background {
+    pub child: Option<std::process::Child>,
+}
+
+impl Background {
+    pub fn spawn(mut c: Command) -> Background {
+        c.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        Background {
+            child: Some(c.spawn().expect("spawn helixmq")),
+        }
+    }
+
+    /// Send SIGTERM and wait for the exit (at most `within`).
+    pub fn terminate(&mut self, within: Duration) -> Run {
+        let mut child = self.child.take().expect("running");
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let end = std::time::Instant::now() + within;
+        loop {
+            if child.try_wait().unwrap().is_some() {
+                break;
+            }
+            if std::time::Instant::now() > end {
+                let _ = child.kill();
+                let out = child.wait_with_output().unwrap();
+                panic!(
+                    "did not exit within {within:?} after SIGTERM; stderr:\n{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Run::from(child.wait_with_output().unwrap())
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Lines of a file (empty if it does not exist yet).
+pub fn file_lines(p: &std::path::Path) -> Vec<String> {
+    std::fs::read_to_string(p)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// A fresh temporary path.
+pub fn temp_path(name: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("hx-cli-{}-{name}", uuid::Uuid::new_v4().simple()))
+}
