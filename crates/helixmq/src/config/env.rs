@@ -5,6 +5,12 @@
 //! `RABBITMQ_HOSTS`, `RABBITMQ_URL`, `HELIXMQ_PREFIX`. A variable set to the
 //! empty string counts as unset, like `${VAR:-default}` does, because
 //! compose files and CI systems often pass empty variables through.
+//!
+//! `RABBITMQ_HOSTS` and the extra nodes of a comma-separated `RABBITMQ_URL`
+//! (in that order) replace the file's `hosts`. A URL sets host, port, vhost
+//! and TLS on/off, and user, password, `heartbeat`, `connection_timeout` only
+//! when it has them, so `RABBITMQ_URL=amqp://host` plus `RABBITMQ_PASSWORD`
+//! works.
 
 use super::loose::Loose;
 use super::url;

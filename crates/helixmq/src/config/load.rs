@@ -50,8 +50,10 @@ pub fn load_from_str(text: &str, env: &EnvSource) -> Result<Config> {
     let mut secrets = Vec::new();
 
     let mut file = parse_yaml(text, &mut problems);
-    if let Some(Loose::Str(p)) = file.get("rabbitmq").and_then(|r| r.get("password")) {
-        secrets.push(p.clone());
+    match file.get("rabbitmq").and_then(|r| r.get("password")) {
+        Some(Loose::Seq(_) | Loose::Map(_) | Loose::Null) | None => {}
+        Some(Loose::Str(p)) => secrets.push(p.clone()),
+        Some(p) => secrets.push(p.show()),
     }
 
     // Interpolate string scalars in place, remembering the raw text (for
@@ -122,6 +124,11 @@ fn parse_yaml(text: &str, problems: &mut Vec<String>) -> Loose {
     match serde_saphyr::from_str_with_options::<Loose>(text, yaml_options()) {
         Ok(tree) => tree,
         Err(e) => {
+            // The parser's advice is for programmers embedding it, not for users.
+            let e = e.to_string().replace(
+                ", set DuplicateKeyPolicy in Options if acceptable",
+                "; remove one of them",
+            );
             problems.push(format!(
                 "(file): not valid YAML: {e}; fix the syntax (indent with spaces, quote values holding `: ` or ` #`)"
             ));

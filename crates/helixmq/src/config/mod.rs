@@ -156,6 +156,29 @@ impl Default for RabbitMqConfig {
 }
 
 impl RabbitMqConfig {
+    /// The connection as an AMQP URI with the password shown as `***`, for logs
+    /// and messages, e.g. `amqp://helixagent:***@localhost:5672/%2F`.
+    pub fn redacted_url(&self) -> String {
+        use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
+        // RFC 3986 unreserved characters stay as they are.
+        const PART: &percent_encoding::AsciiSet = &NON_ALPHANUMERIC
+            .remove(b'-')
+            .remove(b'.')
+            .remove(b'_')
+            .remove(b'~');
+        let scheme = if self.tls.enabled { "amqps" } else { "amqp" };
+        let user = utf8_percent_encode(&self.username, PART);
+        let vhost = utf8_percent_encode(&self.vhost, PART);
+        let host = self.host.trim_start_matches('[').trim_end_matches(']');
+        let host = if host.contains(':') {
+            format!("[{host}]")
+        } else {
+            host.to_string()
+        };
+        let password = if self.password.is_empty() { "" } else { ":***" };
+        format!("{scheme}://{user}{password}@{host}:{}/{vhost}", self.port)
+    }
+
     /// Every endpoint to try, in order: `host:port` first, then `hosts`
     /// (duplicates dropped). Hosts are names or addresses without brackets
     /// (`::1`, not `[::1]`), ready for `TcpStream::connect((host, port))`;

@@ -105,9 +105,8 @@ fn closest<'k>(key: &str, valid: &[&'k str]) -> Option<&'k str> {
         .map(|v| (distance(&key.to_lowercase(), v), *v))
         .filter(|(d, v)| {
             let key = key.to_lowercase();
-            *d <= 2
-                || *d <= v.len() / 3
-                || (key.len() >= 4 && (v.contains(&*key) || key.contains(v)))
+            // One edit per three letters: `url` is not a typo of `tls`.
+            *d <= (v.len() / 3).max(1) || (key.len() >= 4 && (v.contains(&*key) || key.contains(v)))
         })
         .min_by_key(|(d, _)| *d)
         .map(|(_, v)| v)
@@ -134,10 +133,10 @@ impl<'a> Builder<'a> {
     /// Check that `value` (the section at `path`) is a mapping with known keys.
     /// Returns whether the section can be read.
     fn section(&mut self, path: &str, value: Option<&Loose>, keys: &[&str]) -> bool {
-        let name = if path.is_empty() {
-            "the top level"
+        let place = if path.is_empty() {
+            "at the top level".to_string()
         } else {
-            path
+            format!("in section `{path}`")
         };
         match value {
             None | Some(Loose::Null) => false,
@@ -155,7 +154,7 @@ impl<'a> Builder<'a> {
                         .map(|k| format!(" Did you mean `{k}`?"))
                         .unwrap_or_default();
                     self.problems.push(format!(
-                        "{full}: unknown key `{key}` in section `{name}`; valid keys there are: {}.{hint}",
+                        "{full}: unknown key `{key}` {place}; valid keys there are: {}.{hint}",
                         keys.join(", ")
                     ));
                 }
@@ -247,7 +246,7 @@ impl<'a> Builder<'a> {
                 v,
                 1,
                 65535,
-                "use the broker's AMQP port, e.g. 5672 (5671 for TLS)",
+                "use the broker's AMQP port, e.g. 5672, or 5671 for TLS",
             )
             .map(|p| p as u16)
         });
@@ -347,9 +346,13 @@ impl<'a> Builder<'a> {
                 return Vec::new();
             }
         };
+        let from_file = !self.src.env.overrides.contains_key("rabbitmq.hosts");
         let mut out = Vec::new();
         for (i, item) in items.iter().enumerate() {
             let path = format!("rabbitmq.hosts[{i}]");
+            if from_file && self.src.failed.contains(&path) {
+                continue; // its interpolation problem is already reported
+            }
             let parsed = match item {
                 Loose::Str(s) => parse_host_port(s, default_port),
                 other => Err(format!(
@@ -475,9 +478,8 @@ fn text(v: &Loose) -> Result<String, String> {
         Loose::Str(s) => Ok(s.clone()),
         Loose::Null => Ok(String::new()),
         Loose::Bool(_) | Loose::Int(_) | Loose::Float(_) => Err(format!(
-            "expected text, got {}: YAML reads it as a number or boolean, so quote it (e.g. `\"{}\"`)",
-            v.kind(),
-            v.show()
+            "expected text, got {}: YAML reads it as a number or boolean, so put it in quotes",
+            v.kind()
         )),
         Loose::Seq(_) | Loose::Map(_) => Err(format!("expected text, got {}", v.kind())),
     }
@@ -488,24 +490,22 @@ fn int(v: &Loose, min: i128, max: i128, hint: &str) -> Result<i128, String> {
     let n = match v {
         Loose::Int(n) => *n,
         Loose::Str(s) => s.trim().parse::<i128>().map_err(|_| {
-            format!("not a whole number; expected a number from {min} to {max} ({hint})")
+            format!("not a whole number; expected a number from {min} to {max}; {hint}")
         })?,
         Loose::Float(_) => {
             return Err(format!(
-                "not a whole number; expected a number from {min} to {max} ({hint})"
+                "not a whole number; expected a number from {min} to {max}; {hint}"
             ))
         }
         other => {
             return Err(format!(
-                "expected a number from {min} to {max}, got {} ({hint})",
+                "expected a number from {min} to {max}, got {}; {hint}",
                 other.kind()
             ))
         }
     };
     if n < min || n > max {
-        Err(format!(
-            "out of range: must be from {min} to {max} ({hint})"
-        ))
+        Err(format!("out of range: must be from {min} to {max}; {hint}"))
     } else {
         Ok(n)
     }
@@ -554,13 +554,22 @@ fn check_host(host: &str) -> Result<(), String> {
     if host.contains("://") {
         return Err("looks like a URL; put URLs in RABBITMQ_URL and only a host name here".into());
     }
-    if host
-        .chars()
-        .any(|c| c.is_whitespace() || matches!(c, '/' | '@' | '?' | '#' | ','))
-    {
-        return Err("not a host name: it contains a space or one of `/ @ ? # ,`; give a host name or IP address (several nodes go in `hosts`)".into());
+    let allowed =
+        |c: char| c.is_alphanumeric() || matches!(c, '-' | '.' | '_' | ':' | '[' | ']' | '%');
+    if let Some(bad) = host.chars().find(|c| !allowed(*c)) {
+        let several = if bad == ',' {
+            " (several nodes go in `hosts`)"
+        } else {
+            ""
+        };
+        return Err(format!(
+            "contains `{}`, which a host name cannot hold; give a host name or IP address{several}",
+            bad.escape_default()
+        ));
     }
     let bare = host.trim_start_matches('[').trim_end_matches(']');
+    // An IPv6 link-local address may carry a zone: `fe80::1%eth0`.
+    let bare = bare.split_once('%').map_or(bare, |(addr, _zone)| addr);
     if host.contains(':') && bare.parse::<Ipv6Addr>().is_err() {
         return Err(
             "a host, not `host:port`: put the port in `rabbitmq.port` (RABBITMQ_PORT)".into(),
@@ -693,6 +702,11 @@ mod tests {
         assert!(check_host("").is_err());
         assert!(check_host("h:5672").unwrap_err().contains("rabbitmq.port"));
         assert!(check_host("amqp://h").unwrap_err().contains("RABBITMQ_URL"));
+        assert!(check_host("a b").unwrap_err().contains("` `"));
+        assert!(check_host("${X").unwrap_err().contains("`$`"));
+        assert!(check_host("a,b").unwrap_err().contains("hosts"));
+        assert!(check_host("fe80::1%eth0").is_ok());
+        assert!(check_host("bücher.example").is_ok());
     }
 
     #[test]
