@@ -217,12 +217,15 @@ fn worker_on_an_unknown_queue_fails_clearly() {
     );
 }
 
+/// Requests the endpoint saw: (body, X-HelixMQ-Attempt).
+type Seen = Arc<Mutex<Vec<(String, String)>>>;
+
 /// A tiny HTTP endpoint: `ok` → 200; `busy` → 503 with Retry-After the first
 /// time, then 200; `bad` → 400 with a body.
-fn http_endpoint() -> (String, Arc<Mutex<Vec<(String, String)>>>) {
+fn http_endpoint() -> (String, Seen) {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}/jobs", l.local_addr().unwrap());
-    let seen: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
+    let seen: Seen = Arc::default();
     let s = seen.clone();
     // Lives as long as the test process; it only ever serves this test's worker.
     std::thread::spawn(move || {
