@@ -80,3 +80,60 @@ fn demo_auto_falls_back_to_the_embedded_broker() {
     );
     assert!(out.stdout.contains("✓ every message accounted for"));
 }
+
+#[test]
+fn demo_on_rabbitmq_runs_and_cleans_up() {
+    let b = common::Broker::new();
+    let mut c = b.cmd();
+    c.args(["demo", "--broker", "rabbitmq", "--jobs", "100"]);
+    let out = run(c, b"").ok();
+    assert!(
+        out.stdout.contains("RabbitMQ at 127.0.0.1:5672"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains("✓ every message accounted for"),
+        "{}",
+        out.stdout
+    );
+    let under = format!("{}.", b.prefix);
+    let left: Vec<String> = common::mgmt_get("queues/%2F")
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|q| q["name"].as_str().map(str::to_string))
+        .filter(|n| n.starts_with(&under))
+        .collect();
+    assert!(left.is_empty(), "the demo deletes its queues: {left:?}");
+}
+
+#[test]
+fn log_format_json_writes_one_json_object_per_line() {
+    let mut c = bare();
+    c.args([
+        "--log-format",
+        "json",
+        "demo",
+        "--broker",
+        "memory",
+        "--jobs",
+        "40",
+    ])
+    .env("RUST_LOG", "helixmq=warn");
+    let out = run(c, b"").ok();
+    let lines: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    assert!(
+        !lines.is_empty(),
+        "the demo's dead letters are logged at warn"
+    );
+    for l in lines {
+        let v: serde_json::Value =
+            serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
+        assert!(v.get("level").is_some() && v.get("fields").is_some(), "{l}");
+    }
+}
