@@ -34,7 +34,13 @@ use tracing_subscriber::EnvFilter;
 
 /// helixmq: a RabbitMQ task-queue layer that does not lose work.
 #[derive(Debug, Parser)]
-#[command(name = "helixmq", version, about, propagate_version = true)]
+#[command(
+    name = "helixmq",
+    version,
+    propagate_version = true,
+    after_help = "Exit status: 0 success; 1 error (message on stderr); 2 a check found something \
+                  (stats threshold crossed, topology diff found differences); 64 usage error."
+)]
 struct Cli {
     /// Configuration file (the spec's messaging.yaml). Without it: defaults + environment
     /// (RABBITMQ_HOST, RABBITMQ_PORT, RABBITMQ_USER, RABBITMQ_PASSWORD, RABBITMQ_VHOST,

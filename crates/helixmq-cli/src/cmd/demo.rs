@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use clap::{Args, ValueEnum};
 use futures::future::join_all;
+use futures::StreamExt;
 use helixmq::message::header;
 use helixmq::{
     Broker, Config, Message, Names, Outcome, Priority, PublishOptions, RetryPolicy,
@@ -398,9 +399,15 @@ async fn run_flows(
     // --- Publish everything (pipelined, confirmed) before any consumer starts, so
     // the LLM queue holds every priority when its single consumer begins.
     let bar_style = ProgressStyle::with_template(
-        "{spinner:.green} {msg:<11} [{bar:40.cyan/blue}] {pos}/{len} {per_sec}",
+        "{spinner:.green} {msg:<11} [{bar:40.cyan/blue}] {pos}/{len} {rate}",
     )
     .unwrap_or_else(|_| ProgressStyle::default_bar())
+    .with_key(
+        "rate",
+        |s: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+            let _ = write!(w, "{:.0}/s", s.per_sec());
+        },
+    )
     .progress_chars("=> ");
     let bar = ProgressBar::new(plan.len() as u64)
         .with_style(bar_style.clone())
@@ -434,7 +441,12 @@ async fn run_flows(
         })
     });
     let mut publish_errors = Vec::new();
-    for r in join_all(publishes).await.into_iter().flatten() {
+    // A few batches in flight at once: many confirms pending, and a bar that moves.
+    let results: Vec<Vec<helixmq::Result<()>>> = futures::stream::iter(publishes)
+        .buffer_unordered(8)
+        .collect()
+        .await;
+    for r in results.into_iter().flatten() {
         if let Err(e) = r {
             publish_errors.push(e.to_string());
         }
@@ -672,7 +684,7 @@ fn report(t: &Tally, names: &Names, total: u64, took: Duration) -> anyhow::Resul
     );
     outln!();
     outln!(
-        "throughput: {} deliveries settled in {:.2}s ({:.0}/s); latency is publish → processed (time queued and retries included)",
+        "throughput: {} deliveries settled in {:.2}s ({:.0}/s); latency: publish → processed, queueing and retries included",
         sproc + sd,
         took.as_secs_f64(),
         (sproc + sd) as f64 / took.as_secs_f64().max(1e-6)

@@ -197,6 +197,11 @@ impl Scan {
             .with_context(|| format!("cannot read the DLQ '{queue}'"))?
             .messages as usize;
         let want = ready.min(max).min(MAX_SCAN);
+        if ready > MAX_SCAN {
+            eprintln!(
+                "note: {queue} holds {ready} messages; only the first {MAX_SCAN} are read at once (run the command again for the rest)"
+            );
+        }
         if want == 0 {
             return Ok(Scan {
                 stream: None,
