@@ -63,22 +63,14 @@ async fn deployment_config_boots_and_serves_the_topology() {
     // A leftover node from an interrupted run would keep its old definitions.
     node(&["stop", NODE]);
 
-    // The definitions the compose files mount; before the generated file is in
-    // the tree, the same document rendered from the code.
+    // The definitions the compose files mount (generated from the code).
     let names = Names::new(helixmq::topology::DEFAULT_PREFIX);
-    let repo_defs = root().join("configs/rabbitmq/definitions.json");
-    let defs = if repo_defs.exists() {
-        eprintln!("using {}", repo_defs.display());
-        repo_defs
-    } else {
-        eprintln!(
-            "configs/rabbitmq/definitions.json not in the tree yet: rendering it from the code"
-        );
-        let p = work.join("definitions.json");
-        let doc = helixmq::topology::definitions_json(&Topology::spec(&names), "/", "helixagent");
-        std::fs::write(&p, serde_json::to_vec_pretty(&doc).unwrap()).unwrap();
-        p
-    };
+    let defs = root().join("configs/rabbitmq/definitions.json");
+    assert!(
+        defs.exists(),
+        "{} is missing: generate it with `helixmq topology export`",
+        defs.display()
+    );
 
     // The container's entrypoint, in "definitions only" mode.
     let password = format!("pw-{}", uuid::Uuid::new_v4().simple());
