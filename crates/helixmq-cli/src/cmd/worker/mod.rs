@@ -187,8 +187,19 @@ async fn start_one(
         .queue_stats(queue)
         .await
         .with_context(|| format!("cannot consume queue '{queue}'"))?;
+    // More handlers than unacked deliveries would leave some idle: widen the prefetch to match.
+    let prefetch = match (args.prefetch, args.concurrency) {
+        (None, Some(c)) => Some(
+            broker
+                .config()
+                .rabbitmq
+                .prefetch_count
+                .max(c.min(u16::MAX as u32) as u16),
+        ),
+        (p, _) => p,
+    };
     let opts = SubscribeOptions {
-        prefetch: args.prefetch,
+        prefetch,
         concurrency: args.concurrency.map(|c| c as usize),
         handler_timeout: Some(args.handler_timeout + BACKSTOP),
         retry: Some(retry.clone()),
