@@ -325,3 +325,30 @@ fn http_worker_maps_statuses_to_outcomes() {
         "a 4xx is not retried: {seen:?}"
     );
 }
+
+#[test]
+fn worker_exits_non_zero_when_its_queue_is_deleted() {
+    let b = Broker::new();
+    b.run(&["topology", "apply"]).ok();
+    let q = b.name("tasks.background");
+    let mut c = b.cmd();
+    c.args(["worker", "--queue", &q, "--exec", "true"]);
+    let mut w = Background::spawn(c);
+    b.eventually(Duration::from_secs(15), "the worker consuming", || {
+        common::mgmt_get(&format!("queues/%2F/{q}"))["consumers"].as_u64() == Some(1)
+    });
+    common::mgmt_delete_queue(&q);
+    let child = w.child.as_mut().unwrap();
+    let end = Instant::now() + Duration::from_secs(15);
+    while child.try_wait().unwrap().is_none() {
+        assert!(
+            Instant::now() < end,
+            "the worker kept running on a deleted queue"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = w.child.take().unwrap().wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&q) && err.contains("cancelled"), "{err}");
+}
