@@ -182,7 +182,14 @@ pub async fn run(global: &Global, args: DemoArgs) -> anyhow::Result<ExitCode> {
     let names = Names::new(prefix.clone());
     let mut topology = Topology::spec(&names);
     topology.add_retry_tier(RETRY_DELAY);
-    let res = run_flows(&broker, &names, &topology, &args).await;
+    // Ctrl-C at any point still deletes what the demo declared on RabbitMQ.
+    let res = tokio::select! {
+        r = run_flows(&broker, &names, &topology, &args) => r,
+        _ = tokio::signal::ctrl_c() => {
+            outln!("interrupted: cleaning up");
+            Ok(ExitCode::from(130))
+        }
+    };
     if broker.backend_kind() == helixmq::BackendKind::RabbitMq && !args.keep {
         cleanup(&broker).await;
     }
@@ -541,7 +548,6 @@ async fn run_flows(
     bar.enable_steady_tick(Duration::from_millis(100));
     let started = Instant::now();
     let deadline = tokio::time::Instant::now() + args.deadline;
-    let mut interrupted = false;
     loop {
         let done = tally.settled.load(Ordering::Relaxed);
         bar.set_position(done);
@@ -551,16 +557,11 @@ async fn run_flows(
         tokio::select! {
             _ = tally.changed.notified() => {}
             _ = tokio::time::sleep_until(deadline) => break,
-            _ = tokio::signal::ctrl_c() => { interrupted = true; break }
         }
     }
     let process_time = started.elapsed();
     bar.finish_and_clear();
     join_all(subs.into_iter().map(|s| s.shutdown(Duration::from_secs(2)))).await;
-    if interrupted {
-        outln!("interrupted");
-        return Ok(ExitCode::from(130));
-    }
     report(&tally, names, total_deliveries, process_time)
 }
 
