@@ -246,7 +246,9 @@ async fn choose_broker(cfg: &Config, choice: BrokerChoice) -> anyhow::Result<(Br
 struct Out {
     exchange: String,
     key: String,
-    message: Message,
+    kind: String,
+    priority: Option<Priority>,
+    payload: Payload,
 }
 
 async fn run_flows(
@@ -272,18 +274,17 @@ async fn run_flows(
                    prio: Option<Priority>| {
         counter += 1;
         let fate = Fate::of(counter);
-        let p = Payload {
-            n: counter,
-            fate,
-            sent_us: 0,
-            text,
-        };
-        let mut m = Message::json(&p).expect("plain struct").with_kind(kind);
-        m.priority = prio;
         plan.push(Out {
             exchange,
             key,
-            message: m,
+            kind: kind.to_string(),
+            priority: prio,
+            payload: Payload {
+                n: counter,
+                fate,
+                sent_us: 0,
+                text,
+            },
         });
     };
     let tasks = names.tasks_exchange();
@@ -390,11 +391,10 @@ async fn run_flows(
     });
     let mut total_deliveries = 0u64;
     for o in &plan {
-        let fate: Payload = o.message.parse_json()?;
         for q in topology.route(&o.exchange, &o.key) {
             let t = tally.q(&q.name).expect("routes reach work queues");
             t.published.fetch_add(1, Ordering::Relaxed);
-            if fate.fate.ends_in_dlq() {
+            if o.payload.fate.ends_in_dlq() {
                 t.expect_dead.fetch_add(1, Ordering::Relaxed);
             } else {
                 t.expect_processed.fetch_add(1, Ordering::Relaxed);
@@ -422,17 +422,10 @@ async fn run_flows(
     bar.enable_steady_tick(Duration::from_millis(100));
     let started = Instant::now();
     let mut groups: BTreeMap<(String, String), Vec<Message>> = BTreeMap::new();
-    for o in plan {
-        let mut m = o.message;
-        let mut p: Payload = m.parse_json()?;
-        p.sent_us = now_us();
-        let prio = m.priority;
-        let kind = m.kind.clone();
-        let id = m.id.clone();
-        m = Message::json(&p)?;
-        m.id = id;
-        m.kind = kind;
-        m.priority = prio;
+    for mut o in plan {
+        o.payload.sent_us = now_us();
+        let mut m = Message::json(&o.payload)?.with_kind(o.kind);
+        m.priority = o.priority;
         groups.entry((o.exchange, o.key)).or_default().push(m);
     }
     let opts = PublishOptions::default();
