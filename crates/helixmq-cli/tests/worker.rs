@@ -352,3 +352,52 @@ fn worker_exits_non_zero_when_its_queue_is_deleted() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(&q) && err.contains("cancelled"), "{err}");
 }
+
+#[test]
+fn worker_serves_metrics_and_health() {
+    let b = Broker::new();
+    b.run(&["topology", "apply"]).ok();
+    let q = b.name("tasks.background");
+    for _ in 0..3 {
+        b.run(&["publish", "--queue", &q, "--payload", "x"]).ok();
+    }
+    // A free port (tiny race with other processes; the test says so if it loses it).
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut c = b.cmd();
+    c.args([
+        "worker",
+        "--queue",
+        &q,
+        "--exec",
+        "true",
+        "--metrics-addr",
+        &format!("127.0.0.1:{port}"),
+    ]);
+    let mut w = Background::spawn(c);
+    let get = |path: &str| reqwest::blocking::get(format!("http://127.0.0.1:{port}{path}")).ok();
+    let mut metrics = String::new();
+    b.eventually(
+        Duration::from_secs(20),
+        "3 messages acked in /metrics",
+        || {
+            metrics = get("/metrics")
+                .and_then(|r| r.text().ok())
+                .unwrap_or_default();
+            metrics.lines().any(|l| {
+                l.starts_with("rabbitmq_messages_acked_total{")
+                    && l.contains(&q)
+                    && l.ends_with(" 3")
+            })
+        },
+    );
+    assert!(metrics.contains("rabbitmq_connection_state 1"), "{metrics}");
+    let health = get("/health").expect("health answers");
+    assert_eq!(health.status().as_u16(), 200);
+    assert!(health.text().unwrap().contains(&q));
+    let run = w.terminate(Duration::from_secs(10));
+    assert_eq!(run.code, 0, "{}", run.stderr);
+}

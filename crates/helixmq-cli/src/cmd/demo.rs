@@ -34,7 +34,7 @@ use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
-use crate::common::{endpoint, load_config};
+use crate::common::{endpoint, load_config, MetricsServer};
 use crate::Global;
 
 /// Retry delay of the demo: short, so retries come back within the run.
@@ -68,6 +68,9 @@ pub struct DemoArgs {
     /// Keep the demo's queues and exchanges on RabbitMQ (default: delete them).
     #[arg(long)]
     pub keep: bool,
+    /// Serve Prometheus `GET /metrics` and `GET /health` on this address while the demo runs.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 /// What a demo message is meant to do; decided at publish time so the end
@@ -162,7 +165,15 @@ pub async fn run(global: &Global, args: DemoArgs) -> anyhow::Result<ExitCode> {
     cfg.helixmq.retry_delay = RETRY_DELAY;
     cfg.helixmq.max_attempts = MAX_ATTEMPTS;
 
-    let (broker, how) = choose_broker(&cfg, args.broker).await?;
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = helixmq::Metrics::new(&mut registry);
+    let (broker, how) = choose_broker(&cfg, args.broker, metrics).await?;
+    let server = match args.metrics_addr {
+        Some(addr) => Some(
+            MetricsServer::start(addr, helixmq::http::HealthSource::new(&broker), registry).await?,
+        ),
+        None => None,
+    };
     outln!("helixmq demo");
     outln!("  broker:  {how}");
     outln!(
@@ -193,19 +204,33 @@ pub async fn run(global: &Global, args: DemoArgs) -> anyhow::Result<ExitCode> {
     if broker.backend_kind() == helixmq::BackendKind::RabbitMq && !args.keep {
         cleanup(&broker).await;
     }
+    if let Some(s) = server {
+        s.stop().await;
+    }
     let _ = broker.close().await;
     res
 }
 
-async fn choose_broker(cfg: &Config, choice: BrokerChoice) -> anyhow::Result<(Broker, String)> {
+async fn choose_broker(
+    cfg: &Config,
+    choice: BrokerChoice,
+    metrics: helixmq::Metrics,
+) -> anyhow::Result<(Broker, String)> {
+    let embedded = |m: helixmq::Metrics| {
+        Broker::with_backend(
+            Arc::new(helixmq::backend::memory::MemoryBroker::new()),
+            cfg.clone(),
+            m,
+        )
+    };
     let at = format!("{} (vhost '{}')", endpoint(cfg), cfg.rabbitmq.vhost);
     match choice {
         BrokerChoice::Memory => Ok((
-            Broker::embedded(cfg.clone()),
+            embedded(metrics.clone()),
             "embedded (in-process), as asked".into(),
         )),
         BrokerChoice::Rabbitmq => {
-            let b = Broker::connect(cfg.clone())
+            let b = Broker::connect_with_metrics(cfg.clone(), metrics.clone())
                 .await
                 .with_context(|| format!("cannot connect to RabbitMQ at {at}"))?;
             Ok((b, format!("RabbitMQ at {at}")))
@@ -220,21 +245,26 @@ async fn choose_broker(cfg: &Config, choice: BrokerChoice) -> anyhow::Result<(Br
             .await;
             if !matches!(probe, Ok(Ok(_))) {
                 return Ok((
-                    Broker::embedded(cfg.clone()),
+                    embedded(metrics.clone()),
                     format!("embedded (in-process): nothing listens at {addr}; start RabbitMQ to run the demo on it"),
                 ));
             }
             let mut quick = cfg.clone();
             quick.rabbitmq.connect_timeout =
                 quick.rabbitmq.connect_timeout.min(Duration::from_secs(5));
-            match tokio::time::timeout(Duration::from_secs(8), Broker::connect(quick)).await {
+            match tokio::time::timeout(
+                Duration::from_secs(8),
+                Broker::connect_with_metrics(quick, metrics.clone()),
+            )
+            .await
+            {
                 Ok(Ok(b)) => Ok((b, format!("RabbitMQ at {at}"))),
                 Ok(Err(e)) => Ok((
-                    Broker::embedded(cfg.clone()),
+                    embedded(metrics.clone()),
                     format!("embedded (in-process): RabbitMQ at {at} refused the connection: {e}"),
                 )),
                 Err(_) => Ok((
-                    Broker::embedded(cfg.clone()),
+                    embedded(metrics.clone()),
                     format!("embedded (in-process): RabbitMQ at {at} did not answer in time"),
                 )),
             }

@@ -21,7 +21,9 @@ use helixmq::{
 };
 use tokio::signal::unix::{signal, SignalKind};
 
-use crate::common::{connect, load_config, parse_duration, spec_topology};
+use crate::common::{
+    connect_with_metrics, load_config, parse_duration, spec_topology, MetricsServer,
+};
 use crate::Global;
 
 /// How much longer the library waits than our own handler timeout: ours kills the
@@ -65,6 +67,9 @@ pub struct WorkerArgs {
     /// Do not declare the spec topology on start (queues declared by someone else).
     #[arg(long)]
     pub no_declare: bool,
+    /// Serve Prometheus `GET /metrics` and `GET /health` on this address (e.g. 127.0.0.1:9090).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 /// A worker's message handler: what to do with one message.
@@ -96,7 +101,9 @@ pub async fn run(global: &Global, args: WorkerArgs) -> anyhow::Result<ExitCode> 
         (None, Some(url)) => Target::Http(http::HttpHandler::new(url, args.handler_timeout)?),
         (None, None) => anyhow::bail!("give --exec CMD or --http URL"),
     });
-    let broker = connect(&cfg).await?;
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = helixmq::Metrics::new(&mut registry);
+    let broker = connect_with_metrics(&cfg, metrics).await?;
     if !args.no_declare {
         broker
             .declare(&spec_topology(&cfg))
@@ -122,6 +129,24 @@ pub async fn run(global: &Global, args: WorkerArgs) -> anyhow::Result<ExitCode> 
             }
         }
     }
+    let server = match args.metrics_addr {
+        Some(addr) => {
+            let health = subs
+                .iter()
+                .fold(helixmq::http::HealthSource::new(&broker), |h, s| h.watch(s));
+            match MetricsServer::start(addr, health, registry).await {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    for s in subs {
+                        s.shutdown(args.shutdown_timeout).await;
+                    }
+                    let _ = broker.close().await;
+                    return Err(e);
+                }
+            }
+        }
+        None => None,
+    };
     tracing::info!(
         queues = ?args.queues,
         max_attempts = retry.max_attempts,
@@ -160,6 +185,9 @@ pub async fn run(global: &Global, args: WorkerArgs) -> anyhow::Result<ExitCode> 
         if r.abandoned > 0 {
             tracing::warn!(queue = %q, abandoned = r.abandoned, "handlers still running at the shutdown timeout were stopped; their messages go back to the queue");
         }
+    }
+    if let Some(s) = server {
+        s.stop().await;
     }
     let _ = broker.close().await;
     match failed {
