@@ -217,8 +217,8 @@ fn worker_on_an_unknown_queue_fails_clearly() {
     );
 }
 
-/// Requests the endpoint saw: (body, X-HelixMQ-Attempt).
-type Seen = Arc<Mutex<Vec<(String, String)>>>;
+/// Requests the endpoint saw: (body, X-HelixMQ-Attempt, when).
+type Seen = Arc<Mutex<Vec<(String, String, Instant)>>>;
 
 /// A tiny HTTP endpoint: `ok` → 200; `busy` → 503 with Retry-After the first
 /// time, then 200; `bad` → 400 with a body.
@@ -261,7 +261,9 @@ fn http_endpoint() -> (String, Seen) {
                 .unwrap_or("")
                 .trim()
                 .to_string();
-            s.lock().unwrap().push((body.clone(), attempt));
+            s.lock()
+                .unwrap()
+                .push((body.clone(), attempt, Instant::now()));
             let resp = match body.as_str() {
                 "busy" if !busy_once => {
                     busy_once = true;
@@ -286,6 +288,7 @@ fn http_worker_maps_statuses_to_outcomes() {
         b.run(&["publish", "--queue", &q, "--payload", p]).ok();
     }
     let mut c = b.cmd();
+    // Two tiers: 200 ms is the normal first delay; Retry-After: 1 picks the 3 s tier.
     c.args([
         "worker",
         "--queue",
@@ -293,14 +296,16 @@ fn http_worker_maps_statuses_to_outcomes() {
         "--http",
         &url,
         "--retry-delay",
-        "1s",
+        "200ms",
+        "--retry-delay",
+        "3s",
     ]);
     let mut w = Background::spawn(c);
     b.eventually(Duration::from_secs(20), "busy retried and accepted", || {
         seen.lock()
             .unwrap()
             .iter()
-            .any(|(body, attempt)| body == "busy" && attempt == "2")
+            .any(|(body, attempt, _)| body == "busy" && attempt == "2")
     });
     b.eventually(Duration::from_secs(10), "bad in the DLQ", || {
         dlq_entries(&b).len() == 1
@@ -315,14 +320,24 @@ fn http_worker_maps_statuses_to_outcomes() {
     );
     let seen = seen.lock().unwrap();
     assert_eq!(
-        seen.iter().filter(|(b, _)| b == "ok").count(),
+        seen.iter().filter(|(b, _, _)| b == "ok").count(),
         1,
         "{seen:?}"
     );
     assert_eq!(
-        seen.iter().filter(|(b, _)| b == "bad").count(),
+        seen.iter().filter(|(b, _, _)| b == "bad").count(),
         1,
         "a 4xx is not retried: {seen:?}"
+    );
+    let busy: Vec<Instant> = seen
+        .iter()
+        .filter(|(b, _, _)| b == "busy")
+        .map(|(_, _, t)| *t)
+        .collect();
+    let gap = busy[1] - busy[0];
+    assert!(
+        gap >= Duration::from_millis(2900),
+        "Retry-After honoured (3 s tier, not 200 ms): {gap:?}"
     );
 }
 

@@ -58,9 +58,12 @@ pub struct WorkerArgs {
     /// A handler running longer is killed (its process group, for --exec) and retried.
     #[arg(long, default_value = "5m", value_parser = parse_duration)]
     pub handler_timeout: Duration,
-    /// Delay before a failed message comes back (overrides the configuration's retry_delay).
+    /// Delay before a failed message comes back (overrides the configuration's
+    /// retry_delay). Repeatable for backoff tiers: attempt n waits the n-th delay
+    /// (the last one repeats), and an HTTP Retry-After picks the shortest tier at
+    /// least as long. Each delay is its own retry queue, declared on start.
     #[arg(long, value_parser = parse_duration)]
-    pub retry_delay: Option<Duration>,
+    pub retry_delay: Vec<Duration>,
     /// Attempts before the DLQ (overrides the configuration's max_attempts).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_attempts: Option<u32>,
@@ -112,7 +115,11 @@ pub async fn run(global: &Global, args: WorkerArgs) -> anyhow::Result<ExitCode> 
     }
     let retry = RetryPolicy {
         max_attempts: args.max_attempts.unwrap_or(cfg.helixmq.max_attempts),
-        delays: vec![args.retry_delay.unwrap_or(cfg.helixmq.retry_delay)],
+        delays: if args.retry_delay.is_empty() {
+            vec![cfg.helixmq.retry_delay]
+        } else {
+            args.retry_delay.clone()
+        },
     };
 
     let mut subs: Vec<Subscription> = Vec::new();
@@ -150,7 +157,7 @@ pub async fn run(global: &Global, args: WorkerArgs) -> anyhow::Result<ExitCode> 
     tracing::info!(
         queues = ?args.queues,
         max_attempts = retry.max_attempts,
-        retry_delay = ?retry.delays[0],
+        retry_delays = ?retry.delays,
         "worker consuming; SIGTERM or SIGINT to stop"
     );
 
