@@ -128,10 +128,7 @@ pub async fn run(global: &Global, args: WorkerArgs) -> anyhow::Result<ExitCode> 
         match started {
             Ok(s) => subs.push(s),
             Err(e) => {
-                for s in subs {
-                    s.shutdown(args.shutdown_timeout).await;
-                }
-                let _ = broker.close().await;
+                stop_all(subs, &broker, args.shutdown_timeout).await;
                 return Err(e);
             }
         }
@@ -144,10 +141,7 @@ pub async fn run(global: &Global, args: WorkerArgs) -> anyhow::Result<ExitCode> 
             match MetricsServer::start(addr, health, registry).await {
                 Ok(s) => Some(s),
                 Err(e) => {
-                    for s in subs {
-                        s.shutdown(args.shutdown_timeout).await;
-                    }
-                    let _ = broker.close().await;
+                    stop_all(subs, &broker, args.shutdown_timeout).await;
                     return Err(e);
                 }
             }
@@ -207,6 +201,14 @@ pub async fn run(global: &Global, args: WorkerArgs) -> anyhow::Result<ExitCode> 
             anyhow::bail!("the subscription to '{q}' stopped: {why}")
         }
     }
+}
+
+/// Start-up failed half-way: release what was started.
+async fn stop_all(subs: Vec<Subscription>, broker: &helixmq::Broker, timeout: Duration) {
+    for s in subs {
+        s.shutdown(timeout).await;
+    }
+    let _ = broker.close().await;
 }
 
 async fn start_one(
