@@ -232,7 +232,10 @@ impl QueueState {
             fx.head(q.front());
         }
         self.ready += 1;
-        if let Some(max) = max {
+        if let Some(max) = max.filter(|m| self.ready > *m) {
+            // Expired heads go first (as expired), so they are not counted as
+            // overflow and a live message is not dropped in their place.
+            self.expire(fx);
             while self.ready > max {
                 match self.pop_head(fx) {
                     Some(head) => self.dead(head, Reason::MaxLen, fx),
@@ -558,6 +561,29 @@ mod tests {
         assert!(r.enqueue(stored("a", None), &mut fx));
         assert!(!r.enqueue(stored("b", None), &mut fx));
         assert_eq!(r.ready(), 1);
+    }
+
+    #[test]
+    fn overflow_expires_before_dropping_live_messages() {
+        let mut q = QueueState::new(
+            1,
+            &Queue::durable("q")
+                .max_length(2, Overflow::DropHead)
+                .dead_letter_to("dlx"),
+        );
+        let mut fx = Effects::default();
+        let mut gone = stored("gone", None);
+        Arc::make_mut(&mut gone.msg).expiration = Some(Duration::ZERO);
+        for s in [gone, stored("b", None), stored("c", None)] {
+            q.enqueue(s, &mut fx);
+        }
+        let reasons: Vec<_> = fx
+            .dead
+            .iter()
+            .map(|d| (d.stored.msg.id.as_str(), d.reason))
+            .collect();
+        assert_eq!(reasons, [("gone", Reason::Expired)]);
+        assert_eq!(q.ready(), 2);
     }
 
     #[test]
