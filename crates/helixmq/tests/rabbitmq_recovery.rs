@@ -1,0 +1,152 @@
+//! Recovery: a 20,000-message publish-and-consume run while this test's
+//! connections are force-closed three times by `rabbitmqctl close_connection`
+//! (only ours, found by connection name: other tests share the broker). The run
+//! must finish by itself, every confirmed id must be consumed at least once,
+//! and duplicates are counted.
+
+mod support;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use helixmq::{ConnectionState, Message, Names, Outcome, SubscribeOptions, Topology};
+use support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_thousand_messages_survive_three_forced_closes() {
+    const TOTAL: usize = 20_000;
+    const TASKS: usize = 8;
+    const FAULTS: usize = 3;
+    let p = prefix();
+    let mut cfg = config(GUEST, &p);
+    cfg.rabbitmq.publish_timeout = Duration::from_secs(60);
+    let b = broker(cfg).await.unwrap();
+    let names = Names::new(&p);
+    b.declare(&Topology::spec(&names)).await.unwrap();
+    let queue = names.task_queue("background");
+
+    // Consumer: the library's reliable consumer, counting every delivery per id.
+    let consumed: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
+    let progress = Arc::new(AtomicUsize::new(0));
+    let c2 = consumed.clone();
+    let pr2 = progress.clone();
+    let sub = b
+        .subscribe(
+            &queue,
+            move |m: Message, _| {
+                *c2.lock().unwrap().entry(m.id).or_insert(0) += 1;
+                pr2.fetch_add(1, Ordering::Relaxed);
+                async { Ok(Outcome::Ack) }
+            },
+            SubscribeOptions { prefetch: Some(200), concurrency: Some(64), ..Default::default() },
+        )
+        .await
+        .unwrap();
+
+    // Fault injector: three forced closes, each after real progress since the last.
+    let injector = {
+        let progress = progress.clone();
+        let mut state = b.state();
+        let p = p.clone();
+        tokio::spawn(async move {
+            let mut recoveries = Vec::new();
+            for i in 0..FAULTS {
+                let mark = progress.load(Ordering::Relaxed);
+                while progress.load(Ordering::Relaxed) < mark + 2_000 {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                let p2 = p.clone();
+                let closed = tokio::task::spawn_blocking(move || close_my_connections(&p2)).await.unwrap();
+                assert!(closed >= 1, "fault {i}: found no connection of ours to close");
+                let cut = Instant::now();
+                state.wait_for(|s| *s == ConnectionState::Disconnected).await.unwrap();
+                state.wait_for(|s| *s == ConnectionState::Connected).await.unwrap();
+                recoveries.push(cut.elapsed());
+            }
+            recoveries
+        })
+    };
+
+    // Publishers: 8 tasks, 32 publishes in flight each.
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for t in 0..TASKS {
+        let b = b.clone();
+        let x = names.tasks_exchange();
+        let progress = progress.clone();
+        tasks.push(tokio::spawn(async move {
+            let msgs: Vec<Message> = (0..TOTAL / TASKS).map(|i| Message::new(format!("{t}-{i}"))).collect();
+            futures::stream::iter(msgs)
+                .map(|m| {
+                    let b = b.clone();
+                    let x = x.clone();
+                    let progress = progress.clone();
+                    async move {
+                        let id = m.id.clone();
+                        let r = b.publish(&x, "background", m).await;
+                        progress.fetch_add(1, Ordering::Relaxed);
+                        (id, r)
+                    }
+                })
+                .buffer_unordered(32)
+                .collect::<Vec<_>>()
+                .await
+        }));
+    }
+    let mut confirmed = HashSet::new();
+    let mut failed = Vec::new();
+    for t in tasks {
+        for (id, r) in t.await.unwrap() {
+            match r {
+                Ok(()) => {
+                    confirmed.insert(id);
+                }
+                Err(e) => failed.push(e.to_string()),
+            }
+        }
+    }
+    let publish_time = started.elapsed();
+
+    // Wait until every confirmed id was consumed (the run must finish by itself).
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let done = {
+            let c = consumed.lock().unwrap();
+            confirmed.iter().all(|id| c.contains_key(id))
+        };
+        if done {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not every confirmed message was consumed within 180 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let total_time = started.elapsed();
+    let recoveries = injector.await.expect("three faults were injected and recovered from");
+    sub.shutdown(Duration::from_secs(10)).await;
+
+    let c = consumed.lock().unwrap().clone();
+    let lost = confirmed.iter().filter(|id| !c.contains_key(*id)).count();
+    let duplicates: u32 = c.values().map(|n| n - 1).sum();
+    let m = b.metrics();
+    println!(
+        "recovery run: messages {TOTAL}, confirmed {}, publish errors {}, faults injected {}, lost {lost}, duplicates {duplicates}, \
+         recovery times {:?}, publish phase {:.2?}, total {:.2?}, reconnects {}",
+        confirmed.len(),
+        failed.len(),
+        recoveries.len(),
+        recoveries,
+        publish_time,
+        total_time,
+        m.connection_recoveries.get()
+    );
+    assert!(failed.is_empty(), "publishes failed: {:?}", &failed[..failed.len().min(5)]);
+    assert_eq!(confirmed.len(), TOTAL);
+    assert_eq!(lost, 0);
+    assert_eq!(recoveries.len(), FAULTS);
+    assert!(m.connection_recoveries.get() >= FAULTS as u64);
+    cleanup(&b, None).await;
+    b.close().await.unwrap();
+}
