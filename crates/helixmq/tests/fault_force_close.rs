@@ -1,0 +1,92 @@
+//! Fault: this test's connections are force-closed repeatedly during a
+//! publish-and-consume run — alternately by the TCP proxy cutting the sockets
+//! (the client sees the TCP connection drop) and by `rabbitmqctl
+//! close_connection` on the connections named `hxfault-<prefix>` (the broker
+//! sends CONNECTION_FORCED). Only this test's connections are touched, so the
+//! shared broker is fine. The client must recover by itself each time; every
+//! confirmed id is consumed at least once.
+
+mod fault_support;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fault_support::ledger::Ledger;
+use fault_support::node::{close_connections_named, SHARED_PORT};
+use fault_support::proxy::Proxy;
+use fault_support::*;
+use helixmq::{Names, PublishOptions};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_force_closed_repeatedly() {
+    const MESSAGES: usize = 8_000;
+    const FAULTS: usize = 4;
+    let p = prefix();
+    let proxy = Proxy::start(([127, 0, 0, 1], SHARED_PORT).into()).await;
+    let b = connect(config(proxy.port(), &p)).await;
+    let names = Names::new(&p);
+    let (t, queue) = topology(&names, |q| q);
+    b.declare(&t).await.expect("declare");
+
+    let ledger = Arc::new(Ledger::default());
+    let sub = consume_into(&b, &queue, ledger.clone(), consumer_options()).await;
+    let started = Instant::now();
+    let publisher = tokio::spawn(publish_all(
+        b.clone(),
+        ledger.clone(),
+        MESSAGES,
+        64,
+        PublishOptions::default(),
+    ));
+
+    let mut recoveries = Vec::new();
+    for i in 0..FAULTS {
+        // Each fault after real progress since the last one.
+        let mark = ledger.distinct_consumed();
+        ledger
+            .wait_until(Duration::from_secs(40), "consumption progress", |_, c| {
+                c >= mark + MESSAGES / (FAULTS + 1)
+            })
+            .await
+            .unwrap();
+        let rx = b.state();
+        let before = b.metrics().connection_recoveries.get();
+        let (how, closed) = if i % 2 == 0 {
+            ("proxy cut", proxy.cut())
+        } else {
+            let name = connection_name(&p);
+            let n = tokio::task::spawn_blocking(move || close_connections_named(None, &name))
+                .await
+                .unwrap();
+            ("rabbitmqctl close_connection", n)
+        };
+        assert!(closed >= 1, "fault {i} ({how}): no connection of ours to close");
+        let took = await_reconnect(&b, rx, before, Duration::from_secs(30))
+            .await
+            .unwrap_or_else(|e| panic!("fault {i} ({how}): {e}"));
+        recoveries.push(took);
+    }
+
+    publisher.await.expect("publisher task");
+    ledger
+        .wait_drained(Duration::from_secs(60))
+        .await
+        .expect("every confirmed message consumed");
+    let elapsed = started.elapsed();
+    assert!(sub.is_active(), "subscription died: {:?}", sub.status());
+    sub.shutdown(Duration::from_secs(10)).await;
+
+    let r = ledger.report();
+    let worst = recoveries.iter().max().copied().unwrap_or_default();
+    summary("force_close", &r, recoveries.len(), worst);
+    eprintln!("force_close: recoveries {recoveries:?}, run {elapsed:.1?}, report {r:?}");
+    assert_eq!(r.messages, MESSAGES);
+    assert_eq!(r.failed + r.timed_out + r.nacked, 0, "publishes failed: {:?}", r.errors);
+    assert_eq!(r.confirmed, MESSAGES);
+    assert_eq!(r.lost, 0);
+    assert_eq!(recoveries.len(), FAULTS);
+    assert!(b.metrics().connection_recoveries.get() >= FAULTS as u64);
+    assert!(b.is_connected());
+    cleanup(&b).await;
+    b.close().await.expect("close");
+}
