@@ -16,10 +16,15 @@ use fault_support::node::SHARED_PORT;
 use fault_support::proxy::Proxy;
 use fault_support::*;
 use helixmq::{ConnectionState, Names, PublishOptions};
+use tokio_util::sync::CancellationToken;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn black_hole_detected_by_heartbeats_then_recovered() {
-    const MESSAGES: usize = 5_000;
+    init_logging();
+    /// Consumed before the fault, and after it.
+    const AFTER: usize = 1_500;
+    /// A cap, should the fault take very long.
+    const MAX_MESSAGES: usize = 60_000;
     const HEARTBEAT: Duration = Duration::from_secs(3);
     let p = prefix();
     let proxy = Proxy::start(([127, 0, 0, 1], SHARED_PORT).into()).await;
@@ -35,17 +40,20 @@ async fn black_hole_detected_by_heartbeats_then_recovered() {
     let ledger = Arc::new(Ledger::default());
     let sub = consume_into(&b, &queue, ledger.clone(), consumer_options()).await;
     let started = Instant::now();
-    let publisher = tokio::spawn(publish_all(
+    // A steady load until the faults are over.
+    let stop = CancellationToken::new();
+    let publisher = tokio::spawn(publish_until(
         b.clone(),
         ledger.clone(),
-        MESSAGES,
+        MAX_MESSAGES,
         64,
         PublishOptions::default(),
+        stop.clone(),
     ));
 
     ledger
         .wait_until(Duration::from_secs(40), "consumption progress", |_, c| {
-            c >= MESSAGES / 4
+            c >= AFTER
         })
         .await
         .unwrap();
@@ -54,10 +62,13 @@ async fn black_hole_detected_by_heartbeats_then_recovered() {
     proxy.black_hole();
     let holed_at = Instant::now();
     let limit = HEARTBEAT * 2 + HEARTBEAT / 2 + Duration::from_secs(1);
-    tokio::time::timeout(limit * 2, rx.wait_for(|s| *s == ConnectionState::Disconnected))
-        .await
-        .expect("the black hole is detected")
-        .expect("state channel");
+    tokio::time::timeout(
+        limit * 2,
+        rx.wait_for(|s| *s == ConnectionState::Disconnected),
+    )
+    .await
+    .expect("the black hole is detected")
+    .expect("state channel");
     let detection = holed_at.elapsed();
     let consumed_in_hole = ledger.distinct_consumed();
     proxy.resume();
@@ -65,6 +76,17 @@ async fn black_hole_detected_by_heartbeats_then_recovered() {
         .await
         .expect("client reconnects by itself once the network heals");
 
+    // Some more load after the last fault, then stop.
+    let mark = ledger.distinct_consumed();
+    ledger
+        .wait_until(
+            Duration::from_secs(40),
+            "progress after the faults",
+            |_, c| c >= mark + AFTER,
+        )
+        .await
+        .unwrap();
+    stop.cancel();
     publisher.await.expect("publisher task");
     ledger
         .wait_drained(Duration::from_secs(60))
@@ -87,9 +109,13 @@ async fn black_hole_detected_by_heartbeats_then_recovered() {
         detection >= HEARTBEAT,
         "detected after {detection:?}: too soon to be the heartbeat, something else closed the connection"
     );
-    assert_eq!(r.messages, MESSAGES);
-    assert_eq!(r.failed + r.timed_out + r.nacked, 0, "publishes failed: {:?}", r.errors);
-    assert_eq!(r.confirmed, MESSAGES);
+    assert_eq!(
+        r.failed + r.timed_out + r.nacked,
+        0,
+        "publishes failed: {:?}",
+        r.errors
+    );
+    assert_eq!(r.confirmed, r.messages);
     assert_eq!(r.lost, 0);
     assert!(b.metrics().connection_recoveries.get() > before);
     cleanup(&b).await;

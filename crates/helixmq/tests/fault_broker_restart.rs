@@ -16,10 +16,15 @@ use fault_support::ledger::Ledger;
 use fault_support::node::{ensure_dedicated_node, AppStopped, NODE_PORT};
 use fault_support::*;
 use helixmq::{Names, PublishOptions};
+use tokio_util::sync::CancellationToken;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_app_stopped_and_started_mid_run() {
-    const MESSAGES: usize = 6_000;
+    init_logging();
+    /// Consumed before the fault, and after it.
+    const AFTER: usize = 2_000;
+    /// A cap, should the fault take very long.
+    const MAX_MESSAGES: usize = 60_000;
     ensure_dedicated_node().await;
     let p = prefix();
     let b = connect(config(NODE_PORT, &p)).await;
@@ -30,18 +35,21 @@ async fn broker_app_stopped_and_started_mid_run() {
     let ledger = Arc::new(Ledger::default());
     let sub = consume_into(&b, &queue, ledger.clone(), consumer_options()).await;
     let started = Instant::now();
-    let publisher = tokio::spawn(publish_all(
+    // A steady load until the faults are over.
+    let stop = CancellationToken::new();
+    let publisher = tokio::spawn(publish_until(
         b.clone(),
         ledger.clone(),
-        MESSAGES,
+        MAX_MESSAGES,
         64,
         PublishOptions::default(),
+        stop.clone(),
     ));
 
-    // Stop the broker once a third of the messages went through.
+    // Stop the broker once some messages went through.
     ledger
         .wait_until(Duration::from_secs(40), "consumption progress", |_, c| {
-            c >= MESSAGES / 3
+            c >= AFTER
         })
         .await
         .unwrap();
@@ -65,6 +73,17 @@ async fn broker_app_stopped_and_started_mid_run() {
         .await
         .expect("client reconnects by itself after start_app");
 
+    // Some more load after the last fault, then stop.
+    let mark = ledger.distinct_consumed();
+    ledger
+        .wait_until(
+            Duration::from_secs(40),
+            "progress after the faults",
+            |_, c| c >= mark + AFTER,
+        )
+        .await
+        .unwrap();
+    stop.cancel();
     publisher.await.expect("publisher task");
     ledger
         .wait_drained(Duration::from_secs(60))
@@ -79,9 +98,13 @@ async fn broker_app_stopped_and_started_mid_run() {
     eprintln!(
         "broker_restart: outage {outage:.1?} (stop_app .. start_app done), publishes answered while down {answered_while_down}, run {elapsed:.1?}, report {r:?}"
     );
-    assert_eq!(r.messages, MESSAGES);
-    assert_eq!(r.failed + r.timed_out + r.nacked, 0, "publishes failed: {:?}", r.errors);
-    assert_eq!(r.confirmed, MESSAGES);
+    assert_eq!(
+        r.failed + r.timed_out + r.nacked,
+        0,
+        "publishes failed: {:?}",
+        r.errors
+    );
+    assert_eq!(r.confirmed, r.messages);
     assert_eq!(r.lost, 0);
     assert!(b.metrics().connection_recoveries.get() > before);
     cleanup(&b).await;

@@ -16,10 +16,15 @@ use fault_support::node::{close_connections_named, SHARED_PORT};
 use fault_support::proxy::Proxy;
 use fault_support::*;
 use helixmq::{Names, PublishOptions};
+use tokio_util::sync::CancellationToken;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_force_closed_repeatedly() {
-    const MESSAGES: usize = 8_000;
+    init_logging();
+    /// Consumed between two faults, and after the last one.
+    const AFTER: usize = 1_500;
+    /// A cap, should the faults take very long.
+    const MAX_MESSAGES: usize = 60_000;
     const FAULTS: usize = 4;
     let p = prefix();
     let proxy = Proxy::start(([127, 0, 0, 1], SHARED_PORT).into()).await;
@@ -31,12 +36,15 @@ async fn connections_force_closed_repeatedly() {
     let ledger = Arc::new(Ledger::default());
     let sub = consume_into(&b, &queue, ledger.clone(), consumer_options()).await;
     let started = Instant::now();
-    let publisher = tokio::spawn(publish_all(
+    // A steady load until the faults are over.
+    let stop = CancellationToken::new();
+    let publisher = tokio::spawn(publish_until(
         b.clone(),
         ledger.clone(),
-        MESSAGES,
+        MAX_MESSAGES,
         64,
         PublishOptions::default(),
+        stop.clone(),
     ));
 
     let mut recoveries = Vec::new();
@@ -45,7 +53,7 @@ async fn connections_force_closed_repeatedly() {
         let mark = ledger.distinct_consumed();
         ledger
             .wait_until(Duration::from_secs(40), "consumption progress", |_, c| {
-                c >= mark + MESSAGES / (FAULTS + 1)
+                c >= mark + AFTER
             })
             .await
             .unwrap();
@@ -60,13 +68,32 @@ async fn connections_force_closed_repeatedly() {
                 .unwrap();
             ("rabbitmqctl close_connection", n)
         };
-        assert!(closed >= 1, "fault {i} ({how}): no connection of ours to close");
+        assert!(
+            closed >= 1,
+            "fault {i} ({how}): no connection of ours to close"
+        );
         let took = await_reconnect(&b, rx, before, Duration::from_secs(30))
             .await
             .unwrap_or_else(|e| panic!("fault {i} ({how}): {e}"));
+        eprintln!(
+            "force_close: fault {i} ({how}, {closed} connection(s)) recovered in {took:.2?}; {} answered, {} consumed",
+            ledger.answered(),
+            ledger.distinct_consumed()
+        );
         recoveries.push(took);
     }
 
+    // Some more load after the last fault, then stop.
+    let mark = ledger.distinct_consumed();
+    ledger
+        .wait_until(
+            Duration::from_secs(40),
+            "progress after the faults",
+            |_, c| c >= mark + AFTER,
+        )
+        .await
+        .unwrap();
+    stop.cancel();
     publisher.await.expect("publisher task");
     ledger
         .wait_drained(Duration::from_secs(60))
@@ -80,9 +107,13 @@ async fn connections_force_closed_repeatedly() {
     let worst = recoveries.iter().max().copied().unwrap_or_default();
     summary("force_close", &r, recoveries.len(), worst);
     eprintln!("force_close: recoveries {recoveries:?}, run {elapsed:.1?}, report {r:?}");
-    assert_eq!(r.messages, MESSAGES);
-    assert_eq!(r.failed + r.timed_out + r.nacked, 0, "publishes failed: {:?}", r.errors);
-    assert_eq!(r.confirmed, MESSAGES);
+    assert_eq!(
+        r.failed + r.timed_out + r.nacked,
+        0,
+        "publishes failed: {:?}",
+        r.errors
+    );
+    assert_eq!(r.confirmed, r.messages);
     assert_eq!(r.lost, 0);
     assert_eq!(recoveries.len(), FAULTS);
     assert!(b.metrics().connection_recoveries.get() >= FAULTS as u64);

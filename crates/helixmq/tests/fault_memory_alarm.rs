@@ -19,6 +19,7 @@ use helixmq::{ConnectionState, Error, Message, Names, PublishOptions};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_alarm_blocks_publishes_until_cleared() {
+    init_logging();
     const BEFORE: usize = 1_000;
     const DURING: usize = 500;
     ensure_dedicated_node().await;
@@ -32,23 +33,45 @@ async fn memory_alarm_blocks_publishes_until_cleared() {
     let ledger = Arc::new(Ledger::default());
 
     // Enqueued before the alarm, consumed during it.
-    publish_all(publisher.clone(), ledger.clone(), BEFORE, 64, PublishOptions::default()).await;
-    assert_eq!(ledger.report().confirmed, BEFORE, "{:?}", ledger.report().errors);
+    publish_all(
+        publisher.clone(),
+        ledger.clone(),
+        BEFORE,
+        64,
+        PublishOptions::default(),
+    )
+    .await;
+    assert_eq!(
+        ledger.report().confirmed,
+        BEFORE,
+        "{:?}",
+        ledger.report().errors
+    );
 
-    let mut alarm = tokio::task::spawn_blocking(MemoryAlarm::raise).await.unwrap();
+    let mut alarm = tokio::task::spawn_blocking(MemoryAlarm::raise)
+        .await
+        .unwrap();
     // The alarm is the broker's state, not something we can await: poll it.
     let raised = Instant::now();
-    while !tokio::task::spawn_blocking(MemoryAlarm::active).await.unwrap() {
-        assert!(raised.elapsed() < Duration::from_secs(15), "memory alarm did not go off");
+    while !tokio::task::spawn_blocking(MemoryAlarm::active)
+        .await
+        .unwrap()
+    {
+        assert!(
+            raised.elapsed() < Duration::from_secs(15),
+            "memory alarm did not go off"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
     // Consumers keep consuming during the alarm.
     let sub = consume_into(&consumer, &queue, ledger.clone(), consumer_options()).await;
     ledger
-        .wait_until(Duration::from_secs(30), "the consumer draining during the alarm", |_, c| {
-            c >= BEFORE
-        })
+        .wait_until(
+            Duration::from_secs(30),
+            "the consumer draining during the alarm",
+            |_, c| c >= BEFORE,
+        )
         .await
         .expect("a consumer keeps consuming during a memory alarm");
 
@@ -84,7 +107,10 @@ async fn memory_alarm_blocks_publishes_until_cleared() {
         matches!(res, Err(Error::PublishTimeout { .. })),
         "expected PublishTimeout during the alarm, got {res:?}"
     );
-    assert!(waited >= Duration::from_secs(2), "timed out too early: {waited:?}");
+    assert!(
+        waited >= Duration::from_secs(2),
+        "timed out too early: {waited:?}"
+    );
 
     // The connection state shows Blocked.
     let mut state = publisher.state();

@@ -20,12 +20,15 @@ use helixmq::{Error, Message, Names, Outcome, SubscribeOptions};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_queue_nacks_surface_as_publish_nacked() {
+    init_logging();
     const MESSAGES: usize = 3_000;
     const MAX_LENGTH: u64 = 50;
     let p = prefix();
     let b = connect(config(SHARED_PORT, &p)).await;
     let names = Names::new(&p);
-    let (t, queue) = topology(&names, |q| q.max_length(MAX_LENGTH, Overflow::RejectPublish));
+    let (t, queue) = topology(&names, |q| {
+        q.max_length(MAX_LENGTH, Overflow::RejectPublish)
+    });
     b.declare(&t).await.expect("declare");
 
     let ledger = Arc::new(Ledger::default());
@@ -58,7 +61,11 @@ async fn full_queue_nacks_surface_as_publish_nacked() {
     futures::stream::iter(0..MESSAGES)
         .map(|i| {
             let (b, l, x) = (b.clone(), ledger.clone(), exchange.clone());
-            let (fnk, okn, oth) = (first_nack.clone(), ok_after_nack.clone(), other_errors.clone());
+            let (fnk, okn, oth) = (
+                first_nack.clone(),
+                ok_after_nack.clone(),
+                other_errors.clone(),
+            );
             async move {
                 let m = Message::new(format!("nack scenario {i}"));
                 let id = m.id.clone();
@@ -98,11 +105,24 @@ async fn full_queue_nacks_surface_as_publish_nacked() {
     summary("publisher_nack", &r, r.nacked, recovery);
     eprintln!("publisher_nack: report {r:?}, queue left {stats:?}");
     let other = other_errors.lock().unwrap().clone();
-    assert!(other.is_empty(), "publishes failed otherwise than nacked: {:?}", &other[..other.len().min(5)]);
+    assert!(
+        other.is_empty(),
+        "publishes failed otherwise than nacked: {:?}",
+        &other[..other.len().min(5)]
+    );
     assert_eq!(r.messages, MESSAGES);
-    assert!(r.nacked > 0, "the full queue never nacked: the scenario did not happen");
-    assert!(r.confirmed > MAX_LENGTH as usize, "publishing never resumed after the queue filled");
-    assert!(ok_after_nack.lock().unwrap().is_some(), "no publish succeeded after the first nack");
+    assert!(
+        r.nacked > 0,
+        "the full queue never nacked: the scenario did not happen"
+    );
+    assert!(
+        r.confirmed > MAX_LENGTH as usize,
+        "publishing never resumed after the queue filled"
+    );
+    assert!(
+        ok_after_nack.lock().unwrap().is_some(),
+        "no publish succeeded after the first nack"
+    );
     assert_eq!(r.confirmed + r.nacked, MESSAGES);
     assert_eq!(r.consumed_nacked, 0, "a nacked message was delivered");
     assert_eq!(r.consumed_unconfirmed, 0);

@@ -29,6 +29,7 @@ const HANDLER_WORK: Duration = Duration::from_millis(300);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_killed_mid_handler_messages_redelivered() {
+    init_logging();
     const MESSAGES: usize = 1_500;
     let p = prefix();
     let b = connect(config(SHARED_PORT, &p)).await;
@@ -36,12 +37,30 @@ async fn worker_killed_mid_handler_messages_redelivered() {
     let (t, queue) = topology(&names, |q| q);
     b.declare(&t).await.expect("declare");
     let ledger = Arc::new(Ledger::default());
-    publish_all(b.clone(), ledger.clone(), MESSAGES, 64, PublishOptions::default()).await;
-    assert_eq!(ledger.report().confirmed, MESSAGES, "{:?}", ledger.report().errors);
+    publish_all(
+        b.clone(),
+        ledger.clone(),
+        MESSAGES,
+        64,
+        PublishOptions::default(),
+    )
+    .await;
+    assert_eq!(
+        ledger.report().confirmed,
+        MESSAGES,
+        "{:?}",
+        ledger.report().errors
+    );
 
     // The worker process.
     let mut child = Command::new(std::env::current_exe().expect("test binary path"))
-        .args(["worker_child", "--exact", "--ignored", "--nocapture", "--test-threads=1"])
+        .args([
+            "worker_child",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env(QUEUE_ENV, &queue)
         .env(PREFIX_ENV, &p)
         .stdin(Stdio::piped())
@@ -75,7 +94,11 @@ async fn worker_killed_mid_handler_messages_redelivered() {
     child.start_kill().expect("SIGKILL the worker");
     let killed_at = Instant::now();
     let status = child.wait().await.expect("reap the worker");
-    assert_eq!(status.signal(), Some(9), "worker ended by SIGKILL: {status:?}");
+    assert_eq!(
+        status.signal(),
+        Some(9),
+        "worker ended by SIGKILL: {status:?}"
+    );
     // Lines it printed before dying are still in the pipe.
     while let Some(line) = lines.next_line().await.expect("read worker output") {
         if let Some(id) = line.strip_prefix("begin ") {
@@ -119,10 +142,13 @@ async fn worker_killed_mid_handler_messages_redelivered() {
     let seen = seen.lock().unwrap().clone();
     let mut recovery = Duration::ZERO;
     for id in &in_flight {
-        let (at, redelivered) = seen
-            .get(id)
-            .unwrap_or_else(|| panic!("message {id}, mid-handler at the kill, was not processed again"));
-        assert!(redelivered, "message {id} came back without the redelivered flag");
+        let (at, redelivered) = seen.get(id).unwrap_or_else(|| {
+            panic!("message {id}, mid-handler at the kill, was not processed again")
+        });
+        assert!(
+            redelivered,
+            "message {id} came back without the redelivered flag"
+        );
         recovery = recovery.max(*at);
     }
     let r = ledger.report();

@@ -144,7 +144,15 @@ impl Ledger {
         tokio::time::timeout(limit, rx.wait_for(check))
             .await
             .map(|_| ())
-            .map_err(|_| format!("timed out after {limit:?} waiting for {what}"))
+            .map_err(|_| {
+                let s = self.state.lock().unwrap();
+                format!(
+                    "timed out after {limit:?} waiting for {what} ({} publishes answered, {} ids consumed, {} deliveries)",
+                    s.published.len(),
+                    s.consumed.len(),
+                    s.deliveries
+                )
+            })
     }
 
     /// Wait until every confirmed id was consumed at least once.

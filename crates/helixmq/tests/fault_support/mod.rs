@@ -27,6 +27,16 @@ use helixmq::{
     Subscription, Topology,
 };
 use ledger::{Ledger, Report};
+use tokio_util::sync::CancellationToken;
+
+/// Log to the test's output as `RUST_LOG` says (e.g. `RUST_LOG=helixmq=debug`);
+/// silent without it.
+pub fn init_logging() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
 
 /// A fresh prefix `helixagent.f<random>` (inside the spec's permission pattern).
 pub fn prefix() -> String {
@@ -74,7 +84,11 @@ pub fn topology(names: &Names, shape: impl FnOnce(Queue) -> Queue) -> (Topology,
         durable: true,
     });
     let queue = names.task_queue("work");
-    t.add_work_queue(shape(Queue::durable(queue.clone())), &names.tasks_exchange(), "work");
+    t.add_work_queue(
+        shape(Queue::durable(queue.clone())),
+        &names.tasks_exchange(),
+        "work",
+    );
     (t, queue)
 }
 
@@ -90,8 +104,31 @@ pub async fn publish_all(
     window: usize,
     opts: PublishOptions,
 ) {
+    publish_until(
+        broker,
+        ledger,
+        count,
+        window,
+        opts,
+        CancellationToken::new(),
+    )
+    .await
+}
+
+/// Like [`publish_all`], but stop starting new publishes once `stop` is
+/// cancelled (those in flight still get their answer): a steady load for as
+/// long as the faults take, whatever the machine's speed.
+pub async fn publish_until(
+    broker: Broker,
+    ledger: Arc<Ledger>,
+    max: usize,
+    window: usize,
+    opts: PublishOptions,
+    stop: CancellationToken,
+) {
     let exchange = broker.names().tasks_exchange();
-    futures::stream::iter(0..count)
+    futures::stream::iter(0..max)
+        .take_until(stop.cancelled_owned())
         .map(|i| {
             let b = broker.clone();
             let l = ledger.clone();

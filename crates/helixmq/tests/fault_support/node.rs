@@ -71,13 +71,18 @@ pub fn ctl(node: Option<&str>, args: &[&str]) -> Result<String, String> {
 /// Close the connections whose client-provided name is `name` (only this
 /// test's); returns how many were closed.
 pub fn close_connections_named(node: Option<&str>, name: &str) -> usize {
-    let list = ctl(node, &["list_connections", "pid", "client_properties"])
-        .expect("list connections");
+    let list =
+        ctl(node, &["list_connections", "pid", "client_properties"]).expect("list connections");
     let needle = format!("\"{name}\"");
     let mut n = 0;
     for line in list.lines().filter(|l| l.contains(&needle)) {
         let pid = line.split_whitespace().next().unwrap_or_default();
-        if ctl(node, &["close_connection", pid, "helixmq fault test: forced close"]).is_ok() {
+        if ctl(
+            node,
+            &["close_connection", pid, "helixmq fault test: forced close"],
+        )
+        .is_ok()
+        {
             n += 1;
         }
     }
@@ -93,8 +98,11 @@ pub struct MemoryAlarm {
 impl MemoryAlarm {
     /// Set the watermark so low that the alarm goes off at once.
     pub fn raise() -> MemoryAlarm {
-        ctl(Some(NODE_NAME), &["set_vm_memory_high_watermark", "0.0000001"])
-            .expect("raise the memory alarm");
+        ctl(
+            Some(NODE_NAME),
+            &["set_vm_memory_high_watermark", "0.0000001"],
+        )
+        .expect("raise the memory alarm");
         MemoryAlarm { cleared: false }
     }
 
