@@ -8,6 +8,10 @@
 //! Every scenario publishes a known set of ids while a fault happens, consumes
 //! them with the library's reliable consumer, and ends with [`summary`]: one
 //! line `scenario=… messages=… faults=… lost=… duplicates=… recovery_ms=…`.
+//!
+//! `RUST_LOG=helixmq=info` shows the client's view of each fault;
+//! `HELIXMQ_FAULT_DEBUG=1` prints every duplicate delivery with its
+//! redelivered flag (false: a resent publish; true: a lost ack).
 
 #![allow(dead_code)]
 
@@ -156,7 +160,11 @@ pub async fn consume_into(
     broker
         .subscribe(
             queue,
-            move |m: Message, _ctx| {
+            move |m: Message, ctx: helixmq::Context| {
+                if std::env::var("HELIXMQ_FAULT_DEBUG").is_ok() && ledger.times_consumed(&m.id) > 0
+                {
+                    eprintln!("DUP {} redelivered={}", m.id, ctx.redelivered);
+                }
                 ledger.consumed(&m.id);
                 async { Ok(Outcome::Ack) }
             },
