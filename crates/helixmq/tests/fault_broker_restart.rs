@@ -107,6 +107,10 @@ async fn broker_app_stopped_and_started_mid_run() {
     assert_eq!(r.confirmed, r.messages);
     assert_eq!(r.lost, 0);
     assert!(b.metrics().connection_recoveries.get() > before);
+    assert_eq!(
+        answered_while_down, 0,
+        "publishes must wait for the broker, not fail, while it is down"
+    );
     cleanup(&b).await;
     b.close().await.expect("close");
 }
