@@ -53,7 +53,10 @@ impl Counter {
     pub(crate) async fn wait(&self, idle: Duration) -> anyhow::Result<()> {
         let mut last = self.seen.load(Ordering::Relaxed);
         loop {
-            if tokio::time::timeout(idle, self.done.notified()).await.is_ok() {
+            if tokio::time::timeout(idle, self.done.notified())
+                .await
+                .is_ok()
+            {
                 return Ok(());
             }
             let now = self.seen.load(Ordering::Relaxed);
@@ -139,7 +142,9 @@ pub(crate) async fn raw_lapin(
         bar.inc(1);
     }
     let run = Run::finished(plan.messages, started, bar);
-    let _ = ch.basic_cancel(tag.into(), BasicCancelOptions::default()).await;
+    let _ = ch
+        .basic_cancel(tag.into(), BasicCancelOptions::default())
+        .await;
     let _ = ch.close(200, "done".into()).await;
     Ok(run)
 }

@@ -216,8 +216,7 @@ async fn measure(bench: &Bench, plan: &Plan) -> anyhow::Result<Report> {
         plan.one_at_a_time_messages,
         "publish one confirm at a time (helixmq)",
     );
-    let one =
-        publish::helix_one_at_a_time(bench, plan, &payload, &bench.q_scratch, &bar).await?;
+    let one = publish::helix_one_at_a_time(bench, plan, &payload, &bench.q_scratch, &bar).await?;
     bench.purge(&bench.q_scratch).await?;
 
     let bar = progress(plan.latency_messages, "latency at a fixed rate");
@@ -230,7 +229,10 @@ async fn measure(bench: &Bench, plan: &Plan) -> anyhow::Result<Report> {
     let embedded = embedded::run(plan, &payload, &bar).await?;
     memory::note(&mut rss, "embedded");
 
-    let bar = progress(plan.soak_messages, "memory soak (helixmq publish + consume)");
+    let bar = progress(
+        plan.soak_messages,
+        "memory soak (helixmq publish + consume)",
+    );
     let soak = memory::soak(bench, plan, &payload, &bar).await?;
 
     rss.soak = Some(soak);

@@ -41,9 +41,9 @@ pub(crate) fn latency_svg(path: &Path, report: &Report) -> anyhow::Result<()> {
         let top = (run.hist.max() as f64 / 1000.0).max(1.0) * 1.05;
         let bars = buckets(&run.hist, top);
         let ymax = bars.iter().map(|b| b.2).fold(1.0, f64::max) * 1.1;
-        let offered = run
-            .offered_per_sec
-            .map_or("saturation".to_string(), |o| format!("{o:.0} msg/s offered"));
+        let offered = run.offered_per_sec.map_or("saturation".to_string(), |o| {
+            format!("{o:.0} msg/s offered")
+        });
         let caption = format!(
             "{name} ({offered}): p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, {} msgs",
             run.p50_ms, run.p99_ms, run.p999_ms, run.messages
@@ -66,7 +66,11 @@ pub(crate) fn latency_svg(path: &Path, report: &Report) -> anyhow::Result<()> {
         )?;
         for (q, v) in [("p50", run.p50_ms), ("p99", run.p99_ms)] {
             if v > 0.1 {
-                chart.draw_series(LineSeries::new(vec![(v, 0.0), (v, ymax)], BLACK.stroke_width(1)))?
+                chart
+                    .draw_series(LineSeries::new(
+                        vec![(v, 0.0), (v, ymax)],
+                        BLACK.stroke_width(1),
+                    ))?
                     .label(q);
             }
         }

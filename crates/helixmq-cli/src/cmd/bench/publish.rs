@@ -73,7 +73,9 @@ pub(crate) async fn publish_with_tasks(
                     .publish(&exchange, &queue, Message::new(make(i)))
                     .await?;
                 if let Some(h) = &confirms {
-                    h.lock().unwrap().saturating_record(micros(started.elapsed()));
+                    h.lock()
+                        .unwrap()
+                        .saturating_record(micros(started.elapsed()));
                 }
                 bar.inc(1);
             }
@@ -113,7 +115,8 @@ pub(crate) async fn helix_batch(
                     return Ok::<_, helixmq::Error>(());
                 }
                 let count = batch.min(n - from);
-                let msgs: Vec<Message> = (0..count).map(|_| Message::new(payload.clone())).collect();
+                let msgs: Vec<Message> =
+                    (0..count).map(|_| Message::new(payload.clone())).collect();
                 for r in broker
                     .publish_batch(&exchange, &queue, &msgs, &PublishOptions::default())
                     .await
@@ -186,13 +189,7 @@ pub(crate) async fn raw_lapin(
             }
         }
         let confirm = ch
-            .basic_publish(
-                exchange.clone(),
-                key.clone(),
-                opts,
-                payload,
-                props.clone(),
-            )
+            .basic_publish(exchange.clone(), key.clone(), opts, payload, props.clone())
             .await
             .context("raw lapin publish")?;
         inflight.push(confirm);

@@ -343,11 +343,7 @@ impl Report {
             "embedded broker ({} messages): publish+consume {:.0} msg/s, publish only {:.0}, consume only {:.0}",
             e.messages, e.publish_and_consume_per_sec, e.publish_only_per_sec, e.consume_only_per_sec
         );
-        let _ = write!(
-            s,
-            "memory: peak RSS {} KiB",
-            self.memory.peak_rss_kib
-        );
+        let _ = write!(s, "memory: peak RSS {} KiB", self.memory.peak_rss_kib);
         if let Some(k) = &self.memory.soak {
             let samples: Vec<String> = k
                 .samples
