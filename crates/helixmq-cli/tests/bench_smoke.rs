@@ -80,6 +80,7 @@ fn bench_json_has_every_field() {
         "publish.raw_lapin",
         "consume.helixmq",
         "consume.raw_lapin",
+        "consume.helixmq_backend_stream",
     ] {
         positive(&v, &format!("{side}.median_per_sec"));
         positive(&v, &format!("{side}.best_per_sec"));
@@ -96,6 +97,7 @@ fn bench_json_has_every_field() {
     assert_eq!(field(&v, "publish.one_at_a_time.messages"), 20);
     positive(&v, "publish.speedup_over_one_at_a_time");
     positive(&v, "consume.ratio");
+    positive(&v, "consume.backend_stream_ratio");
 
     for run in ["latency.fixed_rate", "latency.saturation"] {
         assert_eq!(field(&v, &format!("{run}.messages")), 100);

@@ -148,3 +148,36 @@ pub(crate) async fn raw_lapin(
     let _ = ch.close(200, "done".into()).await;
     Ok(run)
 }
+
+/// Diagnostic: helixmq's RabbitMQ backend stream alone (`Backend::consume`,
+/// then `Acker::ack` per delivery in one loop, like raw lapin), without the
+/// subscription layer (handler tasks, timeouts, metrics). Comparing it with
+/// [`helix`] and [`raw_lapin`] places a consume gap in the backend or above it.
+pub(crate) async fn helix_backend_stream(
+    bench: &Bench,
+    plan: &Plan,
+    queue: &str,
+    bar: &ProgressBar,
+) -> anyhow::Result<Run> {
+    let started = Instant::now();
+    let mut stream = bench
+        .broker
+        .backend()
+        .consume(queue, plan.prefetch, "helixmq-bench-stream")
+        .await
+        .context("helixmq backend consume")?;
+    let mut got = 0;
+    while got < plan.messages {
+        let d = match tokio::time::timeout(STALL, stream.next()).await {
+            Err(_) => anyhow::bail!("backend stream stalled at {got} of {}", plan.messages),
+            Ok(None) => anyhow::bail!("backend stream ended at {got} of {}", plan.messages),
+            Ok(Some(d)) => d.context("backend stream delivery")?,
+        };
+        d.acker.ack().await.context("backend stream ack")?;
+        got += 1;
+        bar.inc(1);
+    }
+    let run = Run::finished(plan.messages, started, bar);
+    let _ = stream.cancel().await;
+    Ok(run)
+}

@@ -173,6 +173,7 @@ async fn measure(bench: &Bench, plan: &Plan) -> anyhow::Result<Report> {
     let payload = plan.payload();
     let mut publish = Rounds::default();
     let mut batch = Vec::new();
+    let mut stream = Vec::new();
     let mut consume = Rounds::default();
 
     for round in 0..plan.rounds {
@@ -195,6 +196,14 @@ async fn measure(bench: &Bench, plan: &Plan) -> anyhow::Result<Report> {
         let bar = progress(plan.messages, &format!("{tag} publish_batch helixmq"));
         batch.push(publish::helix_batch(bench, plan, &payload, &bench.q_scratch, &bar).await?);
         bench.purge(&bench.q_scratch).await?;
+        // Diagnostic: the backend stream alone, on messages raw lapin puts there.
+        let fill = progress(plan.messages, &format!("{tag} fill scratch queue"));
+        publish::raw_lapin(bench, plan, &payload, &bench.q_scratch, &fill).await?;
+        let bar = progress(
+            plan.messages,
+            &format!("{tag} consume helixmq backend stream"),
+        );
+        stream.push(consume::helix_backend_stream(bench, plan, &bench.q_scratch, &bar).await?);
         // Consume what was just published, same prefetch for both.
         for raw in order(!raw_first) {
             if raw {
@@ -241,6 +250,7 @@ async fn measure(bench: &Bench, plan: &Plan) -> anyhow::Result<Report> {
         batch,
         one_at_a_time: one,
         consume,
+        stream,
         latency: report::LatencyReport {
             fixed_rate: fixed,
             saturation: saturated,

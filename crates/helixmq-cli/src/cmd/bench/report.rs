@@ -96,6 +96,11 @@ pub(crate) struct ConsumeReport {
     pub raw_lapin: Stat,
     /// helixmq median / raw lapin median.
     pub ratio: f64,
+    /// Diagnostic: helixmq's backend delivery stream + ack in one loop, no
+    /// subscription layer (messages published by raw lapin).
+    pub helixmq_backend_stream: Stat,
+    /// Backend stream median / raw lapin median.
+    pub backend_stream_ratio: f64,
 }
 
 /// The two latency runs.
@@ -159,6 +164,7 @@ pub(crate) struct Measured {
     pub batch: Vec<Run>,
     pub one_at_a_time: Run,
     pub consume: Rounds,
+    pub stream: Vec<Run>,
     pub latency: LatencyReport,
     pub embedded: EmbeddedReport,
     pub memory: MemoryReport,
@@ -187,8 +193,11 @@ impl Report {
             raw_lapin: raw,
         };
         let (ch, cr) = (Stat::of(m.consume.helix), Stat::of(m.consume.raw));
+        let hs = Stat::of(m.stream);
         let consume = ConsumeReport {
             ratio: ratio(ch.median_per_sec, cr.median_per_sec),
+            backend_stream_ratio: ratio(hs.median_per_sec, cr.median_per_sec),
+            helixmq_backend_stream: hs,
             helixmq: ch,
             raw_lapin: cr,
         };
@@ -322,6 +331,12 @@ impl Report {
             "  helixmq subscription  {}  ratio {:.2}",
             st(&c.helixmq),
             c.ratio
+        );
+        let _ = writeln!(
+            s,
+            "  (diagnostic) backend stream {}  ratio {:.2}",
+            st(&c.helixmq_backend_stream),
+            c.backend_stream_ratio
         );
         let _ = writeln!(s, "end-to-end latency (publish due → handler)");
         for (name, l) in [
