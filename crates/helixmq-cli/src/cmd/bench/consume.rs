@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
+use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use helixmq::{Context, Message, Outcome, SubscribeOptions};
 use indicatif::ProgressBar;
@@ -128,17 +129,31 @@ pub(crate) async fn raw_lapin(
         )
         .await
         .context("raw lapin basic_consume")?;
+    // Acks are pipelined (up to `prefetch` in flight) rather than awaited one
+    // by one: awaiting each ack before taking the next delivery serialises on
+    // lapin's I/O loop and would make the ceiling artificially low.
+    let mut acks = FuturesUnordered::new();
     let mut got = 0;
     while got < plan.messages {
-        let d = match tokio::time::timeout(STALL, consumer.next()).await {
-            Err(_) => anyhow::bail!("raw lapin consume stalled at {got} of {}", plan.messages),
-            Ok(None) => anyhow::bail!("raw lapin consumer ended at {got} of {}", plan.messages),
-            Ok(Some(d)) => d.context("raw lapin delivery")?,
-        };
-        d.ack(BasicAckOptions::default())
-            .await
-            .context("raw lapin ack")?;
-        got += 1;
+        tokio::select! {
+            Some(r) = acks.next(), if !acks.is_empty() => {
+                let r: lapin::Result<()> = r;
+                r.context("raw lapin ack")?;
+                bar.inc(1);
+            }
+            d = tokio::time::timeout(STALL, consumer.next()) => {
+                let d = match d {
+                    Err(_) => anyhow::bail!("raw lapin consume stalled at {got} of {}", plan.messages),
+                    Ok(None) => anyhow::bail!("raw lapin consumer ended at {got} of {}", plan.messages),
+                    Ok(Some(d)) => d.context("raw lapin delivery")?,
+                };
+                acks.push(async move { d.ack(BasicAckOptions::default()).await.map(|_| ()) });
+                got += 1;
+            }
+        }
+    }
+    while let Some(r) = acks.next().await {
+        r.context("raw lapin ack")?;
         bar.inc(1);
     }
     let run = Run::finished(plan.messages, started, bar);
@@ -150,7 +165,7 @@ pub(crate) async fn raw_lapin(
 }
 
 /// Diagnostic: helixmq's RabbitMQ backend stream alone (`Backend::consume`,
-/// then `Acker::ack` per delivery in one loop, like raw lapin), without the
+/// then `Acker::ack` per delivery, pipelined like raw lapin's), without the
 /// subscription layer (handler tasks, timeouts, metrics). Comparing it with
 /// [`helix`] and [`raw_lapin`] places a consume gap in the backend or above it.
 pub(crate) async fn helix_backend_stream(
@@ -166,15 +181,28 @@ pub(crate) async fn helix_backend_stream(
         .consume(queue, plan.prefetch, "helixmq-bench-stream")
         .await
         .context("helixmq backend consume")?;
+    let mut acks = FuturesUnordered::new();
     let mut got = 0;
     while got < plan.messages {
-        let d = match tokio::time::timeout(STALL, stream.next()).await {
-            Err(_) => anyhow::bail!("backend stream stalled at {got} of {}", plan.messages),
-            Ok(None) => anyhow::bail!("backend stream ended at {got} of {}", plan.messages),
-            Ok(Some(d)) => d.context("backend stream delivery")?,
-        };
-        d.acker.ack().await.context("backend stream ack")?;
-        got += 1;
+        tokio::select! {
+            Some(r) = acks.next(), if !acks.is_empty() => {
+                let r: helixmq::Result<()> = r;
+                r.context("backend stream ack")?;
+                bar.inc(1);
+            }
+            d = tokio::time::timeout(STALL, stream.next()) => {
+                let d = match d {
+                    Err(_) => anyhow::bail!("backend stream stalled at {got} of {}", plan.messages),
+                    Ok(None) => anyhow::bail!("backend stream ended at {got} of {}", plan.messages),
+                    Ok(Some(d)) => d.context("backend stream delivery")?,
+                };
+                acks.push(async move { d.acker.ack().await });
+                got += 1;
+            }
+        }
+    }
+    while let Some(r) = acks.next().await {
+        r.context("backend stream ack")?;
         bar.inc(1);
     }
     let run = Run::finished(plan.messages, started, bar);

@@ -191,7 +191,10 @@ async fn measure(bench: &Bench, plan: &Plan) -> anyhow::Result<Report> {
                     publish::helix_concurrent(bench, plan, &payload, &bench.q_helix, &bar).await?;
                 publish.helix.push(r);
             }
-            memory::note(&mut rss, &tag);
+            memory::note(
+                &mut rss,
+                &format!("{tag} publish {}", if raw { "raw" } else { "helixmq" }),
+            );
         }
         let bar = progress(plan.messages, &format!("{tag} publish_batch helixmq"));
         batch.push(publish::helix_batch(bench, plan, &payload, &bench.q_scratch, &bar).await?);
@@ -217,7 +220,10 @@ async fn measure(bench: &Bench, plan: &Plan) -> anyhow::Result<Report> {
                     .helix
                     .push(consume::helix(bench, plan, &bench.q_helix, &bar).await?);
             }
-            memory::note(&mut rss, &tag);
+            memory::note(
+                &mut rss,
+                &format!("{tag} consume {}", if raw { "raw" } else { "helixmq" }),
+            );
         }
     }
 
