@@ -84,11 +84,13 @@ fn bench_json_has_every_field() {
     ] {
         positive(&v, &format!("{side}.median_per_sec"));
         positive(&v, &format!("{side}.best_per_sec"));
+        assert!(field(&v, &format!("{side}.median_cpu_us_per_msg")).is_f64());
         let runs = field(&v, &format!("{side}.runs")).as_array().unwrap();
         assert_eq!(runs.len(), 2, "{side}: one run per round");
         for r in runs {
             assert_eq!(r["messages"], 200);
             assert!(r["seconds"].as_f64().unwrap() > 0.0);
+            assert!(r["cpu_us_per_msg"].as_f64().unwrap() >= 0.0);
         }
     }
     positive(&v, "publish.ratio");

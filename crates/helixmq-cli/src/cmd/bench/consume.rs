@@ -4,7 +4,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use futures::stream::FuturesUnordered;
@@ -15,7 +15,7 @@ use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, B
 use lapin::types::FieldTable;
 use tokio::sync::Notify;
 
-use super::report::Run;
+use super::report::{Run, Start};
 use super::setup::Bench;
 use super::Plan;
 
@@ -88,7 +88,7 @@ pub(crate) async fn helix(
         c.hit();
         async { Ok::<_, helixmq::BoxError>(Outcome::Ack) }
     };
-    let started = Instant::now();
+    let started = Start::now();
     let sub = bench
         .broker
         .subscribe(
@@ -115,7 +115,7 @@ pub(crate) async fn raw_lapin(
     queue: &str,
     bar: &ProgressBar,
 ) -> anyhow::Result<Run> {
-    let started = Instant::now();
+    let started = Start::now();
     let ch = bench.raw.create_channel().await?;
     ch.basic_qos(plan.prefetch, BasicQosOptions::default())
         .await?;
@@ -174,7 +174,7 @@ pub(crate) async fn helix_backend_stream(
     queue: &str,
     bar: &ProgressBar,
 ) -> anyhow::Result<Run> {
-    let started = Instant::now();
+    let started = Start::now();
     let mut stream = bench
         .broker
         .backend()

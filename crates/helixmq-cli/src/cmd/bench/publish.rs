@@ -16,7 +16,7 @@ use lapin::{BasicProperties, Confirmation};
 use tokio::task::JoinSet;
 
 use super::latency::{micros, Hist};
-use super::report::Run;
+use super::report::{Run, Start};
 use super::setup::Bench;
 use super::Plan;
 
@@ -29,7 +29,7 @@ pub(crate) async fn helix_concurrent(
     queue: &str,
     bar: &ProgressBar,
 ) -> anyhow::Result<Run> {
-    let started = Instant::now();
+    let started = Start::now();
     let payload = payload.clone();
     publish_with_tasks(
         &bench.broker,
@@ -98,7 +98,7 @@ pub(crate) async fn helix_batch(
 ) -> anyhow::Result<Run> {
     let batch = (plan.window / 2).max(1) as u64;
     let next = Arc::new(AtomicU64::new(0));
-    let started = Instant::now();
+    let started = Start::now();
     let mut tasks = JoinSet::new();
     for _ in 0..2 {
         let (broker, next, bar, payload) = (
@@ -143,7 +143,7 @@ pub(crate) async fn helix_one_at_a_time(
     queue: &str,
     bar: &ProgressBar,
 ) -> anyhow::Result<Run> {
-    let started = Instant::now();
+    let started = Start::now();
     for _ in 0..plan.one_at_a_time_messages {
         bench
             .broker
@@ -164,7 +164,7 @@ pub(crate) async fn raw_lapin(
     queue: &str,
     bar: &ProgressBar,
 ) -> anyhow::Result<Run> {
-    let started = Instant::now();
+    let started = Start::now();
     let ch = bench.raw.create_channel().await?;
     ch.confirm_select(ConfirmSelectOptions::default()).await?;
     let props = BasicProperties::default().with_delivery_mode(2);
