@@ -191,6 +191,7 @@ fn bench_refuses_bad_arguments() {
         ["bench", "--size", "4"],
         ["bench", "--window", "0"],
         ["bench", "--prefetch", "0"],
+        ["bench", "--plot", "/nonexistent-dir/x.svg"],
     ] {
         let out = Command::new(env!("CARGO_BIN_EXE_helixmq"))
             .args(args)

@@ -126,6 +126,17 @@ impl Plan {
 /// Run the benchmark and print (or write as JSON) the results.
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let plan = Plan::from_args(&args);
+    if let Some(path) = &args.plot {
+        // Fail before minutes of measuring, not after.
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+        if let Some(dir) = dir.filter(|d| !d.is_dir()) {
+            anyhow::bail!(
+                "--plot {}: directory {} does not exist; create it or choose another path",
+                path.display(),
+                dir.display()
+            );
+        }
+    }
     let bench = Bench::connect(&args.url)
         .await
         .context("cannot start the benchmark")?;
@@ -145,17 +156,18 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let report = outcome?;
     cleaned.context("the benchmark finished but its queues could not all be deleted")?;
 
-    if let Some(path) = &args.plot {
-        plot::latency_svg(path, &report)
-            .with_context(|| format!("cannot write the plot to {}", path.display()))?;
-        eprintln!("latency histogram written to {}", path.display());
-    }
+    // Results first, so that a plot that cannot be written loses nothing.
     let text = report.summary();
     if args.json {
         eprint!("{text}");
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print!("{text}");
+    }
+    if let Some(path) = &args.plot {
+        plot::latency_svg(path, &report)
+            .with_context(|| format!("cannot write the plot to {}", path.display()))?;
+        eprintln!("latency histogram written to {}", path.display());
     }
     Ok(())
 }
