@@ -81,6 +81,8 @@ fn bench_json_has_every_field() {
         "consume.helixmq",
         "consume.raw_lapin",
         "consume.helixmq_backend_stream",
+        "publish.raw_lapin_4_channels",
+        "publish.raw_lapin_helixmq_properties",
     ] {
         positive(&v, &format!("{side}.median_per_sec"));
         positive(&v, &format!("{side}.best_per_sec"));

@@ -186,6 +186,8 @@ async fn measure(bench: &Bench, plan: &Plan) -> anyhow::Result<Report> {
     let mut publish = Rounds::default();
     let mut batch = Vec::new();
     let mut stream = Vec::new();
+    let mut raw_4ch = Vec::new();
+    let mut raw_props = Vec::new();
     let mut consume = Rounds::default();
 
     for round in 0..plan.rounds {
@@ -211,6 +213,30 @@ async fn measure(bench: &Bench, plan: &Plan) -> anyhow::Result<Report> {
         let bar = progress(plan.messages, &format!("{tag} publish_batch helixmq"));
         batch.push(publish::helix_batch(bench, plan, &payload, &bench.q_scratch, &bar).await?);
         bench.purge(&bench.q_scratch).await?;
+        // Diagnostics: raw lapin with one helixmq trait at a time.
+        for (shape, into) in [
+            (
+                publish::RawShape {
+                    channels: 4,
+                    helix_properties: false,
+                },
+                &mut raw_4ch,
+            ),
+            (
+                publish::RawShape {
+                    channels: 1,
+                    helix_properties: true,
+                },
+                &mut raw_props,
+            ),
+        ] {
+            let bar = progress(plan.messages, &format!("{tag} publish raw {shape:?}"));
+            into.push(
+                publish::raw_lapin_with(bench, plan, &payload, &bench.q_scratch, &bar, shape)
+                    .await?,
+            );
+            bench.purge(&bench.q_scratch).await?;
+        }
         // Diagnostic: the backend stream alone, on messages raw lapin puts there.
         let fill = progress(plan.messages, &format!("{tag} fill scratch queue"));
         publish::raw_lapin(bench, plan, &payload, &bench.q_scratch, &fill).await?;
@@ -269,6 +295,8 @@ async fn measure(bench: &Bench, plan: &Plan) -> anyhow::Result<Report> {
         one_at_a_time: one,
         consume,
         stream,
+        raw_4ch,
+        raw_props,
         latency: report::LatencyReport {
             fixed_rate: fixed,
             saturation: saturated,

@@ -12,6 +12,7 @@ use futures::StreamExt;
 use helixmq::{Message, PublishOptions};
 use indicatif::ProgressBar;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Confirmation};
 use tokio::task::JoinSet;
 
@@ -164,10 +165,50 @@ pub(crate) async fn raw_lapin(
     queue: &str,
     bar: &ProgressBar,
 ) -> anyhow::Result<Run> {
+    raw_lapin_with(bench, plan, payload, queue, bar, RawShape::default()).await
+}
+
+/// How a raw lapin publish run differs from the plain ceiling (diagnostics
+/// that reproduce one helixmq trait at a time).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct RawShape {
+    /// Confirm channels used round robin per message (helixmq's pool has 4).
+    pub channels: usize,
+    /// Send helixmq's properties: message id (UUID v7), timestamp and the
+    /// `x-helixmq-attempt` header.
+    pub helix_properties: bool,
+}
+
+pub(crate) async fn raw_lapin_with(
+    bench: &Bench,
+    plan: &Plan,
+    payload: &Bytes,
+    queue: &str,
+    bar: &ProgressBar,
+    shape: RawShape,
+) -> anyhow::Result<Run> {
     let started = Start::now();
-    let ch = bench.raw.create_channel().await?;
-    ch.confirm_select(ConfirmSelectOptions::default()).await?;
-    let props = BasicProperties::default().with_delivery_mode(2);
+    let mut chans = Vec::new();
+    for _ in 0..shape.channels.max(1) {
+        let ch = bench.raw.create_channel().await?;
+        ch.confirm_select(ConfirmSelectOptions::default()).await?;
+        chans.push(ch);
+    }
+    let base = BasicProperties::default().with_delivery_mode(2);
+    let props = || {
+        if !shape.helix_properties {
+            return base.clone();
+        }
+        let mut h = FieldTable::default();
+        h.insert("x-helixmq-attempt".into(), AMQPValue::LongLongInt(1));
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        base.clone()
+            .with_message_id(uuid::Uuid::now_v7().to_string().into())
+            .with_timestamp(now)
+            .with_headers(h)
+    };
     let opts = BasicPublishOptions {
         mandatory: true,
         immediate: false,
@@ -181,15 +222,16 @@ pub(crate) async fn raw_lapin(
             other => anyhow::bail!("raw lapin publish not confirmed: {other:?}"),
         }
     };
-    for _ in 0..plan.messages {
+    for i in 0..plan.messages {
         if inflight.len() >= plan.window {
             if let Some(c) = inflight.next().await {
                 check(c)?;
                 bar.inc(1);
             }
         }
+        let ch = &chans[i as usize % chans.len()];
         let confirm = ch
-            .basic_publish(exchange.clone(), key.clone(), opts, payload, props.clone())
+            .basic_publish(exchange.clone(), key.clone(), opts, payload, props())
             .await
             .context("raw lapin publish")?;
         inflight.push(confirm);
@@ -199,6 +241,8 @@ pub(crate) async fn raw_lapin(
         bar.inc(1);
     }
     let run = Run::finished(plan.messages, started, bar);
-    let _ = ch.close(200, "done".into()).await;
+    for ch in chans {
+        let _ = ch.close(200, "done".into()).await;
+    }
     Ok(run)
 }

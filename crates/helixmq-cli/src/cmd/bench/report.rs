@@ -130,6 +130,12 @@ pub(crate) struct PublishReport {
     pub one_at_a_time: Run,
     /// helixmq median / one-at-a-time.
     pub speedup_over_one_at_a_time: f64,
+    /// Diagnostic: raw lapin over 4 confirm channels used round robin, like
+    /// helixmq's publisher pool.
+    pub raw_lapin_4_channels: Stat,
+    /// Diagnostic: raw lapin, one channel, with helixmq's properties (message
+    /// id, timestamp, attempt header).
+    pub raw_lapin_helixmq_properties: Stat,
 }
 
 /// Consume-and-ack.
@@ -210,6 +216,8 @@ pub(crate) struct Measured {
     pub one_at_a_time: Run,
     pub consume: Rounds,
     pub stream: Vec<Run>,
+    pub raw_4ch: Vec<Run>,
+    pub raw_props: Vec<Run>,
     pub latency: LatencyReport,
     pub embedded: EmbeddedReport,
     pub memory: MemoryReport,
@@ -233,6 +241,8 @@ impl Report {
             batch_ratio: ratio(batch.median_per_sec, raw.median_per_sec),
             speedup_over_one_at_a_time: ratio(helixmq.median_per_sec, m.one_at_a_time.per_sec),
             one_at_a_time: m.one_at_a_time,
+            raw_lapin_4_channels: Stat::of(m.raw_4ch),
+            raw_lapin_helixmq_properties: Stat::of(m.raw_props),
             helixmq,
             helixmq_batch: batch,
             raw_lapin: raw,
@@ -369,6 +379,16 @@ impl Report {
             s,
             "  one confirm at a time {:>9.0} msg/s  (helixmq publish is {:.1}×)",
             p.one_at_a_time.per_sec, p.speedup_over_one_at_a_time
+        );
+        let _ = writeln!(
+            s,
+            "  (diagnostic) raw, 4 channels      {}",
+            st(&p.raw_lapin_4_channels)
+        );
+        let _ = writeln!(
+            s,
+            "  (diagnostic) raw, helixmq props   {}",
+            st(&p.raw_lapin_helixmq_properties)
         );
         let _ = writeln!(s, "consume and ack");
         let _ = writeln!(s, "  raw lapin             {}", st(&c.raw_lapin));
