@@ -99,6 +99,8 @@ enum Command {
     Stats(cmd::stats::StatsArgs),
     /// Run the spec's flows end to end and show what happened.
     Demo(cmd::demo::DemoArgs),
+    /// Measure helixmq against raw lapin on the local RabbitMQ (see docs/BENCHMARKS.md).
+    Bench(cmd::bench::BenchArgs),
 }
 
 /// What every command gets besides its own arguments.
@@ -127,7 +129,7 @@ fn main() -> ExitCode {
     // asked; the demo's failures are on purpose and its table tells the story.
     let default_level = match cli.command {
         Command::Worker(_) => "info",
-        Command::Demo(_) => "error",
+        Command::Demo(_) | Command::Bench(_) => "error",
         _ => "warn",
     };
     init_logging(cli.log_format, default_level);
@@ -155,6 +157,7 @@ fn main() -> ExitCode {
             Command::Dlq(c) => cmd::dlq::run(&global, c).await,
             Command::Stats(a) => cmd::stats::run(&global, a).await,
             Command::Demo(a) => cmd::demo::run(&global, a).await,
+            Command::Bench(a) => cmd::bench::run(a).await.map(|()| ExitCode::SUCCESS),
         }
     });
     // Do not wait for stray blocking tasks (e.g. a stdin reader) at exit.
