@@ -1,4 +1,201 @@
-//! The helixmq command line.
-fn main() {
-    println!("helixmq");
+//! The helixmq command line: how operators and non-Rust services use helixmq.
+//!
+//! # Layout
+//! - `main.rs`: global options (`--config`, `--log-format`, `--management-url`),
+//!   logging, dispatch, exit codes.
+//! - [`common`]: configuration loading, connecting, the topology a command works on.
+//! - [`mgmt`]: a small client of RabbitMQ's management HTTP API (`stats`, `topology diff`).
+//! - `cmd/`: one file per command — `config`, `topology`, `publish`, `worker/`
+//!   (`exec`, `http` handlers), `dlq`, `stats`, `demo`.
+//!
+//! # Exit codes
+//! - 0: success.
+//! - 1: an error (its message is printed on stderr, prefixed with `error:`).
+//! - 2: a check found something: `stats` crossed an alert threshold,
+//!   `topology diff` found differences.
+//! - 64: the command line itself is wrong (unknown option, missing argument).
+
+/// `println!` that ends the process quietly when stdout is a closed pipe
+/// (`helixmq dlq list | head`) instead of panicking.
+macro_rules! outln {
+    () => { $crate::common::out_line(format_args!("")) };
+    ($($t:tt)*) => { $crate::common::out_line(format_args!($($t)*)) };
+}
+
+mod cmd;
+mod common;
+mod mgmt;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use tracing_subscriber::EnvFilter;
+
+/// helixmq: a RabbitMQ task-queue layer that does not lose work.
+#[derive(Debug, Parser)]
+#[command(
+    name = "helixmq",
+    version,
+    propagate_version = true,
+    after_help = "Exit status: 0 success; 1 error (message on stderr); 2 a check found something \
+                  (stats threshold crossed, topology diff found differences); 64 usage error."
+)]
+struct Cli {
+    /// Configuration file (the spec's messaging.yaml). Without it: defaults + environment
+    /// (RABBITMQ_HOST, RABBITMQ_PORT, RABBITMQ_USER, RABBITMQ_PASSWORD, RABBITMQ_VHOST,
+    /// RABBITMQ_URL, HELIXMQ_PREFIX, ...).
+    #[arg(
+        long,
+        short = 'c',
+        global = true,
+        env = "HELIXMQ_CONFIG",
+        value_name = "FILE"
+    )]
+    config: Option<PathBuf>,
+
+    /// Log format on stderr. The level comes from RUST_LOG (e.g. `RUST_LOG=helixmq=debug`).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+
+    /// Base URL of RabbitMQ's management HTTP API, for `stats` and `topology diff`.
+    /// Default: http://<rabbitmq host>:15672 with the configured credentials.
+    #[arg(
+        long,
+        global = true,
+        env = "HELIXMQ_MANAGEMENT_URL",
+        value_name = "URL"
+    )]
+    management_url: Option<String>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Check the configuration, print it (password redacted).
+    #[command(subcommand)]
+    Config(cmd::config::ConfigCmd),
+    /// Declare, export, compare or delete the topology.
+    #[command(subcommand)]
+    Topology(cmd::topology::TopologyCmd),
+    /// Publish messages with publisher confirms; prints each confirmed id.
+    Publish(cmd::publish::PublishArgs),
+    /// Consume queues, running a command or calling an HTTP endpoint per message.
+    Worker(cmd::worker::WorkerArgs),
+    /// Inspect, replay and purge the dead-letter queue without losing messages.
+    #[command(subcommand)]
+    Dlq(cmd::dlq::DlqCmd),
+    /// Queue depths, rates, connections; alert thresholds (exit 2 when crossed).
+    Stats(cmd::stats::StatsArgs),
+    /// Run the spec's flows end to end and show what happened.
+    Demo(cmd::demo::DemoArgs),
+}
+
+/// What every command gets besides its own arguments.
+#[derive(Debug, Clone)]
+pub struct Global {
+    /// `--config`.
+    pub config: Option<PathBuf>,
+    /// `--management-url`.
+    pub management_url: Option<String>,
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            // clap's own exit code for usage errors is 2, which means "check failed" here.
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(64)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    // The worker's job is to log what it does; other commands stay quiet unless
+    // asked; the demo's failures are on purpose and its table tells the story.
+    let default_level = match cli.command {
+        Command::Worker(_) => "info",
+        Command::Demo(_) => "error",
+        _ => "warn",
+    };
+    init_logging(cli.log_format, default_level);
+
+    let global = Global {
+        config: cli.config,
+        management_url: cli.management_url,
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let res = rt.block_on(async move {
+        match cli.command {
+            Command::Config(c) => cmd::config::run(&global, c).await,
+            Command::Topology(c) => cmd::topology::run(&global, c).await,
+            Command::Publish(a) => cmd::publish::run(&global, a).await,
+            Command::Worker(a) => cmd::worker::run(&global, a).await,
+            Command::Dlq(c) => cmd::dlq::run(&global, c).await,
+            Command::Stats(a) => cmd::stats::run(&global, a).await,
+            Command::Demo(a) => cmd::demo::run(&global, a).await,
+        }
+    });
+    // Do not wait for stray blocking tasks (e.g. a stdin reader) at exit.
+    rt.shutdown_timeout(std::time::Duration::from_millis(200));
+    match res {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {}", render_error(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The error and its causes on one line, skipping a cause whose text the message
+/// before it already includes (library errors often quote their source).
+fn render_error(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
+fn init_logging(format: LogFormat, default_level: &str) {
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(v) if !v.trim().is_empty() => EnvFilter::new(v),
+        // lapin logs every returned message and channel close; helixmq reports what matters itself.
+        _ => EnvFilter::new(format!("{default_level},lapin=off")),
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
 }

@@ -256,7 +256,8 @@ async fn health_handler(State(s): State<AppState>) -> Response {
     (code, Json(h)).into_response()
 }
 
-/// A running HTTP server started by [`serve`].
+/// A running HTTP server started by [`serve`]. The shutdown token stops it;
+/// dropping this handle does not (the server keeps serving, detached).
 #[derive(Debug)]
 pub struct Server {
     addr: SocketAddr,

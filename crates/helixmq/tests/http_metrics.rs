@@ -159,8 +159,9 @@ async fn counters_after_a_known_run() {
             "{name}{labels:?} in\n{body}"
         );
     }
-    // Nothing was nacked, so that family has no series at all.
-    assert_eq!(scrape.value("rabbitmq_messages_nacked_total", &q), None);
+    // Nothing was nacked: the series exists from the subscription's start (so
+    // rate() works from zero) and reads 0.
+    assert_eq!(scrape.value("rabbitmq_messages_nacked_total", &q), Some(0.0));
     assert_eq!(
         scrape
             .types
@@ -349,4 +350,123 @@ async fn serve_reports_a_busy_port_and_shuts_down_gracefully() {
         tokio::net::TcpStream::connect(addr).await.is_err(),
         "listener closed after shutdown"
     );
+}
+
+/// The same kind of known run on the embedded broker, with its real retry
+/// tiers and DLQ: 100 published to the tasks exchange (90 to a queue nobody
+/// consumes, 10 to one that is consumed), 3 of the 10 poison at max 3 attempts.
+#[tokio::test]
+async fn counters_after_a_known_run_on_the_embedded_broker() {
+    let mut config = Config::default();
+    config.helixmq.prefix = format!("helixagent.hxt{}", uuid::Uuid::new_v4().simple());
+    let names = helixmq::Names::new(config.helixmq.prefix.clone());
+    let mut registry = Registry::default();
+    let metrics = Metrics::new(&mut registry);
+    let backend = Arc::new(helixmq::backend::memory::MemoryBroker::new());
+    let broker = Broker::with_backend(backend, config, metrics.clone());
+    broker
+        .declare(&helixmq::Topology::spec(&names))
+        .await
+        .unwrap();
+    let tasks = names.tasks_exchange();
+    let consumed_q = names.task_queue("verification");
+    let idle_q = names.task_queue("background");
+
+    let idle: Vec<Message> = (0..90).map(|i| Message::new(format!("idle-{i}"))).collect();
+    for r in broker
+        .publish_batch(&tasks, "background", &idle, &PublishOptions::default())
+        .await
+    {
+        r.unwrap();
+    }
+    for i in 0..10 {
+        let body = if i < 3 {
+            format!("poison-{i}")
+        } else {
+            format!("ok-{i}")
+        };
+        broker
+            .publish(&tasks, "verification", Message::new(body))
+            .await
+            .unwrap();
+    }
+    let opts = SubscribeOptions {
+        prefetch: Some(5),
+        retry: Some(RetryPolicy {
+            max_attempts: 3,
+            delays: vec![Duration::from_millis(20)],
+        }),
+        ..Default::default()
+    };
+    let sub = broker
+        .subscribe(
+            &consumed_q,
+            |m: Message, _ctx| async move {
+                if m.payload.starts_with(b"poison") {
+                    Ok(Outcome::retry("poison"))
+                } else {
+                    Ok(Outcome::Ack)
+                }
+            },
+            opts,
+        )
+        .await
+        .unwrap();
+
+    // The counters are not awaitable: poll them until the run is over (bounded).
+    let qlabel = helixmq::metrics::QueueLabel {
+        queue: consumed_q.clone(),
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while metrics.dead_lettered.get_or_create(&qlabel).get() < 3
+        || metrics.acked.get_or_create(&qlabel).get() < 16
+    {
+        assert!(tokio::time::Instant::now() < deadline, "run did not finish");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    sub.shutdown(Duration::from_secs(5)).await;
+
+    let shutdown = CancellationToken::new();
+    let router = http::router(HealthSource::new(&broker), Arc::new(registry));
+    let server = http::serve("127.0.0.1:0".parse().unwrap(), router, shutdown.clone())
+        .await
+        .unwrap();
+    let (code, body, _) = get(&format!("http://{}/metrics", server.local_addr())).await;
+    assert_eq!(code, 200);
+    let scrape =
+        prom::parse(&body).unwrap_or_else(|e| panic!("scrape does not parse: {e}\n{body}"));
+    let ex = [("exchange", tasks.as_str())];
+    let q = [("queue", consumed_q.as_str())];
+    for (name, labels, want) in [
+        ("rabbitmq_messages_published_total", &ex[..], 100.0),
+        ("rabbitmq_messages_consumed_total", &q[..], 16.0),
+        ("rabbitmq_messages_acked_total", &q[..], 16.0),
+        ("rabbitmq_messages_retried_total", &q[..], 6.0),
+        ("rabbitmq_messages_dead_lettered_total", &q[..], 3.0),
+        ("rabbitmq_publish_latency_seconds_count", &[][..], 100.0),
+        ("rabbitmq_handler_duration_seconds_count", &[][..], 16.0),
+        ("rabbitmq_handlers_in_flight", &[][..], 0.0),
+        ("rabbitmq_connection_state", &[][..], 1.0),
+    ] {
+        assert_eq!(
+            scrape.value(name, labels),
+            Some(want),
+            "{name}{labels:?} in\n{body}"
+        );
+    }
+    assert_eq!(scrape.value("rabbitmq_publish_failures_total", &ex), None);
+    // The broker agrees: 3 in the DLQ, 90 still waiting, none left in the consumed queue.
+    let b = broker.backend();
+    assert_eq!(b.queue_stats(&names.dlq()).await.unwrap().messages, 3);
+    assert_eq!(b.queue_stats(&idle_q).await.unwrap().messages, 90);
+    assert_eq!(b.queue_stats(&consumed_q).await.unwrap().messages, 0);
+
+    let (code, body, _) = get(&format!("http://{}/health", server.local_addr())).await;
+    assert_eq!(code, 200, "{body}");
+    broker.close().await.unwrap();
+    let (code, body, _) = get(&format!("http://{}/health", server.local_addr())).await;
+    assert_eq!(code, 503, "closed broker must be unhealthy: {body}");
+    assert!(body.contains("closed"), "{body}");
+    shutdown.cancel();
+    server.join().await.unwrap();
 }

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use helixmq::message::header;
 use helixmq::{
-    Broker, Error, Message, Names, Outcome, Priority, PublishOptions, RetryPolicy, SubscribeOptions, SubscriptionStatus,
-    Topology,
+    Broker, Error, Message, Names, Outcome, Priority, PublishOptions, RetryPolicy,
+    SubscribeOptions, SubscriptionStatus, Topology,
 };
 use support::*;
 use tokio::sync::mpsc;
@@ -20,13 +20,19 @@ const RETRY: Duration = Duration::from_secs(1);
 fn retry_opts(max_attempts: u32) -> SubscribeOptions {
     SubscribeOptions {
         prefetch: Some(10),
-        retry: Some(RetryPolicy { max_attempts, delays: vec![RETRY] }),
+        retry: Some(RetryPolicy {
+            max_attempts,
+            delays: vec![RETRY],
+        }),
         ..Default::default()
     }
 }
 
 async fn recv<T>(rx: &mut mpsc::Receiver<T>, what: &str) -> T {
-    tokio::time::timeout(Duration::from_secs(20), rx.recv()).await.unwrap_or_else(|_| panic!("timed out waiting for {what}")).unwrap()
+    tokio::time::timeout(Duration::from_secs(20), rx.recv())
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+        .unwrap()
 }
 
 #[tokio::test]
@@ -37,19 +43,39 @@ async fn llm_queue_serves_higher_priorities_first() {
     b.declare(&Topology::spec(&names)).await.unwrap();
     let prios = [1u8, 5, 10, 0, 8, 3, 10, 5, 1, 8, 2, 9, 0, 7, 6];
     for (i, pr) in prios.iter().enumerate() {
-        let opts = PublishOptions { priority: Some(Priority::new(*pr).unwrap()), ..Default::default() };
-        b.publish_with(&names.tasks_exchange(), "llm", Message::new(format!("{i}")), &opts).await.unwrap();
+        let opts = PublishOptions {
+            priority: Some(Priority::new(*pr).unwrap()),
+            ..Default::default()
+        };
+        b.publish_with(
+            &names.tasks_exchange(),
+            "llm",
+            Message::new(format!("{i}")),
+            &opts,
+        )
+        .await
+        .unwrap();
     }
     let (tx, mut rx) = mpsc::channel(64);
-    let opts = SubscribeOptions { prefetch: Some(1), concurrency: Some(1), ..Default::default() };
+    let opts = SubscribeOptions {
+        prefetch: Some(1),
+        concurrency: Some(1),
+        ..Default::default()
+    };
     let sub = b
-        .subscribe(&names.task_queue("llm"), move |m: Message, _| {
-            let tx = tx.clone();
-            async move {
-                tx.send(m.priority.map(|p| p.value()).unwrap_or(0)).await.unwrap();
-                Ok(Outcome::Ack)
-            }
-        }, opts)
+        .subscribe(
+            &names.task_queue("llm"),
+            move |m: Message, _| {
+                let tx = tx.clone();
+                async move {
+                    tx.send(m.priority.map(|p| p.value()).unwrap_or(0))
+                        .await
+                        .unwrap();
+                    Ok(Outcome::Ack)
+                }
+            },
+            opts,
+        )
         .await
         .unwrap();
     let mut got = Vec::new();
@@ -69,15 +95,28 @@ async fn llm_queue_serves_higher_priorities_first() {
 async fn retry_returns_to_origin(b: &Broker, exchange: &str, key: &str, queue: &str) {
     let (tx, mut rx) = mpsc::channel(16);
     let sub = b
-        .subscribe(queue, move |m: Message, ctx: helixmq::Context| {
-            let tx = tx.clone();
-            async move {
-                tx.send((m.id.clone(), m.attempt, ctx.queue.clone(), m.header_str(header::ORIGIN_QUEUE).map(String::from)))
+        .subscribe(
+            queue,
+            move |m: Message, ctx: helixmq::Context| {
+                let tx = tx.clone();
+                async move {
+                    tx.send((
+                        m.id.clone(),
+                        m.attempt,
+                        ctx.queue.clone(),
+                        m.header_str(header::ORIGIN_QUEUE).map(String::from),
+                    ))
                     .await
                     .unwrap();
-                Ok(if m.attempt == 1 { Outcome::retry("transient failure") } else { Outcome::Ack })
-            }
-        }, retry_opts(3))
+                    Ok(if m.attempt == 1 {
+                        Outcome::retry("transient failure")
+                    } else {
+                        Outcome::Ack
+                    })
+                }
+            },
+            retry_opts(3),
+        )
         .await
         .unwrap();
     let m = Message::new("retry me");
@@ -87,8 +126,16 @@ async fn retry_returns_to_origin(b: &Broker, exchange: &str, key: &str, queue: &
     assert_eq!((id1.as_str(), a1, q1.as_str()), (id.as_str(), 1, queue));
     let started = std::time::Instant::now();
     let (id2, a2, q2, origin) = recv(&mut rx, "retried attempt").await;
-    assert!(started.elapsed() >= RETRY.mul_f64(0.8), "came back after the delay: {:?}", started.elapsed());
-    assert_eq!((id2.as_str(), a2, q2.as_str()), (id.as_str(), 2, queue), "same message, back in its own queue");
+    assert!(
+        started.elapsed() >= RETRY.mul_f64(0.8),
+        "came back after the delay: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        (id2.as_str(), a2, q2.as_str()),
+        (id.as_str(), 2, queue),
+        "same message, back in its own queue"
+    );
     assert_eq!(origin.as_deref(), Some(queue));
     sub.shutdown(Duration::from_secs(5)).await;
 }
@@ -99,13 +146,45 @@ async fn retries_return_to_the_origin_queue_on_each_exchange_kind() {
     let b = broker(config(GUEST, &p)).await.unwrap();
     let names = Names::new(&p);
     b.declare(&Topology::spec(&names)).await.unwrap();
-    retry_returns_to_origin(&b, &names.tasks_exchange(), "background", &names.task_queue("background")).await;
-    retry_returns_to_origin(&b, &names.events_exchange(), "debate.round.1", &names.event_queue("debate")).await;
-    retry_returns_to_origin(&b, &names.notifications_exchange(), "", &names.notification_queue("websocket")).await;
+    retry_returns_to_origin(
+        &b,
+        &names.tasks_exchange(),
+        "background",
+        &names.task_queue("background"),
+    )
+    .await;
+    retry_returns_to_origin(
+        &b,
+        &names.events_exchange(),
+        "debate.round.1",
+        &names.event_queue("debate"),
+    )
+    .await;
+    retry_returns_to_origin(
+        &b,
+        &names.notifications_exchange(),
+        "",
+        &names.notification_queue("websocket"),
+    )
+    .await;
     // The retry did not leak into sibling queues: the audit queue (topic `#`) got
     // the debate event once, the other notification queues the broadcast once.
-    assert_eq!(b.backend().queue_stats(&names.event_queue("audit")).await.unwrap().messages, 1);
-    assert_eq!(b.backend().queue_stats(&names.notification_queue("sse")).await.unwrap().messages, 1);
+    assert_eq!(
+        b.backend()
+            .queue_stats(&names.event_queue("audit"))
+            .await
+            .unwrap()
+            .messages,
+        1
+    );
+    assert_eq!(
+        b.backend()
+            .queue_stats(&names.notification_queue("sse"))
+            .await
+            .unwrap()
+            .messages,
+        1
+    );
     cleanup(&b, None).await;
     b.close().await.unwrap();
 }
@@ -116,15 +195,21 @@ async fn dlq_after_max_attempts(b: &Broker) {
     let attempts = Arc::new(Mutex::new(Vec::new()));
     let seen = attempts.clone();
     let sub = b
-        .subscribe(&queue, move |m: Message, _| {
-            seen.lock().unwrap().push(m.attempt);
-            async move { Err::<Outcome, helixmq::BoxError>("provider unreachable".into()) }
-        }, retry_opts(3))
+        .subscribe(
+            &queue,
+            move |m: Message, _| {
+                seen.lock().unwrap().push(m.attempt);
+                async move { Err::<Outcome, helixmq::BoxError>("provider unreachable".into()) }
+            },
+            retry_opts(3),
+        )
         .await
         .unwrap();
     let m = Message::new("poison").with_kind("verify.provider");
     let id = m.id.clone();
-    b.publish(&names.tasks_exchange(), "verification", m).await.unwrap();
+    b.publish(&names.tasks_exchange(), "verification", m)
+        .await
+        .unwrap();
     let dlq = names.dlq();
     let d = tokio::time::timeout(Duration::from_secs(30), async {
         loop {
@@ -143,13 +228,28 @@ async fn dlq_after_max_attempts(b: &Broker) {
     assert_eq!(m.kind.as_deref(), Some("verify.provider"));
     assert_eq!(m.attempt, 3);
     assert_eq!(m.header_str(header::ORIGIN_QUEUE), Some(queue.as_str()));
-    assert_eq!(m.header_str(header::ORIGIN_EXCHANGE), Some(names.tasks_exchange().as_str()));
-    assert_eq!(m.header_str(header::ORIGIN_ROUTING_KEY), Some("verification"));
-    assert!(m.header_str(header::LAST_ERROR).unwrap().contains("provider unreachable"));
-    assert!(m.header_str(header::DEAD_LETTER_REASON).unwrap().contains("3 attempts"));
+    assert_eq!(
+        m.header_str(header::ORIGIN_EXCHANGE),
+        Some(names.tasks_exchange().as_str())
+    );
+    assert_eq!(
+        m.header_str(header::ORIGIN_ROUTING_KEY),
+        Some("verification")
+    );
+    assert!(m
+        .header_str(header::LAST_ERROR)
+        .unwrap()
+        .contains("provider unreachable"));
+    assert!(m
+        .header_str(header::DEAD_LETTER_REASON)
+        .unwrap()
+        .contains("3 attempts"));
     let first = m.headers[header::FIRST_FAILURE].as_i64().unwrap();
     let last = m.headers[header::LAST_FAILURE].as_i64().unwrap();
-    assert!(last - first >= 1_500, "two retry delays apart: {first} .. {last}");
+    assert!(
+        last - first >= 1_500,
+        "two retry delays apart: {first} .. {last}"
+    );
     d.acker.ack().await.unwrap();
     assert_eq!(b.backend().queue_stats(&queue).await.unwrap().messages, 0);
 }
@@ -171,17 +271,42 @@ async fn deleting_the_queue_under_a_subscription_is_reported() {
     let names = Names::new(&p);
     b.declare(&Topology::spec(&names)).await.unwrap();
     let queue = names.notification_queue("webhooks");
-    let sub = b.subscribe(&queue, |_m: Message, _| async { Ok(Outcome::Ack) }, SubscribeOptions::default()).await.unwrap();
+    let sub = b
+        .subscribe(
+            &queue,
+            |_m: Message, _| async { Ok(Outcome::Ack) },
+            SubscribeOptions::default(),
+        )
+        .await
+        .unwrap();
     let mut status = sub.watch_status();
     b.backend().delete_queue(&queue).await.unwrap();
-    tokio::time::timeout(Duration::from_secs(10), status.wait_for(|s| *s != SubscriptionStatus::Active)).await.unwrap().unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        status.wait_for(|s| *s != SubscriptionStatus::Active),
+    )
+    .await
+    .unwrap()
+    .unwrap();
     match sub.status() {
-        SubscriptionStatus::Failed(why) => assert!(why.contains(&queue) && why.contains("cancelled"), "{why}"),
+        SubscriptionStatus::Failed(why) => {
+            assert!(why.contains(&queue) && why.contains("cancelled"), "{why}")
+        }
         other => panic!("expected Failed, got {other:?}"),
     }
     // Subscribing to a missing queue is a clear NotFound.
-    let err = b.subscribe(&queue, |_m: Message, _| async { Ok(Outcome::Ack) }, SubscribeOptions::default()).await.unwrap_err();
-    assert!(matches!(&err, Error::NotFound { kind: "queue", name } if name == &queue), "{err:?}");
+    let err = b
+        .subscribe(
+            &queue,
+            |_m: Message, _| async { Ok(Outcome::Ack) },
+            SubscribeOptions::default(),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::NotFound { kind: "queue", name } if name == &queue),
+        "{err:?}"
+    );
     cleanup(&b, None).await;
     b.close().await.unwrap();
 }
@@ -189,21 +314,48 @@ async fn deleting_the_queue_under_a_subscription_is_reported() {
 #[tokio::test]
 async fn the_whole_flow_works_as_the_least_privilege_user() {
     let p = prefix();
-    let b = broker(config(HELIXAGENT, &p)).await.expect("helixagent user exists (run scripts/provision)");
+    let b = broker(config(HELIXAGENT, &p))
+        .await
+        .expect("helixagent user exists (run scripts/provision)");
     let names = Names::new(&p);
-    b.declare(&Topology::spec(&names)).await.expect("topology under helixagent.* is allowed");
+    b.declare(&Topology::spec(&names))
+        .await
+        .expect("topology under helixagent.* is allowed");
     // publish + consume + retry back to origin
     retry_returns_to_origin(&b, &names.tasks_exchange(), "llm", &names.task_queue("llm")).await;
     // DLQ with headers
     dlq_after_max_attempts(&b).await;
     // batch + stats + purge
     let msgs: Vec<Message> = (0..20).map(|i| Message::new(format!("{i}"))).collect();
-    let r = b.publish_batch(&names.events_exchange(), "verification.done", &msgs, &PublishOptions::default()).await;
+    let r = b
+        .publish_batch(
+            &names.events_exchange(),
+            "verification.done",
+            &msgs,
+            &PublishOptions::default(),
+        )
+        .await;
     assert!(r.iter().all(|r| r.is_ok()), "{r:?}");
-    assert_eq!(b.backend().queue_stats(&names.event_queue("verify")).await.unwrap().messages, 20);
-    assert_eq!(b.backend().purge(&names.event_queue("verify")).await.unwrap(), 20);
+    assert_eq!(
+        b.backend()
+            .queue_stats(&names.event_queue("verify"))
+            .await
+            .unwrap()
+            .messages,
+        20
+    );
+    assert_eq!(
+        b.backend()
+            .purge(&names.event_queue("verify"))
+            .await
+            .unwrap(),
+        20
+    );
     // Outside its permissions: a clear access-refused error.
-    let err = b.publish("amq.topic", "x", Message::new("no")).await.unwrap_err();
+    let err = b
+        .publish("amq.topic", "x", Message::new("no"))
+        .await
+        .unwrap_err();
     assert!(matches!(err, Error::AccessRefused { .. }), "{err:?}");
     cleanup(&b, None).await;
     b.close().await.unwrap();

@@ -30,7 +30,9 @@ async fn ten_thousand_concurrent_publishes_are_all_confirmed_and_consumed() {
         let b = b.clone();
         let exchange = exchange.clone();
         tasks.push(tokio::spawn(async move {
-            let msgs: Vec<Message> = (0..PER_TASK).map(|i| Message::new(format!("payload {i}"))).collect();
+            let msgs: Vec<Message> = (0..PER_TASK)
+                .map(|i| Message::new(format!("payload {i}")))
+                .collect();
             let ids: Vec<String> = msgs.iter().map(|m| m.id.clone()).collect();
             let results: Vec<helixmq::Result<()>> = futures::stream::iter(msgs)
                 .map(|m| {
@@ -61,7 +63,11 @@ async fn ten_thousand_concurrent_publishes_are_all_confirmed_and_consumed() {
         published.len() as f64 / elapsed.as_secs_f64()
     );
 
-    let mut stream = b.backend().consume(&queue, 500, "hxtest-count").await.unwrap();
+    let mut stream = b
+        .backend()
+        .consume(&queue, 500, "hxtest-count")
+        .await
+        .unwrap();
     let mut seen = HashSet::new();
     let mut duplicates = 0;
     let consume_started = Instant::now();
@@ -99,16 +105,41 @@ async fn batch_publish_pipelines_and_keeps_order() {
     let queue = names.task_queue("debate");
     let msgs: Vec<Message> = (0..500).map(|i| Message::new(format!("{i}"))).collect();
     let started = Instant::now();
-    let results = b.publish_batch(&names.tasks_exchange(), "debate", &msgs, &PublishOptions::default()).await;
-    println!("batch of {} confirmed in {:.2?}", msgs.len(), started.elapsed());
+    let results = b
+        .publish_batch(
+            &names.tasks_exchange(),
+            "debate",
+            &msgs,
+            &PublishOptions::default(),
+        )
+        .await;
+    println!(
+        "batch of {} confirmed in {:.2?}",
+        msgs.len(),
+        started.elapsed()
+    );
     assert_eq!(results.len(), 500);
-    assert!(results.iter().all(|r| r.is_ok()), "{:?}", results.iter().find(|r| r.is_err()));
+    assert!(
+        results.iter().all(|r| r.is_ok()),
+        "{:?}",
+        results.iter().find(|r| r.is_err())
+    );
     assert_eq!(b.backend().queue_stats(&queue).await.unwrap().messages, 500);
 
     // A batch with one unroutable message: that one fails, the rest succeed.
     let mixed = vec![Message::new("a"), Message::new("b")];
-    let r = b.publish_batch(&names.tasks_exchange(), "no-such-kind", &mixed, &PublishOptions::default()).await;
-    assert!(r.iter().all(|r| matches!(r, Err(Error::Unroutable { .. }))), "{r:?}");
+    let r = b
+        .publish_batch(
+            &names.tasks_exchange(),
+            "no-such-kind",
+            &mixed,
+            &PublishOptions::default(),
+        )
+        .await;
+    assert!(
+        r.iter().all(|r| matches!(r, Err(Error::Unroutable { .. }))),
+        "{r:?}"
+    );
 
     let mut got = Vec::new();
     while let Some(d) = b.backend().get(&queue).await.unwrap() {
@@ -129,7 +160,10 @@ async fn every_property_and_header_type_survives_the_broker() {
     b.declare(&Topology::spec(&names)).await.unwrap();
     let mut nested = BTreeMap::new();
     nested.insert("n".to_string(), HeaderValue::Int(-1));
-    nested.insert("list".to_string(), HeaderValue::Array(vec![HeaderValue::Void, HeaderValue::Bool(true)]));
+    nested.insert(
+        "list".to_string(),
+        HeaderValue::Array(vec![HeaderValue::Void, HeaderValue::Bool(true)]),
+    );
     let mut m = Message::new(&b"\x00binary\xffpayload"[..])
         .with_kind("llm.request")
         .with_priority(Priority::HIGH)
@@ -144,32 +178,63 @@ async fn every_property_and_header_type_survives_the_broker() {
         .with_header("text", "héllo wörld")
         .with_header("bytes", HeaderValue::Bytes(vec![0, 255, 128, 7]))
         .with_header("ts", HeaderValue::Timestamp(1_700_000_000))
-        .with_header("array", HeaderValue::Array(vec![HeaderValue::Int(1), HeaderValue::String("x".into()), HeaderValue::Table(nested.clone())]))
+        .with_header(
+            "array",
+            HeaderValue::Array(vec![
+                HeaderValue::Int(1),
+                HeaderValue::String("x".into()),
+                HeaderValue::Table(nested.clone()),
+            ]),
+        )
         .with_header("table", HeaderValue::Table(nested));
     m.content_type = Some("application/octet-stream".into());
     m.content_encoding = Some("identity".into());
     m.reply_to = Some(format!("{p}.replies"));
     m.attempt = 2;
-    b.publish(&names.tasks_exchange(), "llm", m.clone()).await.unwrap();
-    let d = b.backend().get(&names.task_queue("llm")).await.unwrap().expect("message is there");
+    b.publish(&names.tasks_exchange(), "llm", m.clone())
+        .await
+        .unwrap();
+    let d = b
+        .backend()
+        .get(&names.task_queue("llm"))
+        .await
+        .unwrap()
+        .expect("message is there");
     assert_eq!(d.message, m);
     assert_eq!(d.exchange, names.tasks_exchange());
     assert_eq!(d.routing_key, "llm");
     assert!(!d.redelivered);
     // nack with requeue: it comes back redelivered.
     d.acker.nack(true).await.unwrap();
-    let d = b.backend().get(&names.task_queue("llm")).await.unwrap().expect("requeued");
+    let d = b
+        .backend()
+        .get(&names.task_queue("llm"))
+        .await
+        .unwrap()
+        .expect("requeued");
     assert!(d.redelivered);
     d.acker.ack().await.unwrap();
     // Settling twice fails harmlessly (no 406 closing the channel).
     assert!(d.acker.ack().await.is_err());
-    assert!(b.backend().get(&names.task_queue("llm")).await.unwrap().is_none());
+    assert!(b
+        .backend()
+        .get(&names.task_queue("llm"))
+        .await
+        .unwrap()
+        .is_none());
 
     // Transient messages keep their delivery mode.
     let mut t = Message::new("t");
     t.delivery = helixmq::message::Delivery::Transient;
-    b.publish(&names.tasks_exchange(), "llm", t.clone()).await.unwrap();
-    let d = b.backend().get(&names.task_queue("llm")).await.unwrap().unwrap();
+    b.publish(&names.tasks_exchange(), "llm", t.clone())
+        .await
+        .unwrap();
+    let d = b
+        .backend()
+        .get(&names.task_queue("llm"))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(d.message.delivery, helixmq::message::Delivery::Transient);
     d.acker.ack().await.unwrap();
     cleanup(&b, None).await;
@@ -183,16 +248,41 @@ async fn a_priority_above_the_queue_maximum_is_refused_before_sending() {
     let names = Names::new(&p);
     let mut t = Topology::spec(&names);
     let low = format!("{p}.tasks.lowprio");
-    t.add_work_queue(Queue::durable(&low).max_priority(3), &names.tasks_exchange(), "lowprio");
+    t.add_work_queue(
+        Queue::durable(&low).max_priority(3),
+        &names.tasks_exchange(),
+        "lowprio",
+    );
     b.declare(&t).await.unwrap();
-    let opts = PublishOptions { priority: Some(Priority::HIGH), ..Default::default() };
-    let err = b.publish_with(&names.tasks_exchange(), "lowprio", Message::new("x"), &opts).await.unwrap_err();
-    assert!(matches!(err, Error::InvalidPriority { priority: 8, .. }), "{err:?}");
-    assert!(err.to_string().contains(&low) && err.to_string().contains("0 to 3"), "{err}");
-    assert_eq!(b.backend().queue_stats(&low).await.unwrap().messages, 0, "nothing was sent");
+    let opts = PublishOptions {
+        priority: Some(Priority::HIGH),
+        ..Default::default()
+    };
+    let err = b
+        .publish_with(&names.tasks_exchange(), "lowprio", Message::new("x"), &opts)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::InvalidPriority { priority: 8, .. }),
+        "{err:?}"
+    );
+    assert!(
+        err.to_string().contains(&low) && err.to_string().contains("0 to 3"),
+        "{err}"
+    );
+    assert_eq!(
+        b.backend().queue_stats(&low).await.unwrap().messages,
+        0,
+        "nothing was sent"
+    );
     // Within range it goes through.
-    let opts = PublishOptions { priority: Some(Priority::new(3).unwrap()), ..Default::default() };
-    b.publish_with(&names.tasks_exchange(), "lowprio", Message::new("x"), &opts).await.unwrap();
+    let opts = PublishOptions {
+        priority: Some(Priority::new(3).unwrap()),
+        ..Default::default()
+    };
+    b.publish_with(&names.tasks_exchange(), "lowprio", Message::new("x"), &opts)
+        .await
+        .unwrap();
     assert_eq!(b.backend().queue_stats(&low).await.unwrap().messages, 1);
     cleanup(&b, None).await;
     b.close().await.unwrap();
@@ -211,7 +301,9 @@ async fn publishes_share_no_single_channel_bottleneck() {
         let x = names.tasks_exchange();
         // Every 8th publish is unroutable: exactly those must fail.
         let key = if i % 8 == 0 { "nope" } else { "verification" };
-        handles.push(tokio::spawn(async move { (key, b.publish(&x, key, Message::new("m")).await) }));
+        handles.push(tokio::spawn(async move {
+            (key, b.publish(&x, key, Message::new("m")).await)
+        }));
     }
     for h in handles {
         let (key, r) = h.await.unwrap();
@@ -220,7 +312,14 @@ async fn publishes_share_no_single_channel_bottleneck() {
             _ => r.unwrap(),
         }
     }
-    assert_eq!(b.backend().queue_stats(&names.task_queue("verification")).await.unwrap().messages, 56);
+    assert_eq!(
+        b.backend()
+            .queue_stats(&names.task_queue("verification"))
+            .await
+            .unwrap()
+            .messages,
+        56
+    );
     cleanup(&b, None).await;
     b.close().await.unwrap();
 }

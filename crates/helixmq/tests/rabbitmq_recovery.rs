@@ -41,7 +41,11 @@ async fn twenty_thousand_messages_survive_three_forced_closes() {
                 pr2.fetch_add(1, Ordering::Relaxed);
                 async { Ok(Outcome::Ack) }
             },
-            SubscribeOptions { prefetch: Some(200), concurrency: Some(64), ..Default::default() },
+            SubscribeOptions {
+                prefetch: Some(200),
+                concurrency: Some(64),
+                ..Default::default()
+            },
         )
         .await
         .unwrap();
@@ -59,11 +63,22 @@ async fn twenty_thousand_messages_survive_three_forced_closes() {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
                 let p2 = p.clone();
-                let closed = tokio::task::spawn_blocking(move || close_my_connections(&p2)).await.unwrap();
-                assert!(closed >= 1, "fault {i}: found no connection of ours to close");
+                let closed = tokio::task::spawn_blocking(move || close_my_connections(&p2))
+                    .await
+                    .unwrap();
+                assert!(
+                    closed >= 1,
+                    "fault {i}: found no connection of ours to close"
+                );
                 let cut = Instant::now();
-                state.wait_for(|s| *s == ConnectionState::Disconnected).await.unwrap();
-                state.wait_for(|s| *s == ConnectionState::Connected).await.unwrap();
+                state
+                    .wait_for(|s| *s == ConnectionState::Disconnected)
+                    .await
+                    .unwrap();
+                state
+                    .wait_for(|s| *s == ConnectionState::Connected)
+                    .await
+                    .unwrap();
                 recoveries.push(cut.elapsed());
             }
             recoveries
@@ -78,7 +93,9 @@ async fn twenty_thousand_messages_survive_three_forced_closes() {
         let x = names.tasks_exchange();
         let progress = progress.clone();
         tasks.push(tokio::spawn(async move {
-            let msgs: Vec<Message> = (0..TOTAL / TASKS).map(|i| Message::new(format!("{t}-{i}"))).collect();
+            let msgs: Vec<Message> = (0..TOTAL / TASKS)
+                .map(|i| Message::new(format!("{t}-{i}")))
+                .collect();
             futures::stream::iter(msgs)
                 .map(|m| {
                     let b = b.clone();
@@ -120,11 +137,16 @@ async fn twenty_thousand_messages_survive_three_forced_closes() {
         if done {
             break;
         }
-        assert!(Instant::now() < deadline, "not every confirmed message was consumed within 180 s");
+        assert!(
+            Instant::now() < deadline,
+            "not every confirmed message was consumed within 180 s"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let total_time = started.elapsed();
-    let recoveries = injector.await.expect("three faults were injected and recovered from");
+    let recoveries = injector
+        .await
+        .expect("three faults were injected and recovered from");
     sub.shutdown(Duration::from_secs(10)).await;
 
     let c = consumed.lock().unwrap().clone();
@@ -142,7 +164,11 @@ async fn twenty_thousand_messages_survive_three_forced_closes() {
         total_time,
         m.connection_recoveries.get()
     );
-    assert!(failed.is_empty(), "publishes failed: {:?}", &failed[..failed.len().min(5)]);
+    assert!(
+        failed.is_empty(),
+        "publishes failed: {:?}",
+        &failed[..failed.len().min(5)]
+    );
     assert_eq!(confirmed.len(), TOTAL);
     assert_eq!(lost, 0);
     assert_eq!(recoveries.len(), FAULTS);

@@ -62,6 +62,8 @@ macro_rules! helixmq_conformance {
             graceful_shutdown_loses_nothing,
             shutdown_deadline_returns_unfinished_messages,
             publish_batch_confirms_each,
+            reject_publish_overflow_nacks_the_publisher,
+            drop_head_overflow_dead_letters_the_oldest,
             stats_and_purge,
             deleted_queue_fails_the_subscription,
         );
@@ -212,7 +214,11 @@ impl Fx {
             let mut stream = self
                 .broker
                 .backend()
-                .consume(queue, n.min(u16::MAX as usize) as u16, "conformance-drain")
+                .consume(
+                    queue,
+                    n.min(u16::MAX as usize) as u16,
+                    &format!("drain-{}", uuid::Uuid::new_v4().simple()),
+                )
                 .await
                 .expect("consume");
             while got.len() < n {
@@ -1059,6 +1065,57 @@ pub async fn shutdown_deadline_returns_unfinished_messages(fx: Fx) {
             "only the abandoned ones are redelivered"
         );
     }
+}
+
+// ---------------------------------------------------------------- max length
+
+/// Declare `{p}.tasks.small` (max length 2 with `overflow`), fed by the tasks exchange with key `small`.
+async fn small_queue(fx: &Fx, overflow: helixmq::topology::Overflow) -> String {
+    let q = format!("{}.tasks.small", fx.names.prefix());
+    let mut t = Topology::system(&fx.names);
+    t.add_work_queue(
+        helixmq::topology::Queue::durable(q.clone()).max_length(2, overflow),
+        &fx.names.tasks_exchange(),
+        "small",
+    );
+    fx.broker.declare(&t).await.unwrap();
+    q
+}
+
+pub async fn reject_publish_overflow_nacks_the_publisher(fx: Fx) {
+    let q = small_queue(&fx, helixmq::topology::Overflow::RejectPublish).await;
+    let ids = fx.publish_n(&fx.names.tasks_exchange(), "small", 2).await;
+    let extra = Message::new("one too many");
+    let extra_id = extra.id.clone();
+    let e = fx
+        .broker
+        .publish(&fx.names.tasks_exchange(), "small", extra)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, Error::PublishNacked { message_id, .. } if *message_id == extra_id),
+        "{e:?}"
+    );
+    fx.expect_ids(&q, &ids.iter().collect::<Vec<_>>()).await;
+    fx.drain(&fx.names.dlq(), 0).await;
+}
+
+pub async fn drop_head_overflow_dead_letters_the_oldest(fx: Fx) {
+    let q = small_queue(&fx, helixmq::topology::Overflow::DropHead).await;
+    let ids = fx.publish_n(&fx.names.tasks_exchange(), "small", 3).await;
+    let dead = fx.drain(&fx.names.dlq(), 1).await;
+    assert_eq!(dead[0].message.id, ids[0], "the head is dropped");
+    assert_eq!(
+        dead[0].message.header_str("x-first-death-reason"),
+        Some("maxlen")
+    );
+    let kept: Vec<String> = fx
+        .drain(&q, 2)
+        .await
+        .into_iter()
+        .map(|d| d.message.id)
+        .collect();
+    assert_eq!(kept, ids[1..]);
 }
 
 // ---------------------------------------------------------------- misc API

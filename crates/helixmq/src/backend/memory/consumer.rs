@@ -28,6 +28,8 @@ pub(super) struct MemoryStream {
     pub done: bool,
 }
 
+// A transient return value: boxing the delivery would cost an allocation each.
+#[allow(clippy::large_enum_variant)]
 enum Step {
     Got(Delivery),
     Wait,
@@ -130,12 +132,10 @@ impl MemoryAcker {
                 self.tag, self.queue
             )));
         }
-        let known = self
-            .shared
-            .with(|st, fx| match st.queue_uid(&self.queue, self.uid) {
-                Some(q) => Some(q.settle(self.holder, self.tag, how, fx)),
-                None => None,
-            });
+        let known = self.shared.with(|st, fx| {
+            st.queue_uid(&self.queue, self.uid)
+                .map(|q| q.settle(self.holder, self.tag, how, fx))
+        });
         match known {
             Some(true) => Ok(()),
             // Its consumer went away first: the delivery is already back in the queue.

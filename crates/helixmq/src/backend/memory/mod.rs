@@ -9,8 +9,8 @@
 //! - Consumers: manual ack, nack with or without requeue, prefetch windows,
 //!   round-robin, unsettled deliveries requeued (redelivered) when a stream is dropped.
 //!
-//! Layout: [`state`] holds everything behind one mutex (exchanges in
-//! [`exchange`], queues in [`queue`]); [`consumer`] is the stream and ackers;
+//! Layout: `state` holds everything behind one mutex (exchanges in
+//! `exchange`, queues in `queue`); `consumer` is the stream and ackers;
 //! [`dead_letter`] writes the headers. Messages travel as [`Message`] values —
 //! nothing is encoded, and the payload (`Bytes`) is never copied.
 //!
@@ -133,7 +133,10 @@ impl MemoryBroker {
 }
 
 impl Drop for MemoryBroker {
+    /// Dropping the broker is closing it: streams still held end (`None`)
+    /// instead of waiting for messages nobody can publish any more.
     fn drop(&mut self) {
+        self.shared.with(|st, _| st.close());
         self.stop.cancel();
     }
 }
@@ -228,7 +231,7 @@ impl Backend for MemoryBroker {
             Ok(q.get(fx).map(|(s, tag)| (s, tag, q.name.clone(), q.uid)))
         })?;
         Ok(got.map(|(s, tag, name, uid)| Delivery {
-            message: s.msg,
+            message: Arc::unwrap_or_clone(s.msg),
             exchange: s.exchange.to_string(),
             routing_key: s.routing_key.to_string(),
             queue: name.to_string(),

@@ -17,8 +17,9 @@ use crate::topology::{Overflow, Queue};
 /// A message held by a queue, with what the broker knows about its trip.
 #[derive(Debug, Clone)]
 pub(super) struct Stored {
-    /// The message as published (moved, never encoded).
-    pub msg: Message,
+    /// The message as published, never encoded; shared by every queue a
+    /// publish reached (a dead-lettered copy is made only when it changes).
+    pub msg: Arc<Message>,
     /// Exchange it was published (or dead-lettered) to.
     pub exchange: Arc<str>,
     /// Routing key it was published (or dead-lettered) with.
@@ -128,8 +129,10 @@ impl ConsumerSlot {
     }
 }
 
-/// What a consumer's stream finds when it looks.
+/// What a consumer's stream finds when it looks. (Transient: boxing the
+/// message would cost an allocation per delivery.)
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant)]
 pub(super) enum Take {
     /// A delivery: the message copy, its route, the redelivered flag, its tag.
     Delivery {
@@ -200,12 +203,17 @@ impl QueueState {
     /// Accept a freshly published (or dead-lettered) message. `false` when the
     /// queue is full with `reject-publish`: the publisher gets a nack.
     pub fn enqueue(&mut self, mut s: Stored, fx: &mut Effects) -> bool {
-        // An idle consumer gets it at once: the message never becomes ready,
-        // so max-length and TTL (which apply to ready messages) do not touch it.
+        let ttl = match (self.def.message_ttl, s.msg.expiration) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        s.expires_at = ttl.map(|t| fx.now() + t);
+        s.redelivered = false;
+        // An idle consumer gets it at once: the message never becomes ready, so
+        // max-length does not apply (it counts ready messages), and nothing
+        // expires once delivered; the expiry still holds if it is requeued.
         if self.ready == 0 {
             if let Some(i) = self.pick_consumer() {
-                s.expires_at = None;
-                s.redelivered = false;
                 self.consumers[i].push(s);
                 return true;
             }
@@ -217,12 +225,6 @@ impl QueueState {
                 return false;
             }
         }
-        let ttl = match (self.def.message_ttl, s.msg.expiration) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-        s.expires_at = ttl.map(|t| fx.now() + t);
-        s.redelivered = false;
         let level = self.level(&s.msg);
         let q = &mut self.levels[level];
         q.push_back(s);
@@ -230,7 +232,10 @@ impl QueueState {
             fx.head(q.front());
         }
         self.ready += 1;
-        if let Some(max) = max {
+        if let Some(max) = max.filter(|m| self.ready > *m) {
+            // Expired heads go first (as expired), so they are not counted as
+            // overflow and a live message is not dropped in their place.
+            self.expire(fx);
             while self.ready > max {
                 match self.pop_head(fx) {
                     Some(head) => self.dead(head, Reason::MaxLen, fx),
@@ -389,7 +394,7 @@ impl QueueState {
         self.next_tag += 1;
         let tag = self.next_tag;
         let take = Take::Delivery {
-            msg: s.msg.clone(),
+            msg: Message::clone(&s.msg),
             exchange: s.exchange.clone(),
             routing_key: s.routing_key.clone(),
             redelivered: s.redelivered,
@@ -455,7 +460,7 @@ mod tests {
         msg.id = id.into();
         msg.priority = prio.map(|p| Priority::new(p).unwrap());
         Stored {
-            msg,
+            msg: Arc::new(msg),
             exchange: "x".into(),
             routing_key: "k".into(),
             expires_at: None,
@@ -481,11 +486,11 @@ mod tests {
         let mut fx = Effects::default();
         for (id, p) in [("a", 1), ("b", 5), ("c", 10), ("d", 5), ("e", 99)] {
             let mut s = stored(id, None);
-            s.msg.priority = Some(Priority::new(p.min(10)).unwrap());
+            Arc::make_mut(&mut s.msg).priority = Some(Priority::new(p.min(10)).unwrap());
             assert!(q.enqueue(s, &mut fx));
         }
         let order: Vec<String> =
-            std::iter::from_fn(|| q.get(&mut fx).map(|(s, _)| s.msg.id)).collect();
+            std::iter::from_fn(|| q.get(&mut fx).map(|(s, _)| s.msg.id.clone())).collect();
         assert_eq!(order, ["c", "e", "b", "d", "a"]);
     }
 
@@ -559,11 +564,34 @@ mod tests {
     }
 
     #[test]
+    fn overflow_expires_before_dropping_live_messages() {
+        let mut q = QueueState::new(
+            1,
+            &Queue::durable("q")
+                .max_length(2, Overflow::DropHead)
+                .dead_letter_to("dlx"),
+        );
+        let mut fx = Effects::default();
+        let mut gone = stored("gone", None);
+        Arc::make_mut(&mut gone.msg).expiration = Some(Duration::ZERO);
+        for s in [gone, stored("b", None), stored("c", None)] {
+            q.enqueue(s, &mut fx);
+        }
+        let reasons: Vec<_> = fx
+            .dead
+            .iter()
+            .map(|d| (d.stored.msg.id.as_str(), d.reason))
+            .collect();
+        assert_eq!(reasons, [("gone", Reason::Expired)]);
+        assert_eq!(q.ready(), 2);
+    }
+
+    #[test]
     fn ttl_expires_at_head() {
         let mut q = QueueState::new(1, &Queue::durable("q").dead_letter_to("dlx"));
         let mut fx = Effects::default();
         let mut s = stored("short", None);
-        s.msg.expiration = Some(Duration::ZERO);
+        Arc::make_mut(&mut s.msg).expiration = Some(Duration::ZERO);
         q.enqueue(s, &mut fx);
         q.enqueue(stored("keep", None), &mut fx);
         assert!(

@@ -30,6 +30,8 @@ pub(super) struct State {
     next_uid: u64,
     /// When the expiry timer will next wake on its own (`None`: it sleeps until told).
     pub timer_deadline: Option<Instant>,
+    /// Reused for the queues a publish reaches (no allocation per publish).
+    scratch: Vec<Arc<str>>,
 }
 
 fn describe(v: Option<&ArgValue>) -> String {
@@ -190,8 +192,23 @@ impl State {
         msg: &Message,
         fx: &mut Effects,
     ) -> Result<()> {
-        let mut targets = Vec::new();
-        let exchange_name = self.route(exchange, routing_key, &mut targets)?;
+        let mut targets = std::mem::take(&mut self.scratch);
+        targets.clear();
+        let res = self.publish_to(exchange, routing_key, mandatory, msg, &mut targets, fx);
+        self.scratch = targets;
+        res
+    }
+
+    fn publish_to(
+        &mut self,
+        exchange: &str,
+        routing_key: &str,
+        mandatory: bool,
+        msg: &Message,
+        targets: &mut Vec<Arc<str>>,
+        fx: &mut Effects,
+    ) -> Result<()> {
+        let exchange_name = self.route(exchange, routing_key, targets)?;
         if targets.is_empty() {
             if mandatory {
                 return Err(Error::Unroutable {
@@ -203,14 +220,15 @@ impl State {
             return Ok(());
         }
         let routing_key: Arc<str> = Arc::from(routing_key);
+        let shared = Arc::new(msg.clone());
         let mut refused = false;
-        for name in &targets {
+        for name in targets.iter() {
             let q = self
                 .queues
                 .get_mut(name)
                 .expect("bindings only name live queues");
             let s = Stored {
-                msg: msg.clone(),
+                msg: shared.clone(),
                 exchange: exchange_name.clone(),
                 routing_key: routing_key.clone(),
                 expires_at: None,
@@ -310,7 +328,7 @@ impl State {
         } = d;
         let key = routing_key.unwrap_or_else(|| stored.routing_key.clone());
         dead_letter::annotate(
-            &mut stored.msg,
+            Arc::make_mut(&mut stored.msg),
             &queue,
             reason.as_str(),
             &stored.exchange,
@@ -325,7 +343,7 @@ impl State {
         let Some((last, rest)) = targets.split_last() else {
             return;
         };
-        let to = |msg: Message| Stored {
+        let to = |msg: Arc<Message>| Stored {
             msg,
             exchange: exchange.clone(),
             routing_key: key.clone(),
@@ -429,5 +447,58 @@ mod tests {
         assert!(st.publish("hx.tasks", "nope", false, &m, &mut fx).is_ok());
         st.publish("", "hx.tasks.llm", true, &m, &mut fx).unwrap();
         assert_eq!(st.queue("hx.tasks.llm").unwrap().ready(), 1);
+    }
+
+    fn expired_message() -> Message {
+        Message::new("x").with_expiration(std::time::Duration::ZERO)
+    }
+
+    #[test]
+    fn dead_letter_routing_key_override_and_cycle_drop() {
+        let mut st = State::default();
+        let mut t = Topology::system(&Names::new("hx"));
+        let mut src = Queue::durable("hx.src").dead_letter_to("hx.requeue");
+        src.dead_letter_routing_key = Some("hx.dst".into());
+        t.queues.push(src);
+        t.queues.push(Queue::durable("hx.dst"));
+        t.bindings.push(Binding {
+            exchange: "hx.requeue".into(),
+            queue: "hx.dst".into(),
+            routing_key: "hx.dst".into(),
+        });
+        // A queue that dead-letters expired messages back to itself.
+        t.queues
+            .push(Queue::durable("hx.loop").dead_letter_to("hx.requeue"));
+        t.bindings.push(Binding {
+            exchange: "hx.requeue".into(),
+            queue: "hx.loop".into(),
+            routing_key: "hx.loop".into(),
+        });
+        st.declare(&t).unwrap();
+
+        let mut fx = Effects::default();
+        st.publish("", "hx.src", true, &expired_message(), &mut fx)
+            .unwrap();
+        st.publish("", "hx.loop", true, &expired_message(), &mut fx)
+            .unwrap();
+        assert!(
+            st.finish(fx),
+            "the timer is woken for the new expiring heads"
+        );
+        let mut fx = Effects::default();
+        st.expire(&mut fx);
+        st.finish(fx);
+        let mut fx = Effects::default();
+        let (moved, _) = st
+            .queue("hx.dst")
+            .unwrap()
+            .get(&mut fx)
+            .expect("re-routed by x-dead-letter-routing-key");
+        assert_eq!(&*moved.routing_key, "hx.dst");
+        assert_eq!(
+            st.queue("hx.loop").unwrap().ready(),
+            0,
+            "an automatic cycle is dropped, not looped"
+        );
     }
 }

@@ -202,3 +202,207 @@ async fn publish_batch_reports_each() {
     assert!(r[0].is_ok());
     assert!(matches!(r[1], Err(Error::Unroutable { .. })));
 }
+
+/// Producers and consumers at once, consumers nacking some messages back and
+/// one going away mid-stream: every id is acked exactly once, none is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_producers_and_consumers_lose_nothing() {
+    use std::collections::HashMap;
+    const PRODUCERS: usize = 4;
+    const EACH: usize = 2_000;
+    let (b, n) = spec().await;
+    let b = Arc::new(b);
+    let q = n.task_queue("llm");
+    let acked = Arc::new(std::sync::Mutex::new(HashMap::<String, usize>::new()));
+    let (total_tx, mut total_rx) = tokio::sync::watch::channel(0usize);
+    let total_tx = Arc::new(total_tx);
+    let mut consumers = Vec::new();
+    for c in 0..3u64 {
+        let (b, q, acked, total) = (b.clone(), q.clone(), acked.clone(), total_tx.clone());
+        consumers.push(tokio::spawn(async move {
+            let mut s = b.consume(&q, 7, "c").await.unwrap();
+            let mut seen = 0u64;
+            while let Some(d) = s.next().await {
+                let d = d.unwrap();
+                seen += 1;
+                if c == 0 && seen == 500 {
+                    // Goes away holding this one (and up to 6 prefetched) unacked.
+                    drop(s);
+                    s = b.consume(&q, 7, "c0-again").await.unwrap();
+                    continue;
+                }
+                if seen.is_multiple_of(10) && !d.redelivered {
+                    d.acker.nack(true).await.unwrap();
+                    continue;
+                }
+                d.acker.ack().await.unwrap();
+                *acked
+                    .lock()
+                    .unwrap()
+                    .entry(d.message.id.clone())
+                    .or_default() += 1;
+                total.send_modify(|t| *t += 1);
+            }
+        }));
+    }
+    let mut producers = Vec::new();
+    let mut ids = Vec::new();
+    for p in 0..PRODUCERS {
+        let msgs: Vec<Message> = (0..EACH)
+            .map(|i| {
+                Message::new("x")
+                    .with_priority(crate::message::Priority::new(((p + i) % 11) as u8).unwrap())
+            })
+            .collect();
+        ids.extend(msgs.iter().map(|m| m.id.clone()));
+        let (b, x) = (b.clone(), n.tasks_exchange());
+        producers.push(tokio::spawn(async move {
+            for m in &msgs {
+                b.publish(out(&x, "llm", m), T).await.unwrap();
+            }
+        }));
+    }
+    for p in producers {
+        p.await.unwrap();
+    }
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        total_rx.wait_for(|t| *t >= PRODUCERS * EACH),
+    )
+    .await
+    .expect("every message acked")
+    .unwrap();
+    b.close().await.unwrap();
+    for c in consumers {
+        c.await.unwrap();
+    }
+    let acked = acked.lock().unwrap();
+    let lost = ids.iter().filter(|id| !acked.contains_key(*id)).count();
+    let dups = acked.values().filter(|n| **n > 1).count();
+    assert_eq!((lost, dups, acked.len()), (0, 0, ids.len()));
+}
+
+/// CPU time of this process so far (user + system), from `/proc/self/stat`:
+/// on a shared machine, messages per CPU-second is the honest figure.
+fn cpu_time() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(Duration::from_millis(ticks * 10))
+}
+
+/// One task publishes `n` messages (confirmed, one at a time), another
+/// consumes them with prefetch 1000 and acks each. Prints wall and CPU rates.
+async fn bench(label: &str, n: usize) {
+    let b = Arc::new(MemoryBroker::new());
+    let names = Names::new("hx");
+    b.declare(&Topology::spec(&names)).await.unwrap();
+    let q = names.task_queue("background");
+    let mut stream = b.consume(&q, 1000, "bench").await.unwrap();
+    let (started, cpu0) = (std::time::Instant::now(), cpu_time());
+    let consumer = tokio::spawn(async move {
+        for _ in 0..n {
+            let d = stream.next().await.unwrap().unwrap();
+            d.acker.ack().await.unwrap();
+        }
+    });
+    let x = names.tasks_exchange();
+    let m = Message::new(vec![0u8; 256]);
+    for _ in 0..n {
+        b.publish(out(&x, "background", &m), T).await.unwrap();
+    }
+    consumer.await.unwrap();
+    let wall = started.elapsed();
+    let cpu = cpu_time().zip(cpu0).map(|(b, a)| b - a).unwrap_or_default();
+    println!(
+        "embedded broker, {label}: {n} messages of 256 B published+consumed+acked in {wall:?} \
+         ({:.0} msg/s wall), CPU {cpu:?} ({:.0} msg per CPU-second)",
+        n as f64 / wall.as_secs_f64(),
+        n as f64 / cpu.as_secs_f64().max(1e-3),
+    );
+    assert_eq!(b.queue_stats(&q).await.unwrap().messages, 0);
+}
+
+/// Throughput of the embedded broker. Run with
+/// `cargo test --release -p helixmq --lib throughput -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark; run in release mode"]
+async fn throughput_two_threads() {
+    bench("2 worker threads", 1_000_000).await;
+}
+
+/// The same on one thread: no lock contention, no cross-thread frees.
+#[tokio::test(flavor = "current_thread")]
+#[ignore = "benchmark; run in release mode"]
+async fn throughput_one_thread() {
+    bench("1 thread", 1_000_000).await;
+}
+
+/// Through the whole stack: `Broker::publish` and a subscription (consumer
+/// runtime: a task per message, metrics, ack after the handler).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark; run in release mode"]
+async fn throughput_through_broker_api() {
+    use crate::{Broker, Config, Outcome, SubscribeOptions};
+    const N: usize = 200_000;
+    let broker = Broker::embedded(Config::default());
+    broker.declare(&Topology::default()).await.unwrap();
+    let (done_tx, done_rx) = tokio::sync::watch::channel(0usize);
+    let done = Arc::new(done_tx);
+    let d = done.clone();
+    let opts = SubscribeOptions {
+        prefetch: Some(1000),
+        ..Default::default()
+    };
+    let (started, cpu0) = (std::time::Instant::now(), cpu_time());
+    let sub = broker
+        .subscribe(
+            "helixagent.tasks.background",
+            move |_m: Message, _ctx| {
+                let d = d.clone();
+                async move {
+                    d.send_modify(|n| *n += 1);
+                    Ok(Outcome::Ack)
+                }
+            },
+            opts,
+        )
+        .await
+        .unwrap();
+    let m = Message::new(vec![0u8; 256]);
+    for _ in 0..N {
+        broker
+            .publish("helixagent.tasks", "background", m.clone())
+            .await
+            .unwrap();
+    }
+    let mut rx = done_rx;
+    rx.wait_for(|n| *n >= N).await.unwrap();
+    let wall = started.elapsed();
+    let cpu = cpu_time().zip(cpu0).map(|(b, a)| b - a).unwrap_or_default();
+    sub.shutdown(T).await;
+    println!(
+        "Broker API on the embedded broker: {N} messages in {wall:?} ({:.0} msg/s wall), \
+         CPU {cpu:?} ({:.0} msg per CPU-second)",
+        N as f64 / wall.as_secs_f64(),
+        N as f64 / cpu.as_secs_f64().max(1e-3),
+    );
+}
+
+#[tokio::test]
+async fn the_timer_does_not_outlive_the_broker() {
+    let rt = tokio::runtime::Handle::current();
+    let before = rt.metrics().num_alive_tasks();
+    let b = MemoryBroker::new();
+    assert_eq!(rt.metrics().num_alive_tasks(), before + 1, "one timer task");
+    let weak = Arc::downgrade(&b.shared);
+    drop(b);
+    assert!(weak.upgrade().is_none(), "the timer holds the state weakly");
+    for _ in 0..100 {
+        if rt.metrics().num_alive_tasks() == before {
+            return;
+        }
+        tokio::task::yield_now().await;
+    }
+    panic!("the timer task is still alive after the broker was dropped");
+}

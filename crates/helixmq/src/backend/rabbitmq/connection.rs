@@ -458,10 +458,12 @@ mod tests {
 
     #[test]
     fn uri_keeps_special_characters_verbatim() {
-        let mut cfg = RabbitMqConfig::default();
-        cfg.username = "u@s:er".into();
-        cfg.password = crate::Secret::new("p/a%ss#w?rd");
-        cfg.vhost = "/".into();
+        let cfg = RabbitMqConfig {
+            username: "u@s:er".into(),
+            password: crate::Secret::new("p/a%ss#w?rd"),
+            vhost: "/".into(),
+            ..Default::default()
+        };
         let uri = uri_for(&cfg, "h", 5672);
         assert_eq!(uri.authority.userinfo.password, "p/a%ss#w?rd");
         assert_eq!(uri.vhost, "/");

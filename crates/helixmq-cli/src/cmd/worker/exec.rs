@@ -1,0 +1,196 @@
+//! `worker --exec CMD`: one `sh -c CMD` per message.
+//!
+//! The command runs in its own process group, so a timeout (or the end of the
+//! message) kills everything it started, not just the shell. Payload on stdin;
+//! metadata in `HELIXMQ_*` environment variables. Exit status → outcome:
+//! 0 ack, 65 (EX_DATAERR) dead letter with stderr's tail, anything else retry.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use helixmq::{Context, Message, Outcome};
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::process::Command;
+
+use crate::common::tail;
+
+/// EX_DATAERR from sysexits.h: the input is bad, retrying will not help.
+pub const EX_DATAERR: i32 = 65;
+/// How much of stderr is kept for the reason.
+const STDERR_TAIL: usize = 2048;
+
+/// Runs a shell command per message.
+pub struct ExecHandler {
+    cmd: String,
+    timeout: Duration,
+}
+
+/// Kills a process group when dropped, so nothing outlives its message even
+/// when the handler future is cancelled (shutdown deadline, library timeout).
+struct GroupGuard(Option<Pid>);
+
+impl GroupGuard {
+    fn kill(&mut self) {
+        if let Some(pgid) = self.0.take() {
+            // ESRCH: the group is already gone, which is what we want.
+            let _ = killpg(pgid, Signal::SIGKILL);
+        }
+    }
+}
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+impl ExecHandler {
+    /// A handler running `sh -c cmd`, killed after `timeout`.
+    pub fn new(cmd: String, timeout: Duration) -> Self {
+        ExecHandler { cmd, timeout }
+    }
+
+    /// Run the command for one message and map its exit status to an outcome.
+    pub async fn handle(&self, m: Message, ctx: Context) -> Outcome {
+        let mut c = Command::new("sh");
+        c.arg("-c")
+            .arg(&self.cmd)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::inherit())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .kill_on_drop(true);
+        for (k, v) in super::metadata(&m, &ctx) {
+            c.env(format!("HELIXMQ_{k}"), v);
+        }
+        let mut child = match c.spawn() {
+            Ok(ch) => ch,
+            Err(e) => return Outcome::retry(format!("cannot start `sh -c {}`: {e}", self.cmd)),
+        };
+        let mut group = GroupGuard(child.id().map(|id| Pid::from_raw(id as i32)));
+
+        // stdin and stderr are served by their own tasks so a command that ignores
+        // stdin, or writes a lot to stderr, never deadlocks against us.
+        let stdin = child.stdin.take();
+        let payload = m.payload.clone();
+        let writer = tokio::spawn(async move {
+            if let Some(mut s) = stdin {
+                // A command that does not read its input closes the pipe: not an error.
+                let _ = s.write_all(&payload).await;
+                let _ = s.shutdown().await;
+            }
+        });
+        let stderr = child.stderr.take();
+        let reader = tokio::spawn(async move {
+            let mut kept: Vec<u8> = Vec::new();
+            if let Some(mut s) = stderr {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    kept.extend_from_slice(&buf[..n]);
+                    if kept.len() > 2 * STDERR_TAIL {
+                        kept.drain(..kept.len() - STDERR_TAIL);
+                    }
+                }
+            }
+            String::from_utf8_lossy(&kept).into_owned()
+        });
+
+        let waited = tokio::time::timeout(self.timeout, child.wait()).await;
+        // The message is done (or out of time): whatever the command left running in
+        // its group goes too; that also closes stderr so the reader finishes.
+        group.kill();
+        let status = match waited {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = child.wait().await;
+                writer.abort();
+                reader.abort();
+                return Outcome::retry(format!(
+                    "command timed out after {}; its process group was killed",
+                    humantime::format_duration(self.timeout)
+                ));
+            }
+        };
+        writer.abort();
+        let err_tail = reader.await.unwrap_or_default();
+        let err_tail = tail(&err_tail, 512);
+        match status {
+            Err(e) => Outcome::retry(format!("cannot wait for the command: {e}")),
+            Ok(s) if s.success() => Outcome::Ack,
+            Ok(s) => match s.code() {
+                Some(EX_DATAERR) => {
+                    Outcome::dead_letter(format!("command exited 65 (EX_DATAERR): {err_tail}"))
+                }
+                Some(code) => Outcome::retry(format!("command exited {code}: {err_tail}")),
+                None => {
+                    use std::os::unix::process::ExitStatusExt;
+                    Outcome::retry(format!(
+                        "command killed by signal {}: {err_tail}",
+                        s.signal().unwrap_or(0)
+                    ))
+                }
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ctx() -> Context {
+        Context {
+            queue: "q".into(),
+            exchange: "e".into(),
+            routing_key: "k".into(),
+            redelivered: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn exit_codes_map_to_outcomes() {
+        let h = |c: &str| ExecHandler::new(c.to_string(), Duration::from_secs(10));
+        let m = Message::new("hello").with_header("tenant", "acme");
+        assert_eq!(
+            h("test \"$(cat)\" = hello && test $HELIXMQ_HEADER_TENANT = acme")
+                .handle(m.clone(), ctx())
+                .await,
+            Outcome::Ack
+        );
+        match h("echo bad input >&2; exit 65")
+            .handle(m.clone(), ctx())
+            .await
+        {
+            Outcome::DeadLetter(r) => assert!(r.contains("bad input") && r.contains("65"), "{r}"),
+            o => panic!("{o:?}"),
+        }
+        assert!(matches!(
+            h("exit 75").handle(m.clone(), ctx()).await,
+            Outcome::Retry { .. }
+        ));
+    }
+
+    #[tokio::test]
+    async fn timeout_kills_the_whole_group() {
+        let dir = std::env::temp_dir().join(format!("hx-exec-{}", uuid::Uuid::now_v7()));
+        let marker = dir.display().to_string();
+        // The background sleep would touch the marker after 2 s unless the group dies.
+        let h = ExecHandler::new(
+            format!("(sleep 2; touch {marker}) & sleep 30"),
+            Duration::from_millis(300),
+        );
+        let started = std::time::Instant::now();
+        match h.handle(Message::new(""), ctx()).await {
+            Outcome::Retry { reason, .. } => assert!(reason.contains("timed out"), "{reason}"),
+            o => panic!("{o:?}"),
+        }
+        assert!(started.elapsed() < Duration::from_secs(5));
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        assert!(!dir.exists(), "a process of the group survived the timeout");
+    }
+}

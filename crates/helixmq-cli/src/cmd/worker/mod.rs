@@ -1,0 +1,352 @@
+//! `helixmq worker`: consume queues with the library's retry and DLQ policy,
+//! handing each message to a command ([`exec`]) or an HTTP endpoint ([`http`]).
+//!
+//! The worker declares the spec topology under the configured prefix on start
+//! (idempotent), and the retry tier its `--retry-delay` needs. SIGTERM or
+//! SIGINT starts a graceful shutdown: every subscription stops taking messages,
+//! in-flight handlers finish within `--shutdown-timeout`, and the worker exits 0.
+
+pub mod exec;
+pub mod http;
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{ArgGroup, Args};
+use futures::future::{select_all, FutureExt};
+use helixmq::{
+    HeaderValue, Message, RetryPolicy, SubscribeOptions, Subscription, SubscriptionStatus,
+};
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::common::{
+    connect_with_metrics, load_config, parse_duration, spec_topology, MetricsServer,
+};
+use crate::Global;
+
+/// How much longer the library waits than our own handler timeout: ours kills the
+/// process group and answers Retry; the library's is only a backstop.
+const BACKSTOP: Duration = Duration::from_secs(5);
+
+/// `helixmq worker`
+#[derive(Debug, Args)]
+#[command(group(ArgGroup::new("handler").required(true).args(["exec", "http"])))]
+pub struct WorkerArgs {
+    /// Full queue name to consume (e.g. `helixagent.tasks.llm`); repeatable.
+    #[arg(long = "queue", short = 'q', required = true, value_name = "NAME")]
+    pub queues: Vec<String>,
+    /// Run `sh -c CMD` per message: payload on stdin, metadata in HELIXMQ_* variables.
+    /// Exit 0 → ack; 65 (EX_DATAERR) → DLQ with stderr's tail; other → retry.
+    #[arg(long, value_name = "CMD")]
+    pub exec: Option<String>,
+    /// POST each message to URL (metadata as X-HelixMQ-* headers). 2xx → ack;
+    /// 408, 429, 5xx, timeouts, connection errors → retry (honouring Retry-After);
+    /// other 4xx → DLQ.
+    #[arg(long, value_name = "URL")]
+    pub http: Option<String>,
+    /// Handlers running at once per queue (default: the prefetch).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub concurrency: Option<u32>,
+    /// Unacked deliveries per queue (default: the configuration's prefetch_count).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    pub prefetch: Option<u16>,
+    /// How long in-flight messages may take to finish after SIGTERM/SIGINT.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub shutdown_timeout: Duration,
+    /// A handler running longer is killed (its process group, for --exec) and retried.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    pub handler_timeout: Duration,
+    /// Delay before a failed message comes back (overrides the configuration's
+    /// retry_delay). Repeatable for backoff tiers: attempt n waits the n-th delay
+    /// (the last one repeats), and an HTTP Retry-After picks the shortest tier at
+    /// least as long. Each delay is its own retry queue, declared on start.
+    #[arg(long, value_parser = parse_duration)]
+    pub retry_delay: Vec<Duration>,
+    /// Attempts before the DLQ (overrides the configuration's max_attempts).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_attempts: Option<u32>,
+    /// Do not declare the spec topology on start (queues declared by someone else).
+    #[arg(long)]
+    pub no_declare: bool,
+    /// Serve Prometheus `GET /metrics` and `GET /health` on this address (e.g. 127.0.0.1:9090).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+}
+
+/// A worker's message handler: what to do with one message.
+enum Target {
+    Exec(exec::ExecHandler),
+    Http(http::HttpHandler),
+}
+
+impl Target {
+    async fn handle(&self, m: Message, ctx: helixmq::Context) -> helixmq::Outcome {
+        match self {
+            Target::Exec(h) => h.handle(m, ctx).await,
+            Target::Http(h) => h.handle(m, ctx).await,
+        }
+    }
+}
+
+/// Run `worker`.
+pub async fn run(global: &Global, args: WorkerArgs) -> anyhow::Result<ExitCode> {
+    let cfg = load_config(global)?;
+    // Install the signal handlers first: a SIGTERM during start-up must not kill us mid-declare.
+    let mut sigterm =
+        signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
+    let mut sigint =
+        signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
+
+    let target = Arc::new(match (&args.exec, &args.http) {
+        (Some(cmd), _) => Target::Exec(exec::ExecHandler::new(cmd.clone(), args.handler_timeout)),
+        (None, Some(url)) => Target::Http(http::HttpHandler::new(url, args.handler_timeout)?),
+        (None, None) => anyhow::bail!("give --exec CMD or --http URL"),
+    });
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = helixmq::Metrics::new(&mut registry);
+    let broker = connect_with_metrics(&cfg, metrics).await?;
+    if !args.no_declare {
+        broker
+            .declare(&spec_topology(&cfg))
+            .await
+            .context("cannot declare the topology")?;
+    }
+    let retry = RetryPolicy {
+        max_attempts: args.max_attempts.unwrap_or(cfg.helixmq.max_attempts),
+        delays: if args.retry_delay.is_empty() {
+            vec![cfg.helixmq.retry_delay]
+        } else {
+            args.retry_delay.clone()
+        },
+    };
+
+    let mut subs: Vec<Subscription> = Vec::new();
+    for q in &args.queues {
+        let started = start_one(&broker, q, target.clone(), &args, &retry).await;
+        match started {
+            Ok(s) => subs.push(s),
+            Err(e) => {
+                stop_all(subs, &broker, args.shutdown_timeout).await;
+                return Err(e);
+            }
+        }
+    }
+    let server = match args.metrics_addr {
+        Some(addr) => {
+            let health = subs
+                .iter()
+                .fold(helixmq::http::HealthSource::new(&broker), |h, s| h.watch(s));
+            match MetricsServer::start(addr, health, registry).await {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    stop_all(subs, &broker, args.shutdown_timeout).await;
+                    return Err(e);
+                }
+            }
+        }
+        None => None,
+    };
+    tracing::info!(
+        queues = ?args.queues,
+        max_attempts = retry.max_attempts,
+        retry_delays = ?retry.delays,
+        "worker consuming; SIGTERM or SIGINT to stop"
+    );
+
+    let failed = {
+        let watches = subs.iter().map(|s| {
+            let mut w = s.watch_status();
+            async move {
+                let st = w
+                    .wait_for(|st| *st != SubscriptionStatus::Active)
+                    .await
+                    .map(|s| s.clone())
+                    .ok();
+                st
+            }
+            .boxed()
+        });
+        let all_failed = select_all(watches);
+        tokio::select! {
+            _ = sigterm.recv() => { tracing::info!("SIGTERM: shutting down"); None }
+            _ = sigint.recv() => { tracing::info!("SIGINT: shutting down"); None }
+            (st, i, _) = all_failed => Some((args.queues[i].clone(), st)),
+        }
+    };
+
+    let reports = futures::future::join_all(subs.into_iter().map(|s| {
+        let q = s.queue().to_string();
+        async move { (q, s.shutdown(args.shutdown_timeout).await) }
+    }))
+    .await;
+    for (q, r) in reports {
+        tracing::info!(queue = %q, drained = r.drained, abandoned = r.abandoned, "subscription stopped");
+        if r.abandoned > 0 {
+            tracing::warn!(queue = %q, abandoned = r.abandoned, "handlers still running at the shutdown timeout were stopped; their messages go back to the queue");
+        }
+    }
+    if let Some(s) = server {
+        s.stop().await;
+    }
+    let _ = broker.close().await;
+    match failed {
+        None => Ok(ExitCode::SUCCESS),
+        Some((q, st)) => {
+            let why = match st {
+                Some(SubscriptionStatus::Failed(f)) => f,
+                other => format!("{other:?}"),
+            };
+            anyhow::bail!("the subscription to '{q}' stopped: {why}")
+        }
+    }
+}
+
+/// Start-up failed half-way: release what was started.
+async fn stop_all(subs: Vec<Subscription>, broker: &helixmq::Broker, timeout: Duration) {
+    for s in subs {
+        s.shutdown(timeout).await;
+    }
+    let _ = broker.close().await;
+}
+
+async fn start_one(
+    broker: &helixmq::Broker,
+    queue: &str,
+    target: Arc<Target>,
+    args: &WorkerArgs,
+    retry: &RetryPolicy,
+) -> anyhow::Result<Subscription> {
+    // Ask first, so an unknown queue gets the library's clear "not found" message.
+    broker
+        .backend()
+        .queue_stats(queue)
+        .await
+        .with_context(|| format!("cannot consume queue '{queue}'"))?;
+    // More handlers than unacked deliveries would leave some idle: widen the prefetch to match.
+    let prefetch = match (args.prefetch, args.concurrency) {
+        (None, Some(c)) => Some(
+            broker
+                .config()
+                .rabbitmq
+                .prefetch_count
+                .max(c.min(u16::MAX as u32) as u16),
+        ),
+        (p, _) => p,
+    };
+    let opts = SubscribeOptions {
+        prefetch,
+        concurrency: args.concurrency.map(|c| c as usize),
+        handler_timeout: Some(args.handler_timeout + BACKSTOP),
+        retry: Some(retry.clone()),
+        ..SubscribeOptions::default()
+    };
+    let handler = move |m: Message, ctx: helixmq::Context| {
+        let t = target.clone();
+        async move { Ok::<_, helixmq::BoxError>(t.handle(m, ctx).await) }
+    };
+    broker
+        .subscribe(queue, handler, opts)
+        .await
+        .with_context(|| format!("cannot consume queue '{queue}'"))
+}
+
+/// The metadata of a message as (name, value) pairs: `MESSAGE_ID`, `TYPE`, ... and
+/// `HEADER_<NAME>` per header. `--exec` prefixes them with `HELIXMQ_` (environment),
+/// `--http` sends them as `X-HelixMQ-*` headers.
+pub fn metadata(m: &Message, ctx: &helixmq::Context) -> Vec<(String, String)> {
+    let mut out = vec![
+        ("MESSAGE_ID".to_string(), m.id.clone()),
+        ("TYPE".to_string(), m.kind.clone().unwrap_or_default()),
+        ("ATTEMPT".to_string(), m.attempt.to_string()),
+        (
+            "CORRELATION_ID".to_string(),
+            m.correlation_id.clone().unwrap_or_default(),
+        ),
+        ("QUEUE".to_string(), ctx.queue.clone()),
+        (
+            "PRIORITY".to_string(),
+            m.priority
+                .map(|p| p.value().to_string())
+                .unwrap_or_default(),
+        ),
+        ("EXCHANGE".to_string(), ctx.exchange.clone()),
+        ("ROUTING_KEY".to_string(), ctx.routing_key.clone()),
+        ("REDELIVERED".to_string(), ctx.redelivered.to_string()),
+        ("TIMESTAMP".to_string(), m.timestamp.to_string()),
+    ];
+    for (k, v) in &m.headers {
+        out.push((format!("HEADER_{}", env_name(k)), header_text(v)));
+    }
+    out
+}
+
+/// A header name as an environment-variable suffix: upper case, `[A-Z0-9_]` only.
+pub fn env_name(key: &str) -> String {
+    key.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_uppercase()
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// A header value as text.
+pub fn header_text(v: &HeaderValue) -> String {
+    match v {
+        HeaderValue::Void => String::new(),
+        HeaderValue::Bool(b) => b.to_string(),
+        HeaderValue::Int(i) => i.to_string(),
+        HeaderValue::Float(f) => f.to_string(),
+        HeaderValue::String(s) => s.clone(),
+        HeaderValue::Bytes(b) => String::from_utf8_lossy(b).into_owned(),
+        HeaderValue::Timestamp(t) => t.to_string(),
+        HeaderValue::Array(a) => format!(
+            "[{}]",
+            a.iter().map(header_text).collect::<Vec<_>>().join(",")
+        ),
+        HeaderValue::Table(t) => {
+            format!(
+                "{{{}}}",
+                t.iter()
+                    .map(|(k, v)| format!("{k}={}", header_text(v)))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            )
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_names() {
+        assert_eq!(env_name("x-helixmq-origin-queue"), "X_HELIXMQ_ORIGIN_QUEUE");
+        assert_eq!(env_name("tenant"), "TENANT");
+    }
+
+    #[test]
+    fn metadata_has_the_documented_names() {
+        let m = Message::new("x")
+            .with_kind("t")
+            .with_header("tenant", "acme");
+        let ctx = helixmq::Context {
+            queue: "q".into(),
+            exchange: "e".into(),
+            routing_key: "k".into(),
+            redelivered: false,
+        };
+        let md = metadata(&m, &ctx);
+        let get = |k: &str| md.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+        assert_eq!(get("TYPE").as_deref(), Some("t"));
+        assert_eq!(get("ATTEMPT").as_deref(), Some("1"));
+        assert_eq!(get("QUEUE").as_deref(), Some("q"));
+        assert_eq!(get("HEADER_TENANT").as_deref(), Some("acme"));
+    }
+}
