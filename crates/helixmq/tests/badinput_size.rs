@@ -18,6 +18,17 @@ const NODE: &str = "hqbadin";
 const PORT: u16 = 5695;
 const MAX: usize = 1024 * 1024;
 
+/// Stops the dedicated node when dropped, also when an assertion fails.
+struct NodeGuard;
+
+impl Drop for NodeGuard {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new(sec_support::repo_root().join("scripts/node"))
+            .args(["stop", NODE])
+            .output();
+    }
+}
+
 #[tokio::test]
 async fn message_over_max_message_size_is_refused_clearly_and_the_client_goes_on() {
     let snippet = std::env::temp_dir().join(format!("helixmq-{NODE}-{}.conf", std::process::id()));
@@ -27,6 +38,7 @@ async fn message_over_max_message_size_is_refused_clearly_and_the_client_goes_on
         &["start", NODE, &PORT.to_string(), snippet.to_str().unwrap()],
     );
     let _ = std::fs::remove_file(&snippet);
+    let _node = NodeGuard;
 
     let p = support::prefix();
     let mut cfg = support::config(support::GUEST, &p);
@@ -112,5 +124,4 @@ async fn message_over_max_message_size_is_refused_clearly_and_the_client_goes_on
 
     support::cleanup(&b, Some(&Topology::spec(&names))).await;
     b.close().await.unwrap();
-    script("node", &["stop", NODE]);
 }

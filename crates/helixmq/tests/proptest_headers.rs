@@ -153,7 +153,7 @@ fn wire(t: &FieldTable) -> Vec<u8> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
 
     /// Any table decodes without panicking; what it decodes to encodes again,
     /// and decoding that gives the same values (the mapping is stable).
