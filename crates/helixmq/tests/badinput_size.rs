@@ -12,7 +12,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use helixmq::{Error, Message, Topology};
-use sec_support::script;
+use sec_support::script_locked;
 
 const NODE: &str = "hqbadin";
 const PORT: u16 = 5695;
@@ -33,7 +33,8 @@ impl Drop for NodeGuard {
 async fn message_over_max_message_size_is_refused_clearly_and_the_client_goes_on() {
     let snippet = std::env::temp_dir().join(format!("helixmq-{NODE}-{}.conf", std::process::id()));
     std::fs::write(&snippet, format!("max_message_size = {MAX}\n")).unwrap();
-    script(
+    script_locked(
+        NODE,
         "node",
         &["start", NODE, &PORT.to_string(), snippet.to_str().unwrap()],
     );

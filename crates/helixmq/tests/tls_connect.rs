@@ -23,7 +23,7 @@ use helixmq::{
     BoxError, Broker, Config, Context, Error, Message, Metrics, Outcome, RetryPolicy, Secret,
     SubscribeOptions, Topology,
 };
-use sec_support::{rabbitmqctl, random_suffix, script, LogCapture};
+use sec_support::{rabbitmqctl, random_suffix, script_locked, LogCapture};
 
 /// What `scripts/tls` wrote to `target/tls/env`.
 struct TlsNode {
@@ -44,7 +44,7 @@ impl TlsNode {
 fn node() -> &'static TlsNode {
     static NODE: OnceLock<TlsNode> = OnceLock::new();
     NODE.get_or_init(|| {
-        script("tls", &["start"]);
+        script_locked("tls", "tls", &["start"]);
         let env = std::fs::read_to_string(sec_support::repo_root().join("target/tls/env"))
             .expect("scripts/tls writes target/tls/env");
         let var = |k: &str| {

@@ -40,6 +40,30 @@ pub fn script(name: &str, args: &[&str]) -> String {
     text
 }
 
+/// [`script`] under an exclusive `flock` on `target/<lock>.lock`: nextest runs
+/// each test in its own process, and scripts that make certificates or start a
+/// node must not run twice at once.
+pub fn script_locked(lock: &str, name: &str, args: &[&str]) -> String {
+    let lockfile = repo_root().join("target").join(format!("{lock}.lock"));
+    let out = Command::new("flock")
+        .arg(&lockfile)
+        .arg(repo_root().join("scripts").join(name))
+        .args(args)
+        .current_dir(repo_root())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run flock scripts/{name}: {e}"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "scripts/{name} {args:?} failed:\n{text}"
+    );
+    text
+}
+
 /// `rabbitmqctl -q [-n node] args…`; returns stdout, panics with stderr on failure.
 pub fn rabbitmqctl(node: Option<&str>, args: &[&str]) -> String {
     let mut cmd = Command::new("rabbitmqctl");
