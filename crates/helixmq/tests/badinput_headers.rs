@@ -92,11 +92,17 @@ async fn every_value_round_trips(b: &Broker) {
     m.headers = every_value();
     b.publish(&x, "headers", m.clone()).await.unwrap();
 
-    let got = sec_support::take(b, &q, 1, Duration::from_secs(10)).await;
+    let mut got = sec_support::take(b, &q, 1, Duration::from_secs(10)).await;
     assert_eq!(got[0].id, m.id);
     for (k, v) in &m.headers {
         assert_eq!(got[0].headers.get(k), Some(v), "header '{k}' changed");
     }
+    // publish starts a W3C trace when the message has none: the only header added.
+    let tp = got[0]
+        .headers
+        .remove(helixmq::message::header::TRACEPARENT)
+        .expect("publish adds a traceparent");
+    assert!(tp.as_str().is_some_and(|t| t.starts_with("00-")), "{tp:?}");
     assert_eq!(got[0].headers, m.headers, "no header added or lost");
     assert_eq!(got[0], m, "the whole message round-trips");
     // -0.0 == 0.0 for PartialEq: check the sign survived too.
