@@ -1,21 +1,32 @@
-//! TLS end to end against the dedicated TLS node that `scripts/tls` starts
-//! (hqtls@localhost, TLS on 5671, certificates in `target/tls/`): a verified
-//! connection carries messages; an untrusted CA, a host name not in the
-//! certificate and a client certificate from an unknown CA are refused;
-//! client-certificate login with SASL EXTERNAL works with no password; and
-//! `skip_verify` connects while logging a warning.
+//! TLS end to end, against the dedicated TLS node that `scripts/tls` starts
+//! (`hqtls@localhost`, TLS on 5671, certificates in `target/tls/`; the script
+//! is idempotent and the tests run it themselves):
+//!
+//! - a verified connection (server certificate checked against our CA and
+//!   host name) publishes and consumes a message, and the broker sees TLS;
+//! - a server certificate from a CA we do not trust is refused;
+//! - a client certificate from a CA the broker does not trust is refused;
+//! - a host name that is not in the certificate is refused;
+//! - a client certificate logs in with SASL EXTERNAL and no password;
+//! - `skip_verify` (and `verify_peer: false`) connect anyway, logging a warning.
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+mod sec_support;
+mod support;
+
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use helixmq::backend::rabbitmq::RabbitBackend;
-use helixmq::topology::Queue;
-use helixmq::{Broker, Config, Error, Message, Metrics, PublishOptions, Secret, Topology};
+use helixmq::topology::{Exchange, ExchangeKind, Queue};
+use helixmq::{
+    BoxError, Broker, Config, Context, Error, Message, Metrics, Outcome, RetryPolicy, Secret,
+    SubscribeOptions, Topology,
+};
+use sec_support::{rabbitmqctl, random_suffix, script_locked, LogCapture};
 
 /// What `scripts/tls` wrote to `target/tls/env`.
-struct Env {
+struct TlsNode {
     dir: PathBuf,
     port: u16,
     node: String,
@@ -23,263 +34,299 @@ struct Env {
     mismatch_host: String,
 }
 
-fn env() -> Env {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let path = root.join("target/tls/env");
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
-        panic!(
-            "{}: {e}: run scripts/tls first (it makes the certificates and starts the TLS node)",
-            path.display()
-        )
-    });
-    let vars: BTreeMap<&str, &str> = text.lines().filter_map(|l| l.split_once('=')).collect();
-    let get = |k: &str| {
-        vars.get(k)
-            .unwrap_or_else(|| panic!("{k} missing in {}", path.display()))
-            .to_string()
-    };
-    Env {
-        dir: PathBuf::from(get("HELIXMQ_TLS_DIR")),
-        port: get("HELIXMQ_TLS_PORT").parse().unwrap(),
-        node: get("HELIXMQ_TLS_NODE"),
-        client_cn: get("HELIXMQ_TLS_CLIENT_CN"),
-        mismatch_host: get("HELIXMQ_TLS_MISMATCH_HOST"),
-    }
-}
-
-impl Env {
+impl TlsNode {
     fn file(&self, name: &str) -> String {
         self.dir.join(name).to_string_lossy().into_owned()
     }
-
-    /// TLS to the node as guest (loopback), trusting `ca`.
-    fn config(&self, ca: &str) -> Config {
-        let mut c = Config::default();
-        c.rabbitmq.host = "127.0.0.1".into();
-        c.rabbitmq.port = self.port;
-        c.rabbitmq.username = "guest".into();
-        c.rabbitmq.password = Secret::new("guest");
-        c.rabbitmq.vhost = "/".into();
-        c.rabbitmq.connect_timeout = Duration::from_secs(10);
-        c.rabbitmq.max_reconnect_attempts = 1;
-        c.rabbitmq.tls.enabled = true;
-        c.rabbitmq.tls.ca_file = self.file(ca);
-        c.helixmq.prefix = format!("helixagent.tls{:08x}", rand::random::<u32>());
-        c
-    }
 }
 
-async fn connect(config: &Config, name: &str) -> helixmq::Result<Broker> {
+/// Make the certificates and start the TLS node once per test binary.
+fn node() -> &'static TlsNode {
+    static NODE: OnceLock<TlsNode> = OnceLock::new();
+    NODE.get_or_init(|| {
+        script_locked("tls", "tls", &["start"]);
+        let env = std::fs::read_to_string(sec_support::repo_root().join("target/tls/env"))
+            .expect("scripts/tls writes target/tls/env");
+        let var = |k: &str| {
+            env.lines()
+                .find_map(|l| l.strip_prefix(&format!("{k}=")))
+                .unwrap_or_else(|| panic!("{k} missing from target/tls/env"))
+                .to_string()
+        };
+        TlsNode {
+            dir: PathBuf::from(var("HELIXMQ_TLS_DIR")),
+            port: var("HELIXMQ_TLS_PORT").parse().expect("port"),
+            node: var("HELIXMQ_TLS_NODE"),
+            client_cn: var("HELIXMQ_TLS_CLIENT_CN"),
+            mismatch_host: var("HELIXMQ_TLS_MISMATCH_HOST"),
+        }
+    })
+}
+
+/// A TLS configuration for the node at `host`, as guest/guest (PLAIN over TLS)
+/// and trusting `ca` (a file in `target/tls/`), under a fresh prefix.
+fn tls_config(host: &str, ca: Option<&str>) -> Config {
+    let n = node();
+    let mut c = Config::default();
+    c.rabbitmq.host = host.into();
+    c.rabbitmq.port = n.port;
+    c.rabbitmq.username = "guest".into();
+    c.rabbitmq.password = Secret::new("guest");
+    c.rabbitmq.vhost = "/".into();
+    c.rabbitmq.connect_timeout = Duration::from_secs(10);
+    c.rabbitmq.reconnect_delay = Duration::from_millis(200);
+    c.rabbitmq.publish_timeout = Duration::from_secs(20);
+    c.rabbitmq.tls.enabled = true;
+    c.rabbitmq.tls.ca_file = ca.map(|f| n.file(f)).unwrap_or_default();
+    c.helixmq.prefix = format!("helixagent.tls{}", random_suffix());
+    c
+}
+
+/// Connect on a connection named after the prefix (to find it in `list_connections`).
+async fn connect(cfg: &Config) -> helixmq::Result<(Broker, String)> {
+    let name = format!("hxtest-{}", cfg.helixmq.prefix);
     let metrics = Metrics::default();
-    let backend = RabbitBackend::connect_named(&config.rabbitmq, metrics.clone(), name).await?;
-    Ok(Broker::with_backend(
-        Arc::new(backend),
-        config.clone(),
-        metrics,
+    let backend = RabbitBackend::connect_named(&cfg.rabbitmq, metrics.clone(), &name).await?;
+    Ok((
+        Broker::with_backend(Arc::new(backend), cfg.clone(), metrics),
+        name,
     ))
 }
 
-/// Declare a queue, publish to it, take the message back, delete the queue.
-async fn round_trip(broker: &Broker) {
-    let q = format!("{}.roundtrip", broker.names().prefix());
-    let mut t = Topology::system(broker.names());
-    t.exchanges.clear();
-    t.bindings.clear();
-    t.queues = vec![Queue::durable(q.clone())];
-    broker.declare(&t).await.unwrap();
-    let m = Message::new("over tls");
-    let id = m.id.clone();
-    broker
-        .publish_with("", &q, m, &PublishOptions::default())
-        .await
-        .unwrap();
-    let mut got = None;
-    for _ in 0..50 {
-        got = broker.backend().get(&q).await.unwrap();
-        if got.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let d = got.expect("message back over TLS");
-    assert_eq!(d.message.id, id);
-    assert_eq!(&d.message.payload[..], b"over tls");
-    d.acker.ack().await.unwrap();
-    broker.backend().delete_queue(&q).await.unwrap();
-}
-
-fn assert_refused(err: &Error, what: &str) {
-    assert!(
-        matches!(err, Error::Connect { .. }),
-        "{what}: expected a connect error, got {err:?}"
-    );
-    let msg = err.to_string();
-    assert!(
-        msg.contains(":5671") || msg.contains("5671"),
-        "{what}: the error names the endpoint: {msg}"
-    );
-}
-
-#[tokio::test]
-async fn verified_connection_carries_messages() {
-    let e = env();
-    let broker = connect(&e.config("ca.crt"), "hxtest-tls-verified")
-        .await
-        .expect("verified TLS connection");
-    assert!(broker.is_connected());
-    round_trip(&broker).await;
-    broker.close().await.unwrap();
-}
-
-#[tokio::test]
-async fn untrusted_ca_is_refused() {
-    let e = env();
-    let err = connect(&e.config("untrusted-ca.crt"), "hxtest-tls-untrusted")
-        .await
-        .unwrap_err();
-    assert_refused(&err, "untrusted CA");
-    eprintln!("untrusted CA: {err}");
-    let chain = format!("{err:?}").to_lowercase();
-    assert!(
-        chain.contains("certificate") || chain.contains("issuer"),
-        "cause names the certificate: {chain}"
-    );
-}
-
-#[tokio::test]
-async fn host_name_mismatch_is_refused() {
-    let e = env();
-    let mut c = e.config("ca.crt");
-    // Loopback, so the node answers, but not a name the certificate holds.
-    c.rabbitmq.host = e.mismatch_host.clone();
-    let err = connect(&c, "hxtest-tls-mismatch").await.unwrap_err();
-    assert_refused(&err, "host name mismatch");
-    eprintln!("mismatch: {err}");
-    let chain = format!("{err:?}").to_lowercase();
-    assert!(
-        chain.contains("name") || chain.contains("certificate"),
-        "cause names the mismatch: {chain}"
-    );
-}
-
-#[tokio::test]
-async fn client_certificate_logs_in_with_external_and_no_password() {
-    let e = env();
-    let mut c = e.config("ca.crt");
-    c.rabbitmq.username = e.client_cn.clone();
-    c.rabbitmq.password = Secret::new("");
-    c.rabbitmq.tls.cert_file = e.file("client.crt");
-    c.rabbitmq.tls.key_file = e.file("client.key");
-    let name = format!("hxtest-tls-external-{:08x}", rand::random::<u32>());
-    let broker = connect(&c, &name)
-        .await
-        .expect("EXTERNAL login with the client certificate");
-    round_trip(&broker).await;
-
-    // The broker says who logged in, and how. RabbitMQ 3.10 has no column for
-    // the connection name, so find ours by its client properties.
-    let out = std::process::Command::new("rabbitmqctl")
-        .args([
-            "-q",
-            "-n",
-            &e.node,
+/// The TLS node's view of our connection: `user auth_mechanism ssl ssl_protocol`.
+fn broker_view(connection_name: &str) -> String {
+    let out = rabbitmqctl(
+        Some(&node().node),
+        &[
             "list_connections",
-            "--no-table-headers",
-        ])
-        .args([
             "user",
             "auth_mechanism",
             "ssl",
-            "peer_cert_subject",
+            "ssl_protocol",
             "client_properties",
-        ])
-        .output()
-        .expect("rabbitmqctl");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "rabbitmqctl: {}",
-        String::from_utf8_lossy(&out.stderr)
+        ],
     );
-    let line = text
-        .lines()
-        .find(|l| l.contains(&name))
-        .unwrap_or_else(|| panic!("connection {name} not listed:\n{text}"));
-    let cols: Vec<&str> = line.splitn(5, '\t').collect();
-    assert_eq!(
-        &cols[..3],
-        [e.client_cn.as_str(), "EXTERNAL", "true"],
-        "{line}"
-    );
-    assert!(cols[3].contains(&format!("CN={}", e.client_cn)), "{line}");
-    broker.close().await.unwrap();
+    out.lines()
+        .find(|l| l.contains(&format!("\"{connection_name}\"")))
+        .map(|l| l.split('\t').take(4).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|| {
+            panic!("connection {connection_name} not listed by the TLS node:\n{out}")
+        })
 }
 
-#[tokio::test]
-async fn client_certificate_from_an_unknown_ca_is_refused() {
-    let e = env();
-    let mut c = e.config("ca.crt");
-    c.rabbitmq.username = e.client_cn.clone();
-    c.rabbitmq.password = Secret::new("");
-    c.rabbitmq.tls.cert_file = e.file("untrusted-client.crt");
-    c.rabbitmq.tls.key_file = e.file("untrusted-client.key");
-    let err = connect(&c, "hxtest-tls-badclient").await.unwrap_err();
-    eprintln!("bad client: {err}");
-    assert!(
-        matches!(err, Error::Connect { .. } | Error::AccessRefused { .. }),
-        "expected a refusal, got {err:?}"
-    );
-}
+/// Declare a queue under the prefix, publish one message (confirmed), consume
+/// it through a subscription, then delete what was declared.
+async fn publish_and_consume(b: &Broker) {
+    let names = b.names().clone();
+    let x = names.tasks_exchange();
+    let q = names.task_queue("tls");
+    let mut t = Topology::system(&names);
+    t.exchanges.push(Exchange {
+        name: x.clone(),
+        kind: ExchangeKind::Direct,
+        durable: true,
+    });
+    t.add_work_queue(Queue::durable(&q), &x, "tls");
+    b.declare(&t).await.expect("declare over TLS");
 
-#[tokio::test]
-async fn skip_verify_connects_and_warns() {
-    let e = env();
-    // Trust nothing useful: only skip_verify can make this connect.
-    let mut c = e.config("untrusted-ca.crt");
-    c.rabbitmq.tls.skip_verify = true;
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let _guard = tracing::subscriber::set_default(Capture(seen.clone()));
-    let broker = connect(&c, "hxtest-tls-skipverify")
+    let m = Message::new("sent over TLS").with_header("secret-ish", "value");
+    let id = m.id.clone();
+    b.publish(&x, "tls", m)
         .await
-        .expect("skip_verify connects");
-    round_trip(&broker).await;
-    broker.close().await.unwrap();
-    let warnings = seen.lock().unwrap().clone();
+        .expect("confirmed publish over TLS");
+
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Message>(4);
+    let sub = b
+        .subscribe(
+            &q,
+            move |m: Message, _ctx: Context| {
+                let tx = tx.clone();
+                async move {
+                    let _ = tx.send(m).await;
+                    Ok::<_, BoxError>(Outcome::Ack)
+                }
+            },
+            SubscribeOptions {
+                retry: Some(RetryPolicy {
+                    max_attempts: 3,
+                    delays: vec![Duration::from_secs(1)],
+                }),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("subscribe over TLS");
+    let got = tokio::time::timeout(Duration::from_secs(15), rx.recv())
+        .await
+        .expect("message consumed within 15 s")
+        .expect("handler ran");
+    assert_eq!(got.id, id);
+    assert_eq!(&got.payload[..], b"sent over TLS");
+    assert_eq!(got.header_str("secret-ish"), Some("value"));
+    sub.shutdown(Duration::from_secs(5)).await;
+    assert_eq!(b.backend().queue_stats(&q).await.unwrap().messages, 0);
+    support::cleanup(b, None).await;
+}
+
+/// The failure must come at once (no reconnect loop) and be a connection error
+/// naming the endpoint; returns its text.
+async fn refused(cfg: &Config, why: &str) -> String {
+    let started = Instant::now();
+    let err = match connect(cfg).await {
+        Ok((b, _)) => {
+            b.close().await.ok();
+            panic!("{why}: the connection was accepted")
+        }
+        Err(e) => e,
+    };
     assert!(
-        warnings
-            .iter()
-            .any(|w| w.contains("verification is DISABLED")),
-        "no warning about skip_verify; WARN events seen: {warnings:?}"
+        started.elapsed() < Duration::from_secs(8),
+        "{why}: took {:?}",
+        started.elapsed()
+    );
+    let endpoint = format!("{}:{}", cfg.rabbitmq.host, cfg.rabbitmq.port);
+    assert!(
+        matches!(&err, Error::Connect { endpoint: e, .. } if *e == endpoint),
+        "{why}: expected Error::Connect for {endpoint}, got {err:?}"
+    );
+    let text = err.to_string();
+    assert!(!text.contains("guest:guest"), "credentials leaked: {text}");
+    eprintln!("{why}: {text}");
+    text
+}
+
+#[tokio::test]
+async fn verified_connection_publishes_and_consumes() {
+    // By DNS name (SAN DNS:localhost) and by address (SAN IP:127.0.0.1).
+    for host in ["localhost", "127.0.0.1"] {
+        let cfg = tls_config(host, Some("ca.crt"));
+        let (b, name) = connect(&cfg)
+            .await
+            .unwrap_or_else(|e| panic!("verified TLS connection to {host}: {e}"));
+        let view = broker_view(&name);
+        assert!(
+            view.starts_with("guest PLAIN true tlsv1.")
+                || view.starts_with("guest PLAIN true 'tlsv1."),
+            "the broker must see a TLS connection logged in with PLAIN: {view}"
+        );
+        publish_and_consume(&b).await;
+        b.close().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn server_certificate_from_an_untrusted_ca_is_refused() {
+    let text = refused(
+        &tls_config("localhost", Some("untrusted-ca.crt")),
+        "untrusted server CA",
+    )
+    .await;
+    assert!(
+        text.contains("TLS handshake failed")
+            && text.contains("UnknownIssuer")
+            && text.contains("rabbitmq.tls.ca_file"),
+        "the error must say the server certificate is not trusted: {text}"
     );
 }
 
-/// A tracing subscriber that keeps the message of every WARN (or worse) event.
-/// `set_default` scopes it to this thread: the tests run on tokio's
-/// current-thread runtime, so the connection's own events land here.
-struct Capture(Arc<Mutex<Vec<String>>>);
+#[tokio::test]
+async fn client_certificate_from_an_untrusted_ca_is_refused_by_the_broker() {
+    let mut cfg = tls_config("localhost", Some("ca.crt"));
+    cfg.rabbitmq.tls.cert_file = node().file("untrusted-client.crt");
+    cfg.rabbitmq.tls.key_file = node().file("untrusted-client.key");
+    let text = refused(&cfg, "untrusted client certificate").await;
+    // TLS 1.3: the broker checks our certificate after our side of the handshake
+    // is done, so its refusal arrives as an alert or, racing it, as a reset.
+    let alert = text.contains("TLS handshake failed")
+        && text.contains("UnknownCA")
+        && text.contains("refused our client certificate (rabbitmq.tls.cert_file)");
+    let reset = text.contains("closed the connection during the handshake")
+        && text.contains("client certificate it does not trust (rabbitmq.tls.cert_file)");
+    assert!(
+        alert || reset,
+        "the error must point at the client certificate: {text}"
+    );
+}
 
-impl tracing::Subscriber for Capture {
-    fn enabled(&self, m: &tracing::Metadata<'_>) -> bool {
-        *m.level() <= tracing::Level::WARN
+#[tokio::test]
+async fn host_name_not_in_the_certificate_is_refused() {
+    let n = node();
+    let cfg = tls_config(&n.mismatch_host, Some("ca.crt"));
+    let text = refused(&cfg, "host name mismatch").await;
+    assert!(
+        text.contains("not valid for name")
+            && text.contains(&n.mismatch_host)
+            && text.contains("subjectAltName"),
+        "the error must name the host the certificate does not cover: {text}"
+    );
+}
+
+#[tokio::test]
+async fn client_certificate_logs_in_with_sasl_external_and_no_password() {
+    let n = node();
+    let mut cfg = tls_config("localhost", Some("ca.crt"));
+    // No password: the identity is the certificate's CN (helixmq-tls), whose
+    // broker account has no password at all, so PLAIN could not log it in.
+    cfg.rabbitmq.username = n.client_cn.clone();
+    cfg.rabbitmq.password = Secret::new("");
+    cfg.rabbitmq.tls.cert_file = n.file("client.crt");
+    cfg.rabbitmq.tls.key_file = n.file("client.key");
+    let (b, name) = connect(&cfg)
+        .await
+        .expect("EXTERNAL login with client certificate");
+    let view = broker_view(&name);
+    assert!(
+        view.starts_with(&format!("{} EXTERNAL true", n.client_cn)),
+        "the broker must see user {} logged in with EXTERNAL over TLS: {view}",
+        n.client_cn
+    );
+    publish_and_consume(&b).await;
+    b.close().await.unwrap();
+
+    // Control: the same account cannot log in with a password (PLAIN).
+    let mut plain = tls_config("localhost", Some("ca.crt"));
+    plain.rabbitmq.username = n.client_cn.clone();
+    plain.rabbitmq.password = Secret::new("guessed");
+    let err = connect(&plain).await.unwrap_err();
+    assert!(matches!(err, Error::AccessRefused { .. }), "{err:?}");
+}
+
+#[tokio::test]
+async fn skip_verify_connects_and_logs_a_warning() {
+    let n = node();
+    // Control: untrusted CA and a host name not in the certificate are refused...
+    let strict = tls_config(&n.mismatch_host, Some("untrusted-ca.crt"));
+    refused(&strict, "strict control").await;
+
+    // ...and the same with skip_verify (or verify_peer: false) connects, with a warning.
+    for (skip, verify_peer) in [(true, true), (false, false)] {
+        let logs = LogCapture::default();
+        let _guard = logs.install();
+        let mut cfg = tls_config(&n.mismatch_host, Some("untrusted-ca.crt"));
+        cfg.rabbitmq.tls.skip_verify = skip;
+        cfg.rabbitmq.tls.verify_peer = verify_peer;
+        let (b, name) = connect(&cfg)
+            .await
+            .unwrap_or_else(|e| panic!("skip_verify={skip} verify_peer={verify_peer}: {e}"));
+        assert!(broker_view(&name).starts_with("guest PLAIN true"));
+        b.close().await.unwrap();
+        let text = logs.text();
+        assert!(
+            text.contains("WARN") && text.contains("verification is DISABLED"),
+            "skip_verify={skip} verify_peer={verify_peer}: expected a warning, logs were:\n{text}"
+        );
     }
-    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
-        tracing::span::Id::from_u64(1)
-    }
-    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
-    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
-    fn event(&self, event: &tracing::Event<'_>) {
-        struct Msg(String);
-        impl tracing::field::Visit for Msg {
-            fn record_debug(&mut self, f: &tracing::field::Field, v: &dyn std::fmt::Debug) {
-                if f.name() == "message" {
-                    self.0 = format!("{v:?}");
-                }
-            }
-        }
-        let mut m = Msg(String::new());
-        event.record(&mut m);
-        self.0.lock().unwrap().push(m.0);
-    }
-    fn enter(&self, _: &tracing::span::Id) {}
-    fn exit(&self, _: &tracing::span::Id) {}
+
+    // A verified connection logs no such warning.
+    let logs = LogCapture::default();
+    let _guard = logs.install();
+    let (b, _) = connect(&tls_config("localhost", Some("ca.crt")))
+        .await
+        .unwrap();
+    b.close().await.unwrap();
+    assert!(
+        !logs.text().contains("DISABLED"),
+        "unexpected warning: {}",
+        logs.text()
+    );
 }

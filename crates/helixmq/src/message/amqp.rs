@@ -20,8 +20,9 @@
 //! not UTF-8 becomes `Bytes`, and a **decimal** becomes the `String` of its exact
 //! decimal text (e.g. scale 2, value 12345 → `"123.45"`), because `HeaderValue`
 //! has no decimal type and a float would round it. Encoding never panics: names
-//! and values that do not fit AMQP's limits (short strings ≤ 255 bytes) are
-//! refused with [`Error::InvalidMessage`].
+//! and values that do not fit AMQP's limits (short strings ≤ 255 bytes; floats
+//! must be finite, as RabbitMQ cannot decode NaN or infinity) are refused with
+//! [`Error::InvalidMessage`].
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -49,6 +50,13 @@ pub fn to_amqp_value(v: &HeaderValue) -> Result<AMQPValue> {
         HeaderValue::Void => AMQPValue::Void,
         HeaderValue::Bool(b) => AMQPValue::Boolean(*b),
         HeaderValue::Int(i) => AMQPValue::LongLongInt(*i),
+        // RabbitMQ (Erlang) cannot decode NaN or infinity: its channel crashes and the
+        // whole connection is closed. Refuse them here, where the cause is clear.
+        HeaderValue::Float(f) if !f.is_finite() => {
+            return Err(Error::InvalidMessage(format!(
+                "header value {f} is not a finite number: RabbitMQ cannot carry NaN or infinity in a header (send it as a string)"
+            )))
+        }
         HeaderValue::Float(f) => AMQPValue::Double(*f),
         HeaderValue::String(s) => AMQPValue::LongString(LongString::from(s.as_bytes())),
         HeaderValue::Bytes(b) => AMQPValue::ByteArray(ByteArray::from(b.clone())),
@@ -112,7 +120,11 @@ pub fn to_field_table(h: &BTreeMap<String, HeaderValue>) -> Result<FieldTable> {
                 k.len()
             ))
         })?;
-        t.insert(name, to_amqp_value(v)?);
+        let value = to_amqp_value(v).map_err(|e| match e {
+            Error::InvalidMessage(why) => Error::InvalidMessage(format!("header '{k}': {why}")),
+            other => other,
+        })?;
+        t.insert(name, value);
     }
     Ok(t)
 }
@@ -162,6 +174,16 @@ pub fn to_properties(m: &Message) -> Result<BasicProperties> {
         p = p.with_expiration(short("expiration", &e.as_millis().to_string())?);
     }
     Ok(p)
+}
+
+/// How many bytes `p` takes on the wire. A content header travels in one AMQP
+/// frame, so properties and headers larger than the negotiated `frame_max`
+/// cannot be sent at all (RabbitMQ closes the whole connection).
+pub fn encoded_properties_len(p: &BasicProperties) -> usize {
+    let write = lapin::protocol::basic::gen_properties(p);
+    write(Vec::new().into())
+        .map(|ctx| ctx.write.len())
+        .unwrap_or(usize::MAX)
 }
 
 /// The message carried by `properties` and `body`. A message without a

@@ -83,10 +83,21 @@ pub(crate) fn connect_error(
         },
         _ => {
             let reason = match e.kind() {
+                ErrorKind::IOError(io) if tls_failure(io).is_some() => {
+                    let tls = tls_failure(io).expect("checked");
+                    format!("TLS handshake failed: {tls}. {}", tls_hint(tls))
+                }
                 // RabbitMQ closes the socket without a reply when the SASL exchange fails
                 // in some versions; name the likely causes.
-                ErrorKind::IOError(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
-                    format!("the broker closed the connection during the handshake ({e}); wrong credentials, TLS expected, or not an AMQP port?")
+                // Under TLS 1.3 a client certificate is checked after our side of the
+                // handshake is done, so its refusal often arrives as a reset, not an alert.
+                ErrorKind::IOError(io)
+                    if matches!(
+                        io.kind(),
+                        std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset
+                    ) =>
+                {
+                    format!("the broker closed the connection during the handshake ({e}); wrong credentials, a client certificate it does not trust (rabbitmq.tls.cert_file), TLS expected, or not an AMQP port?")
                 }
                 _ => e.to_string(),
             };
@@ -96,6 +107,38 @@ pub(crate) fn connect_error(
                 source: Some(boxed(e)),
             }
         }
+    }
+}
+
+/// The rustls error inside an I/O error of the TLS handshake, if that is what it is.
+fn tls_failure(io: &std::io::Error) -> Option<&rustls::Error> {
+    io.get_ref()?.downcast_ref::<rustls::Error>()
+}
+
+/// What to check for a failed TLS handshake: the bare rustls text
+/// ("UnknownIssuer", "received fatal alert: UnknownCA") names no setting.
+fn tls_hint(e: &rustls::Error) -> &'static str {
+    use rustls::{AlertDescription as A, CertificateError as C, Error as E};
+    match e {
+        E::InvalidCertificate(C::UnknownIssuer) => {
+            "The broker's certificate is not signed by a CA we trust: set rabbitmq.tls.ca_file to the CA that signed it"
+        }
+        E::InvalidCertificate(C::NotValidForName | C::NotValidForNameContext { .. }) => {
+            "Connect with a host name the broker's certificate lists (its subjectAltName), or reissue the certificate for this name"
+        }
+        E::InvalidCertificate(C::Expired | C::ExpiredContext { .. } | C::NotValidYet | C::NotValidYetContext { .. }) => {
+            "The broker's certificate is expired or not yet valid: check it and this machine's clock"
+        }
+        E::InvalidCertificate(_) => {
+            "The broker's certificate was rejected: check it and rabbitmq.tls.ca_file"
+        }
+        E::AlertReceived(A::UnknownCA | A::BadCertificate | A::CertificateUnknown | A::UnsupportedCertificate | A::CertificateExpired | A::AccessDenied) => {
+            "The broker refused our client certificate (rabbitmq.tls.cert_file): it must be valid and signed by a CA the broker trusts (ssl_options.cacertfile)"
+        }
+        E::AlertReceived(A::CertificateRequired) | E::AlertReceived(A::HandshakeFailure) => {
+            "The broker may require a client certificate (set rabbitmq.tls.cert_file and key_file), or no TLS version or cipher is shared"
+        }
+        _ => "Check the broker's TLS listener and the rabbitmq.tls settings",
     }
 }
 

@@ -21,15 +21,18 @@ use lapin::types::ShortString;
 use lapin::{BasicProperties, Confirmation};
 use tokio::time::{timeout_at, Instant};
 
-use super::connection::Shared;
+use super::connection::{LinkState, Shared};
 use super::errors::{self, code};
 use crate::backend::Outgoing;
 use crate::error::{Error, Result};
-use crate::message::amqp::{short, to_properties};
+use crate::message::amqp::{encoded_properties_len, short, to_properties};
 
 /// Publisher channels per connection. Two cores serve this machine; four
 /// channels keep both busy without wasting broker processes.
 pub(crate) const POOL_SIZE: usize = 4;
+
+/// RabbitMQ's default `frame_max`, assumed while no connection says otherwise.
+const DEFAULT_FRAME_MAX: usize = 131_072;
 
 /// One confirm-mode channel and the connection generation it belongs to.
 #[derive(Clone)]
@@ -121,11 +124,26 @@ impl Publisher {
     }
 
     fn prepare<'a>(&self, out: &'a Outgoing<'a>) -> Result<Prepared<'a>> {
+        let properties = to_properties(out.message)?;
+        // The content header frame: 8 bytes of framing, 12 of class, weight and
+        // body size, then the properties. Too big, and RabbitMQ closes the whole
+        // connection (frame_too_large) on every resend.
+        let len = encoded_properties_len(&properties) + 20;
+        let frame_max = match &*self.shared.link.borrow() {
+            LinkState::Up(l) => l.conn.configuration().frame_max() as usize,
+            _ => DEFAULT_FRAME_MAX,
+        };
+        if len > frame_max {
+            return Err(Error::InvalidMessage(format!(
+                "message {}: its properties and headers take {len} bytes, more than the {frame_max}-byte AMQP frame (frame_max) that must carry them whole; move large values into the payload",
+                out.message.id
+            )));
+        }
         Ok(Prepared {
             out,
             exchange: short("exchange name", out.exchange)?,
             routing_key: short("routing key", out.routing_key)?,
-            properties: to_properties(out.message)?,
+            properties,
         })
     }
 
@@ -204,23 +222,33 @@ impl Publisher {
     fn failed(&self, pc: &PubChannel, p: &Prepared<'_>, e: lapin::Error) -> Attempt {
         if let Some((c, text)) = errors::amqp_reply(&e) {
             let about_us = |needle: &str| text.contains(&format!("'{needle}'"));
+            // RabbitMQ names the default exchange "" 'amq.default' in its replies.
+            let exchange = match p.out.exchange {
+                "" => "amq.default",
+                x => x,
+            };
             let user = &self.shared.cfg.username;
             match c {
-                code::NOT_FOUND if about_us(p.out.exchange) => {
+                code::NOT_FOUND if about_us(exchange) => {
                     return Attempt::Done(Err(Error::NotFound {
                         kind: "exchange",
                         name: p.out.exchange.to_string(),
                     }))
                 }
-                code::ACCESS_REFUSED if about_us(p.out.exchange) => {
+                code::ACCESS_REFUSED if about_us(exchange) => {
                     return Attempt::Done(Err(Error::AccessRefused {
                         user: Some(user.clone()),
                         detail: format!("publish to exchange '{}': {text}", p.out.exchange),
                     }))
                 }
-                // "message size N is larger than configured max size M"
+                // "message size N is larger than configured max size M". Match the whole
+                // phrase with our size: the same channel-close error also fails the
+                // publishes sent after the big one on that channel, which must be resent.
                 code::PRECONDITION_FAILED
-                    if text.contains(&p.out.message.payload.len().to_string()) =>
+                    if text.contains(&format!(
+                        "message size {} is larger",
+                        p.out.message.payload.len()
+                    )) =>
                 {
                     return Attempt::Done(Err(Error::InvalidMessage(format!(
                         "message {} refused by the broker: {}",
