@@ -176,3 +176,155 @@ async fn twenty_thousand_messages_survive_three_forced_closes() {
     cleanup(&b, None).await;
     b.close().await.unwrap();
 }
+
+/// A broker whose connection goes through a cuttable proxy.
+async fn broker_via_proxy(
+    tweak: impl FnOnce(&mut helixmq::Config),
+) -> (helixmq::Broker, support::proxy::Proxy, String) {
+    let proxy = support::proxy::Proxy::start("127.0.0.1:5672".parse().unwrap()).await;
+    let p = prefix();
+    let mut cfg = config(GUEST, &p);
+    cfg.rabbitmq.host = "127.0.0.1".into();
+    cfg.rabbitmq.port = proxy.port;
+    tweak(&mut cfg);
+    let b = broker(cfg).await.unwrap();
+    (b, proxy, p)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_during_an_outage_waits_and_subscriptions_are_restored() {
+    use support::proxy::Mode;
+    let (b, proxy, p) = broker_via_proxy(|_| {}).await;
+    let names = Names::new(&p);
+    b.declare(&Topology::spec(&names)).await.unwrap();
+    let queue = names.task_queue("background");
+    let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+    let sub = b
+        .subscribe(
+            &queue,
+            move |m: Message, _| {
+                let tx = tx.clone();
+                async move {
+                    tx.send(m.id).await.unwrap();
+                    Ok(Outcome::Ack)
+                }
+            },
+            SubscribeOptions::default(),
+        )
+        .await
+        .unwrap();
+    let mut state = b.state();
+
+    proxy.set(Mode::Refuse);
+    state
+        .wait_for(|s| *s == ConnectionState::Disconnected)
+        .await
+        .unwrap();
+    let m = Message::new("sent while disconnected");
+    let id = m.id.clone();
+    let publisher = {
+        let b = b.clone();
+        let x = names.tasks_exchange();
+        tokio::spawn(async move { b.publish(&x, "background", m).await })
+    };
+    // The outage lasts a while (real time passing): the publish must wait, not fail.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert!(
+        !publisher.is_finished(),
+        "publish returned during the outage"
+    );
+    proxy.set(Mode::Forward);
+    tokio::time::timeout(Duration::from_secs(20), publisher)
+        .await
+        .expect("publish completes after the reconnect")
+        .unwrap()
+        .expect("confirmed");
+    let got = tokio::time::timeout(Duration::from_secs(20), rx.recv())
+        .await
+        .expect("the restored subscription receives it")
+        .unwrap();
+    assert_eq!(got, id);
+    assert!(sub.is_active());
+    assert!(b.metrics().connection_recoveries.get() >= 1);
+    sub.shutdown(Duration::from_secs(5)).await;
+    cleanup(&b, None).await;
+    b.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn reconnect_gives_up_after_max_attempts() {
+    use support::proxy::Mode;
+    let (b, proxy, _p) = broker_via_proxy(|c| {
+        c.rabbitmq.max_reconnect_attempts = 2;
+        c.rabbitmq.reconnect_delay = Duration::from_millis(50);
+        c.rabbitmq.publish_timeout = Duration::from_secs(10);
+    })
+    .await;
+    let mut state = b.state();
+    proxy.set(Mode::Refuse);
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        state.wait_for(|s| *s == ConnectionState::Closed),
+    )
+    .await
+    .expect("gives up")
+    .unwrap();
+    let started = Instant::now();
+    let err = b
+        .publish("amq.direct", "x", Message::new("x"))
+        .await
+        .unwrap_err();
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "fails at once, no wait"
+    );
+    assert!(
+        matches!(err, helixmq::Error::ReconnectExhausted { attempts: 2, .. }),
+        "{err:?}"
+    );
+    assert!(
+        err.to_string()
+            .contains("gave up reconnecting after 2 attempts"),
+        "{err}"
+    );
+    assert!(b.metrics().connection_failures.get() >= 2);
+    b.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_black_hole_is_detected_by_heartbeats_and_recovered() {
+    use support::proxy::Mode;
+    let heartbeat = Duration::from_secs(2);
+    let (b, proxy, p) = broker_via_proxy(|c| {
+        c.rabbitmq.heartbeat = heartbeat;
+        c.rabbitmq.connect_timeout = Duration::from_secs(2);
+    })
+    .await;
+    let names = Names::new(&p);
+    b.declare(&Topology::spec(&names)).await.unwrap();
+    let mut state = b.state();
+    proxy.set(Mode::BlackHole);
+    let cut = Instant::now();
+    tokio::time::timeout(
+        heartbeat * 4,
+        state.wait_for(|s| *s == ConnectionState::Disconnected),
+    )
+    .await
+    .expect("missed heartbeats detected")
+    .unwrap();
+    let detected = cut.elapsed();
+    proxy.set(Mode::Forward);
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        state.wait_for(|s| *s == ConnectionState::Connected),
+    )
+    .await
+    .expect("recovered")
+    .unwrap();
+    println!("black hole: detected after {detected:.2?} (heartbeat {heartbeat:?}), recovered after {:.2?}", cut.elapsed());
+    b.publish(&names.tasks_exchange(), "debate", Message::new("after"))
+        .await
+        .unwrap();
+    cleanup(&b, None).await;
+    b.close().await.unwrap();
+}
