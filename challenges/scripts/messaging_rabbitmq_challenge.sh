@@ -175,12 +175,14 @@ start_worker recover 'sleep 0.01; echo "$HELIXMQ_MESSAGE_ID" >> '"$WORK/recovere
 hx publish -e "$P.tasks" -k debate --payload work --count 600 > "$WORK/rec_ids" 2> /dev/null || fail "publish for the recovery check"
 wait_for 20 at_least "$WORK/recovered" 50
 closed=$(close_connections_of "$WPID")
-if [ "$closed" -ge 1 ] && wait_for 60 at_least "$WORK/recovered" 600 &&
+# Published after the close: only a recovered consumer can process these.
+hx publish -e "$P.tasks" -k debate --payload late --count 100 >> "$WORK/rec_ids" 2> /dev/null || fail "publish after the close"
+if [ "$closed" -ge 1 ] && wait_for 60 at_least "$WORK/recovered" 700 &&
   [ -z "$(comm -23 <(sort -u "$WORK/rec_ids") <(sort -u "$WORK/recovered"))" ] && kill -0 "$WPID" 2> /dev/null; then
   dups=$(($(lines "$WORK/recovered") - $(sort -u "$WORK/recovered" | wc -l)))
-  pass "consumer recovery: $closed connection(s) closed mid-run, all 600 ids processed, $dups duplicate(s)"
+  pass "consumer recovery: $closed connection(s) closed mid-run, all 700 ids processed (100 sent after the close), $dups duplicate(s)"
 else
-  fail "consumer recovery" "closed $closed; processed $(sort -u "$WORK/recovered" 2> /dev/null | wc -l) of 600"
+  fail "consumer recovery" "closed $closed; processed $(sort -u "$WORK/recovered" 2> /dev/null | wc -l) of 700"
 fi
 stop_worker "$WPID"
 

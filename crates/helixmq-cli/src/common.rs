@@ -19,12 +19,53 @@ pub fn endpoint(cfg: &Config) -> String {
 
 /// Connect to RabbitMQ as configured.
 pub async fn connect(cfg: &Config) -> anyhow::Result<Broker> {
+    connect_with_metrics(cfg, helixmq::Metrics::default()).await
+}
+
+/// Connect to RabbitMQ as configured, counting into `metrics`.
+pub async fn connect_with_metrics(
+    cfg: &Config,
+    metrics: helixmq::Metrics,
+) -> anyhow::Result<Broker> {
     let what = format!(
         "cannot connect to RabbitMQ at {} (vhost '{}')",
         endpoint(cfg),
         cfg.rabbitmq.vhost
     );
-    Broker::connect(cfg.clone()).await.context(what)
+    Broker::connect_with_metrics(cfg.clone(), metrics)
+        .await
+        .context(what)
+}
+
+/// `GET /metrics` and `GET /health` on `addr` while a command runs (`--metrics-addr`).
+pub struct MetricsServer {
+    server: helixmq::http::Server,
+    stop: tokio_util::sync::CancellationToken,
+}
+
+impl MetricsServer {
+    /// Serve `registry` and `health` on `addr`.
+    pub async fn start(
+        addr: std::net::SocketAddr,
+        health: helixmq::http::HealthSource,
+        registry: prometheus_client::registry::Registry,
+    ) -> anyhow::Result<MetricsServer> {
+        let stop = tokio_util::sync::CancellationToken::new();
+        let router = helixmq::http::router(health, std::sync::Arc::new(registry));
+        let server = helixmq::http::serve(addr, router, stop.clone())
+            .await
+            .with_context(|| format!("cannot serve metrics on {addr} (--metrics-addr)"))?;
+        tracing::info!(addr = %server.local_addr(), "serving /metrics and /health");
+        Ok(MetricsServer { server, stop })
+    }
+
+    /// Stop serving and wait for the server task.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        if let Err(e) = self.server.join().await {
+            tracing::warn!(error = %e, "metrics server");
+        }
+    }
 }
 
 /// The topology the configuration describes: the spec's queues under the prefix,

@@ -110,6 +110,31 @@ fn config_check_prints_the_effective_config_without_the_password() {
 }
 
 #[test]
+fn config_check_takes_rabbitmq_url_and_hides_its_password() {
+    let mut c = bare();
+    c.args(["config", "check"]).env(
+        "RABBITMQ_URL",
+        "amqp://bob:url%2Fsecret@mq.internal:5673/stage",
+    );
+    let out = run(c, b"").ok();
+    assert!(
+        out.stdout.contains("username: bob") && out.stdout.contains("host: mq.internal"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains("port: 5673") && out.stdout.contains("vhost: stage"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        !out.stdout.contains("secret") && !out.stderr.contains("secret"),
+        "{}",
+        out.stdout
+    );
+}
+
+#[test]
 fn config_check_lists_every_error_and_fails() {
     let f = temp_file(
         "bad.yaml",

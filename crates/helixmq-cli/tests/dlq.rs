@@ -217,3 +217,43 @@ fn dlq_of_an_undeclared_prefix_is_a_clear_error() {
         out.stderr
     );
 }
+
+#[test]
+fn expired_messages_are_listed_with_the_brokers_reason_and_replayed_without_their_ttl() {
+    let b = Broker::new();
+    b.run(&["topology", "apply"]).ok();
+    let q = b.name("tasks.debate");
+    let id = b
+        .run(&[
+            "publish",
+            "-e",
+            &b.name("tasks"),
+            "-k",
+            "debate",
+            "--payload",
+            "late",
+            "--expiration",
+            "100ms",
+        ])
+        .ok()
+        .lines()[0]
+        .clone();
+    b.eventually(
+        Duration::from_secs(10),
+        "the expired message in the DLQ",
+        || list(&b, &[]).len() == 1,
+    );
+    let e = &list(&b, &[])[0];
+    assert_eq!(e["id"], id.as_str());
+    assert_eq!(e["reason"], "broker: expired");
+    assert_eq!(e["origin_queue"], q.as_str());
+    assert_eq!(e["origin_exchange"], b.name("tasks").as_str());
+
+    b.run(&["dlq", "replay", "--id", &id]).ok();
+    // Well past the old 100 ms TTL, it is still waiting in its queue.
+    std::thread::sleep(Duration::from_millis(500));
+    let peek = mgmt_peek(&q, 5);
+    assert_eq!(peek.len(), 1, "{peek:?}");
+    assert_eq!(peek[0]["properties"]["message_id"], id.as_str());
+    assert!(list(&b, &[]).is_empty());
+}

@@ -217,8 +217,8 @@ fn worker_on_an_unknown_queue_fails_clearly() {
     );
 }
 
-/// Requests the endpoint saw: (body, X-HelixMQ-Attempt).
-type Seen = Arc<Mutex<Vec<(String, String)>>>;
+/// Requests the endpoint saw: (body, X-HelixMQ-Attempt, when).
+type Seen = Arc<Mutex<Vec<(String, String, Instant)>>>;
 
 /// A tiny HTTP endpoint: `ok` → 200; `busy` → 503 with Retry-After the first
 /// time, then 200; `bad` → 400 with a body.
@@ -261,7 +261,9 @@ fn http_endpoint() -> (String, Seen) {
                 .unwrap_or("")
                 .trim()
                 .to_string();
-            s.lock().unwrap().push((body.clone(), attempt));
+            s.lock()
+                .unwrap()
+                .push((body.clone(), attempt, Instant::now()));
             let resp = match body.as_str() {
                 "busy" if !busy_once => {
                     busy_once = true;
@@ -286,6 +288,7 @@ fn http_worker_maps_statuses_to_outcomes() {
         b.run(&["publish", "--queue", &q, "--payload", p]).ok();
     }
     let mut c = b.cmd();
+    // Two tiers: 200 ms is the normal first delay; Retry-After: 1 picks the 3 s tier.
     c.args([
         "worker",
         "--queue",
@@ -293,14 +296,16 @@ fn http_worker_maps_statuses_to_outcomes() {
         "--http",
         &url,
         "--retry-delay",
-        "1s",
+        "200ms",
+        "--retry-delay",
+        "3s",
     ]);
     let mut w = Background::spawn(c);
     b.eventually(Duration::from_secs(20), "busy retried and accepted", || {
         seen.lock()
             .unwrap()
             .iter()
-            .any(|(body, attempt)| body == "busy" && attempt == "2")
+            .any(|(body, attempt, _)| body == "busy" && attempt == "2")
     });
     b.eventually(Duration::from_secs(10), "bad in the DLQ", || {
         dlq_entries(&b).len() == 1
@@ -315,13 +320,99 @@ fn http_worker_maps_statuses_to_outcomes() {
     );
     let seen = seen.lock().unwrap();
     assert_eq!(
-        seen.iter().filter(|(b, _)| b == "ok").count(),
+        seen.iter().filter(|(b, _, _)| b == "ok").count(),
         1,
         "{seen:?}"
     );
     assert_eq!(
-        seen.iter().filter(|(b, _)| b == "bad").count(),
+        seen.iter().filter(|(b, _, _)| b == "bad").count(),
         1,
         "a 4xx is not retried: {seen:?}"
     );
+    let busy: Vec<Instant> = seen
+        .iter()
+        .filter(|(b, _, _)| b == "busy")
+        .map(|(_, _, t)| *t)
+        .collect();
+    let gap = busy[1] - busy[0];
+    assert!(
+        gap >= Duration::from_millis(2900),
+        "Retry-After honoured (3 s tier, not 200 ms): {gap:?}"
+    );
+}
+
+#[test]
+fn worker_exits_non_zero_when_its_queue_is_deleted() {
+    let b = Broker::new();
+    b.run(&["topology", "apply"]).ok();
+    let q = b.name("tasks.background");
+    let mut c = b.cmd();
+    c.args(["worker", "--queue", &q, "--exec", "true"]);
+    let mut w = Background::spawn(c);
+    b.eventually(Duration::from_secs(15), "the worker consuming", || {
+        common::mgmt_get(&format!("queues/%2F/{q}"))["consumers"].as_u64() == Some(1)
+    });
+    common::mgmt_delete_queue(&q);
+    let child = w.child.as_mut().unwrap();
+    let end = Instant::now() + Duration::from_secs(15);
+    while child.try_wait().unwrap().is_none() {
+        assert!(
+            Instant::now() < end,
+            "the worker kept running on a deleted queue"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = w.child.take().unwrap().wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&q) && err.contains("cancelled"), "{err}");
+}
+
+#[test]
+fn worker_serves_metrics_and_health() {
+    let b = Broker::new();
+    b.run(&["topology", "apply"]).ok();
+    let q = b.name("tasks.background");
+    for _ in 0..3 {
+        b.run(&["publish", "--queue", &q, "--payload", "x"]).ok();
+    }
+    // A free port (tiny race with other processes; the test says so if it loses it).
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut c = b.cmd();
+    c.args([
+        "worker",
+        "--queue",
+        &q,
+        "--exec",
+        "true",
+        "--metrics-addr",
+        &format!("127.0.0.1:{port}"),
+    ]);
+    let mut w = Background::spawn(c);
+    let get = |path: &str| reqwest::blocking::get(format!("http://127.0.0.1:{port}{path}")).ok();
+    let mut metrics = String::new();
+    b.eventually(
+        Duration::from_secs(20),
+        "3 messages acked in /metrics",
+        || {
+            metrics = get("/metrics")
+                .and_then(|r| r.text().ok())
+                .unwrap_or_default();
+            metrics.lines().any(|l| {
+                l.starts_with("rabbitmq_messages_acked_total{")
+                    && l.contains(&q)
+                    && l.ends_with(" 3")
+            })
+        },
+    );
+    assert!(metrics.contains("rabbitmq_connection_state 1"), "{metrics}");
+    let health = get("/health").expect("health answers");
+    assert_eq!(health.status().as_u16(), 200);
+    assert!(health.text().unwrap().contains(&q));
+    let run = w.terminate(Duration::from_secs(10));
+    assert_eq!(run.code, 0, "{}", run.stderr);
 }

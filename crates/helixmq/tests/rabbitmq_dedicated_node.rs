@@ -1,8 +1,10 @@
 //! Faults that touch a whole broker, on a dedicated RabbitMQ node this test
 //! starts on its own ports (never the shared one): a memory alarm
 //! (connection.blocked → `ConnectionState::Blocked`, publishes wait for their
-//! confirms, bounded by their timeout) and TLS (verified CA, untrusted CA,
-//! `skip_verify`).
+//! confirms, bounded by their timeout), a broker application restart (the
+//! topology is redeclared — a transient queue comes back — and the
+//! subscription is restored), and TLS (verified CA, untrusted CA, SASL
+//! EXTERNAL with a client certificate, `skip_verify`).
 //!
 //! Node `hxrabbit@localhost`: AMQP 127.0.0.1:5698, AMQPS 5699, management
 //! 15698, prometheus 15798, distribution 25698. Stopped and wiped at the end.
@@ -124,9 +126,10 @@ impl Drop for Node {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn memory_alarm_and_tls_on_a_dedicated_node() {
+async fn memory_alarm_restart_and_tls_on_a_dedicated_node() {
     let node = tokio::task::spawn_blocking(Node::start).await.unwrap();
     memory_alarm_blocks_publishes_until_cleared().await;
+    broker_restart_redeclares_the_topology_and_restores_consumers().await;
     tls(&node).await;
 }
 
@@ -196,6 +199,67 @@ async fn memory_alarm_blocks_publishes_until_cleared() {
         .unwrap()
         .messages;
     assert!((1..=2).contains(&n), "{n}");
+    cleanup(&b, None).await;
+    b.close().await.unwrap();
+}
+
+async fn broker_restart_redeclares_the_topology_and_restores_consumers() {
+    let p = prefix();
+    let mut cfg = config(GUEST, &p);
+    cfg.rabbitmq.port = AMQP_PORT;
+    let b = broker(cfg).await.unwrap();
+    let names = Names::new(&p);
+    // A transient queue vanishes with the broker application: only a redeclare brings it back.
+    let transient = format!("{p}.tasks.transient");
+    let mut t = Topology::spec(&names);
+    let mut q = helixmq::topology::Queue::durable(&transient);
+    q.durable = false;
+    t.add_work_queue(q, &names.tasks_exchange(), "transient");
+    b.declare(&t).await.unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::channel(8);
+    let sub = b
+        .subscribe(
+            &transient,
+            move |m: Message, _| {
+                let tx = tx.clone();
+                async move {
+                    tx.send(m.id).await.unwrap();
+                    Ok(helixmq::Outcome::Ack)
+                }
+            },
+            helixmq::SubscribeOptions::default(),
+        )
+        .await
+        .unwrap();
+    let mut state = b.state();
+    let out = tokio::task::spawn_blocking(|| {
+        let a = ctl(&["stop_app"]);
+        let b = ctl(&["start_app"]);
+        (a, b)
+    })
+    .await
+    .unwrap();
+    assert!(out.0.status.success() && out.1.status.success());
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        state.wait_for(|s| *s == ConnectionState::Connected),
+    )
+    .await
+    .expect("reconnected after the broker restart")
+    .unwrap();
+    let m = Message::new("after restart");
+    let id = m.id.clone();
+    b.publish(&names.tasks_exchange(), "transient", m)
+        .await
+        .expect("the redeclared route delivers");
+    let got = tokio::time::timeout(Duration::from_secs(20), rx.recv())
+        .await
+        .expect("the restored subscription consumes")
+        .unwrap();
+    assert_eq!(got, id);
+    assert!(sub.is_active());
+    assert!(b.metrics().connection_recoveries.get() >= 1);
+    sub.shutdown(Duration::from_secs(5)).await;
     cleanup(&b, None).await;
     b.close().await.unwrap();
 }

@@ -323,3 +323,57 @@ async fn publishes_share_no_single_channel_bottleneck() {
     cleanup(&b, None).await;
     b.close().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_full_reject_publish_queue_nacks_and_nothing_is_silently_lost() {
+    let p = prefix();
+    let b = broker(config(GUEST, &p)).await.unwrap();
+    let names = Names::new(&p);
+    let mut t = Topology::spec(&names);
+    let small = format!("{p}.tasks.small");
+    t.add_work_queue(
+        Queue::durable(&small).max_length(2, helixmq::topology::Overflow::RejectPublish),
+        &names.tasks_exchange(),
+        "small",
+    );
+    b.declare(&t).await.unwrap();
+    let x = names.tasks_exchange();
+    b.publish(&x, "small", Message::new("1")).await.unwrap();
+    b.publish(&x, "small", Message::new("2")).await.unwrap();
+    let m = Message::new("3");
+    let id = m.id.clone();
+    let err = b.publish(&x, "small", m).await.unwrap_err();
+    match &err {
+        Error::PublishNacked {
+            message_id,
+            exchange,
+            routing_key,
+        } => {
+            assert_eq!(
+                (message_id, exchange, routing_key.as_str()),
+                (&id, &x, "small")
+            );
+        }
+        other => panic!("expected PublishNacked, got {other:?}"),
+    }
+    assert!(
+        err.to_string().contains("nacked") && err.to_string().contains("reject-publish"),
+        "{err}"
+    );
+    assert_eq!(b.backend().queue_stats(&small).await.unwrap().messages, 2);
+    // In a batch, exactly the overflow is nacked.
+    b.backend().purge(&small).await.unwrap();
+    let msgs: Vec<Message> = (0..4).map(|i| Message::new(format!("{i}"))).collect();
+    let r = b
+        .publish_batch(&x, "small", &msgs, &PublishOptions::default())
+        .await;
+    assert_eq!(r.iter().filter(|r| r.is_ok()).count(), 2, "{r:?}");
+    assert!(
+        r[2..]
+            .iter()
+            .all(|r| matches!(r, Err(Error::PublishNacked { .. }))),
+        "{r:?}"
+    );
+    cleanup(&b, None).await;
+    b.close().await.unwrap();
+}

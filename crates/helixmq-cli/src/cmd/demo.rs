@@ -34,7 +34,7 @@ use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
-use crate::common::{endpoint, load_config};
+use crate::common::{endpoint, load_config, MetricsServer};
 use crate::Global;
 
 /// Retry delay of the demo: short, so retries come back within the run.
@@ -68,6 +68,9 @@ pub struct DemoArgs {
     /// Keep the demo's queues and exchanges on RabbitMQ (default: delete them).
     #[arg(long)]
     pub keep: bool,
+    /// Serve Prometheus `GET /metrics` and `GET /health` on this address while the demo runs.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 /// What a demo message is meant to do; decided at publish time so the end
@@ -162,7 +165,15 @@ pub async fn run(global: &Global, args: DemoArgs) -> anyhow::Result<ExitCode> {
     cfg.helixmq.retry_delay = RETRY_DELAY;
     cfg.helixmq.max_attempts = MAX_ATTEMPTS;
 
-    let (broker, how) = choose_broker(&cfg, args.broker).await?;
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = helixmq::Metrics::new(&mut registry);
+    let (broker, how) = choose_broker(&cfg, args.broker, metrics).await?;
+    let server = match args.metrics_addr {
+        Some(addr) => Some(
+            MetricsServer::start(addr, helixmq::http::HealthSource::new(&broker), registry).await?,
+        ),
+        None => None,
+    };
     outln!("helixmq demo");
     outln!("  broker:  {how}");
     outln!(
@@ -182,23 +193,44 @@ pub async fn run(global: &Global, args: DemoArgs) -> anyhow::Result<ExitCode> {
     let names = Names::new(prefix.clone());
     let mut topology = Topology::spec(&names);
     topology.add_retry_tier(RETRY_DELAY);
-    let res = run_flows(&broker, &names, &topology, &args).await;
+    // Ctrl-C at any point still deletes what the demo declared on RabbitMQ.
+    let res = tokio::select! {
+        r = run_flows(&broker, &names, &topology, &args) => r,
+        _ = tokio::signal::ctrl_c() => {
+            outln!("interrupted: cleaning up");
+            Ok(ExitCode::from(130))
+        }
+    };
     if broker.backend_kind() == helixmq::BackendKind::RabbitMq && !args.keep {
         cleanup(&broker).await;
+    }
+    if let Some(s) = server {
+        s.stop().await;
     }
     let _ = broker.close().await;
     res
 }
 
-async fn choose_broker(cfg: &Config, choice: BrokerChoice) -> anyhow::Result<(Broker, String)> {
+async fn choose_broker(
+    cfg: &Config,
+    choice: BrokerChoice,
+    metrics: helixmq::Metrics,
+) -> anyhow::Result<(Broker, String)> {
+    let embedded = |m: helixmq::Metrics| {
+        Broker::with_backend(
+            Arc::new(helixmq::backend::memory::MemoryBroker::new()),
+            cfg.clone(),
+            m,
+        )
+    };
     let at = format!("{} (vhost '{}')", endpoint(cfg), cfg.rabbitmq.vhost);
     match choice {
         BrokerChoice::Memory => Ok((
-            Broker::embedded(cfg.clone()),
+            embedded(metrics.clone()),
             "embedded (in-process), as asked".into(),
         )),
         BrokerChoice::Rabbitmq => {
-            let b = Broker::connect(cfg.clone())
+            let b = Broker::connect_with_metrics(cfg.clone(), metrics.clone())
                 .await
                 .with_context(|| format!("cannot connect to RabbitMQ at {at}"))?;
             Ok((b, format!("RabbitMQ at {at}")))
@@ -213,21 +245,26 @@ async fn choose_broker(cfg: &Config, choice: BrokerChoice) -> anyhow::Result<(Br
             .await;
             if !matches!(probe, Ok(Ok(_))) {
                 return Ok((
-                    Broker::embedded(cfg.clone()),
+                    embedded(metrics.clone()),
                     format!("embedded (in-process): nothing listens at {addr}; start RabbitMQ to run the demo on it"),
                 ));
             }
             let mut quick = cfg.clone();
             quick.rabbitmq.connect_timeout =
                 quick.rabbitmq.connect_timeout.min(Duration::from_secs(5));
-            match tokio::time::timeout(Duration::from_secs(8), Broker::connect(quick)).await {
+            match tokio::time::timeout(
+                Duration::from_secs(8),
+                Broker::connect_with_metrics(quick, metrics.clone()),
+            )
+            .await
+            {
                 Ok(Ok(b)) => Ok((b, format!("RabbitMQ at {at}"))),
                 Ok(Err(e)) => Ok((
-                    Broker::embedded(cfg.clone()),
+                    embedded(metrics.clone()),
                     format!("embedded (in-process): RabbitMQ at {at} refused the connection: {e}"),
                 )),
                 Err(_) => Ok((
-                    Broker::embedded(cfg.clone()),
+                    embedded(metrics.clone()),
                     format!("embedded (in-process): RabbitMQ at {at} did not answer in time"),
                 )),
             }
@@ -239,7 +276,9 @@ async fn choose_broker(cfg: &Config, choice: BrokerChoice) -> anyhow::Result<(Br
 struct Out {
     exchange: String,
     key: String,
-    message: Message,
+    kind: String,
+    priority: Option<Priority>,
+    payload: Payload,
 }
 
 async fn run_flows(
@@ -265,18 +304,17 @@ async fn run_flows(
                    prio: Option<Priority>| {
         counter += 1;
         let fate = Fate::of(counter);
-        let p = Payload {
-            n: counter,
-            fate,
-            sent_us: 0,
-            text,
-        };
-        let mut m = Message::json(&p).expect("plain struct").with_kind(kind);
-        m.priority = prio;
         plan.push(Out {
             exchange,
             key,
-            message: m,
+            kind: kind.to_string(),
+            priority: prio,
+            payload: Payload {
+                n: counter,
+                fate,
+                sent_us: 0,
+                text,
+            },
         });
     };
     let tasks = names.tasks_exchange();
@@ -383,11 +421,10 @@ async fn run_flows(
     });
     let mut total_deliveries = 0u64;
     for o in &plan {
-        let fate: Payload = o.message.parse_json()?;
         for q in topology.route(&o.exchange, &o.key) {
             let t = tally.q(&q.name).expect("routes reach work queues");
             t.published.fetch_add(1, Ordering::Relaxed);
-            if fate.fate.ends_in_dlq() {
+            if o.payload.fate.ends_in_dlq() {
                 t.expect_dead.fetch_add(1, Ordering::Relaxed);
             } else {
                 t.expect_processed.fetch_add(1, Ordering::Relaxed);
@@ -415,17 +452,10 @@ async fn run_flows(
     bar.enable_steady_tick(Duration::from_millis(100));
     let started = Instant::now();
     let mut groups: BTreeMap<(String, String), Vec<Message>> = BTreeMap::new();
-    for o in plan {
-        let mut m = o.message;
-        let mut p: Payload = m.parse_json()?;
-        p.sent_us = now_us();
-        let prio = m.priority;
-        let kind = m.kind.clone();
-        let id = m.id.clone();
-        m = Message::json(&p)?;
-        m.id = id;
-        m.kind = kind;
-        m.priority = prio;
+    for mut o in plan {
+        o.payload.sent_us = now_us();
+        let mut m = Message::json(&o.payload)?.with_kind(o.kind);
+        m.priority = o.priority;
         groups.entry((o.exchange, o.key)).or_default().push(m);
     }
     let opts = PublishOptions::default();
@@ -541,7 +571,6 @@ async fn run_flows(
     bar.enable_steady_tick(Duration::from_millis(100));
     let started = Instant::now();
     let deadline = tokio::time::Instant::now() + args.deadline;
-    let mut interrupted = false;
     loop {
         let done = tally.settled.load(Ordering::Relaxed);
         bar.set_position(done);
@@ -551,16 +580,11 @@ async fn run_flows(
         tokio::select! {
             _ = tally.changed.notified() => {}
             _ = tokio::time::sleep_until(deadline) => break,
-            _ = tokio::signal::ctrl_c() => { interrupted = true; break }
         }
     }
     let process_time = started.elapsed();
     bar.finish_and_clear();
     join_all(subs.into_iter().map(|s| s.shutdown(Duration::from_secs(2)))).await;
-    if interrupted {
-        outln!("interrupted");
-        return Ok(ExitCode::from(130));
-    }
     report(&tally, names, total_deliveries, process_time)
 }
 

@@ -155,7 +155,10 @@ fn entry(d: &Delivery, full: bool) -> Entry {
     Entry {
         id: m.id.clone(),
         origin_queue: origin_queue.map(str::to_string),
-        origin_exchange: m.header_str(header::ORIGIN_EXCHANGE).map(str::to_string),
+        origin_exchange: m
+            .header_str(header::ORIGIN_EXCHANGE)
+            .or_else(|| m.header_str("x-first-death-exchange"))
+            .map(str::to_string),
         origin_routing_key: m.header_str(header::ORIGIN_ROUTING_KEY).map(str::to_string),
         attempts: m.attempt,
         reason,
@@ -384,10 +387,12 @@ async fn show(broker: &Broker, dlq: &str, id: &str, json: bool) -> anyhow::Resul
 }
 
 /// The copy that goes back to work: attempt 1, failure headers cleared (the
-/// origin headers stay: they name where the message really came from).
+/// origin headers stay: they name where the message really came from), and no
+/// per-message TTL — a message that expired once would expire again at once.
 fn replay_copy(m: &Message) -> Message {
     let mut c = m.clone();
     c.attempt = 1;
+    c.expiration = None;
     for h in [
         header::DEAD_LETTER_REASON,
         header::LAST_ERROR,

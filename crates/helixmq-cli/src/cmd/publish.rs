@@ -61,6 +61,10 @@ pub struct PublishArgs {
     /// Publish this many copies (each with its own id), pipelined.
     #[arg(long, short = 'n', default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
     pub count: u64,
+    /// Per-message TTL: a message still queued after this long is dead-lettered by
+    /// the broker (to the DLQ, reason `expired`).
+    #[arg(long, value_parser = crate::common::parse_duration)]
+    pub expiration: Option<std::time::Duration>,
     /// Publish timeout per message (default: the configuration's publish_timeout).
     #[arg(long, value_parser = crate::common::parse_duration)]
     pub timeout: Option<std::time::Duration>,
@@ -95,6 +99,7 @@ pub async fn run(global: &Global, args: PublishArgs) -> anyhow::Result<ExitCode>
         m.priority = args.priority;
         m.correlation_id = args.correlation_id.clone();
         m.content_type = args.content_type.clone();
+        m.expiration = args.expiration;
         for (k, v) in &args.headers {
             m.headers.insert(k.clone(), v.as_str().into());
         }

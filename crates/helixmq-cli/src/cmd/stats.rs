@@ -2,7 +2,10 @@
 //! spec's alert thresholds — a monitoring check (exit 2 when one is crossed).
 //!
 //! Source: RabbitMQ's management HTTP API (`/api/overview`, `/api/queues/{vhost}`);
-//! AMQP cannot report rates, unacked counts or connection totals.
+//! AMQP cannot report rates, unacked counts or connection totals. The broker
+//! counts only what the configured user may see: a user with the `monitoring`
+//! or `administrator` tag sees every connection and channel, a `management`
+//! user only its own.
 
 use std::process::ExitCode;
 use std::time::Duration;

@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
+use tracing::Instrument;
 
 use crate::backend::{Backend, BackendKind, ConnectionState, Outgoing};
 use crate::config::Config;
@@ -183,8 +184,15 @@ impl Broker {
         let timeout = opts
             .timeout
             .unwrap_or(self.inner.config.rabbitmq.publish_timeout);
-        let span = tracing::debug_span!("publish", message_id = %message.id, correlation_id = message.correlation_id.as_deref().unwrap_or(""), exchange, routing_key);
-        let _e = span.enter();
+        message.ensure_traceparent();
+        let span = tracing::debug_span!(
+            "publish",
+            message_id = %message.id,
+            correlation_id = message.correlation_id.as_deref().unwrap_or(""),
+            traceparent = message.traceparent().unwrap_or(""),
+            exchange,
+            routing_key
+        );
         let started = Instant::now();
         self.inner.metrics.confirms_pending.inc();
         let res = self
@@ -199,6 +207,7 @@ impl Broker {
                 },
                 timeout,
             )
+            .instrument(span)
             .await;
         self.inner.metrics.confirms_pending.dec();
         self.count_publish(exchange, &res, started);
@@ -219,6 +228,7 @@ impl Broker {
         let mut prepared: Vec<Message> = messages.to_vec();
         let mut checks = Vec::with_capacity(prepared.len());
         for m in &mut prepared {
+            m.ensure_traceparent();
             if let Some(p) = opts.priority {
                 m.priority = Some(p);
             }

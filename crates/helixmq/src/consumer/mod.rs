@@ -16,7 +16,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::FutureExt;
-use tokio::sync::{watch, Semaphore};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -26,7 +28,9 @@ use crate::broker::Broker;
 use crate::broker::RetryPolicy;
 use crate::error::{Error, Result};
 use crate::message::{header, now_unix_millis, HeaderValue, Message};
+use crate::metrics::QueueLabel;
 use dedup::Dedup;
+use prometheus_client::metrics::counter::Counter;
 
 /// The life of a subscription.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -120,10 +124,12 @@ impl Drop for Subscription {
     }
 }
 
-/// Shared by every handler task of one subscription.
+/// Shared by every worker of one subscription.
 struct Runner {
     broker: Broker,
     queue: String,
+    /// This queue's counters, resolved once: a label lookup per message is measurable.
+    counters: QueueCounters,
     handler: Arc<dyn Handler>,
     retry: RetryPolicy,
     handler_timeout: Duration,
@@ -148,9 +154,11 @@ pub(crate) async fn start(
     let (status_tx, status) = watch::channel(SubscriptionStatus::Active);
     let stop = CancellationToken::new();
     let drain = Arc::new(Mutex::new(Duration::from_secs(30)));
+    let counters = QueueCounters::new(broker.metrics(), &queue);
     let runner = Arc::new(Runner {
         broker,
         queue: queue.clone(),
+        counters,
         handler,
         retry: opts.retry.clone(),
         handler_timeout: opts.handler_timeout,
@@ -177,74 +185,63 @@ pub(crate) async fn start(
     })
 }
 
+/// One subscription's engine: `concurrency` worker tasks share the delivery
+/// stream; each takes one delivery, runs its handler and settles it, then
+/// takes the next. A fixed pool (instead of a task per message) keeps the hot
+/// path free of spawns while handlers still run in parallel on every core.
 async fn run(
     runner: Arc<Runner>,
-    mut stream: Box<dyn crate::backend::DeliveryStream>,
+    stream: Box<dyn crate::backend::DeliveryStream>,
     concurrency: usize,
     stop: CancellationToken,
     drain: Arc<Mutex<Duration>>,
     status: watch::Sender<SubscriptionStatus>,
 ) -> ShutdownReport {
-    let permits = Arc::new(Semaphore::new(concurrency));
-    let mut inflight = JoinSet::new();
-    let mut failed = None;
-    loop {
-        while inflight.try_join_next().is_some() {}
-        let permit = tokio::select! {
-            _ = stop.cancelled() => break,
-            p = permits.clone().acquire_owned() => p.expect("semaphore never closed"),
-        };
-        let next = tokio::select! {
-            _ = stop.cancelled() => break,
-            d = stream.next() => d,
-        };
-        match next {
-            None => break,
-            Some(Err(e)) => {
-                tracing::error!(queue = %runner.queue, error = %e, "subscription failed");
-                failed = Some(e.to_string());
-                break;
-            }
-            Some(Ok(d)) => {
-                let r = runner.clone();
-                inflight.spawn(async move {
-                    r.process(d).await;
-                    drop(permit);
-                });
-            }
-        }
+    let stream = Arc::new(tokio::sync::Mutex::new(stream));
+    // Cancelled by the owner's `stop`, or by a worker when the stream ends or fails.
+    let halt = stop.child_token();
+    let failed: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
+    let busy = Arc::new(AtomicUsize::new(0));
+    let mut workers = JoinSet::new();
+    for _ in 0..concurrency {
+        workers.spawn(worker(
+            runner.clone(),
+            stream.clone(),
+            halt.clone(),
+            failed.clone(),
+            busy.clone(),
+        ));
     }
-    // Stop the flow first so no new delivery arrives while we drain.
-    if let Err(e) = stream.cancel().await {
+    halt.cancelled().await;
+    // Stop the flow first so no new delivery arrives while we drain. Workers
+    // waiting on the stream have let go of it once `halt` fired.
+    if let Err(e) = stream.lock().await.cancel().await {
         tracing::debug!(error = %e, "cancel consumer");
     }
     let deadline = *drain.lock().unwrap();
-    let pending = inflight.len();
+    let pending = busy.load(Ordering::SeqCst);
     let drained = tokio::time::timeout(deadline, async {
-        let mut n = 0;
-        while inflight.join_next().await.is_some() {
-            n += 1;
-        }
-        n
+        while workers.join_next().await.is_some() {}
     })
     .await;
     let report = match drained {
-        Ok(n) => ShutdownReport {
-            drained: n,
+        Ok(()) => ShutdownReport {
+            drained: pending,
             abandoned: 0,
         },
         Err(_) => {
-            let left = inflight.len();
-            inflight.abort_all();
-            while inflight.join_next().await.is_some() {}
+            let left = busy.load(Ordering::SeqCst);
+            workers.abort_all();
+            while workers.join_next().await.is_some() {}
             ShutdownReport {
-                drained: pending - left,
+                drained: pending.saturating_sub(left),
                 abandoned: left,
             }
         }
     };
     // Dropping the stream closes the consumer channel: anything unacked is requeued.
     drop(stream);
+    let failed = failed.lock().unwrap().take();
     let _ = status.send(match failed {
         Some(f) => SubscriptionStatus::Failed(f),
         None => SubscriptionStatus::Stopped,
@@ -252,20 +249,64 @@ async fn run(
     report
 }
 
+async fn worker(
+    runner: Arc<Runner>,
+    stream: Arc<tokio::sync::Mutex<Box<dyn crate::backend::DeliveryStream>>>,
+    halt: CancellationToken,
+    failed: Arc<Mutex<Option<String>>>,
+    busy: Arc<AtomicUsize>,
+) {
+    loop {
+        let next = {
+            let mut s = tokio::select! {
+                biased;
+                _ = halt.cancelled() => return,
+                s = stream.lock() => s,
+            };
+            tokio::select! {
+                biased;
+                _ = halt.cancelled() => return,
+                d = s.next() => d,
+            }
+        };
+        match next {
+            None => {
+                halt.cancel();
+                return;
+            }
+            Some(Err(e)) => {
+                tracing::error!(queue = %runner.queue, error = %e, "subscription failed");
+                *failed.lock().unwrap() = Some(e.to_string());
+                halt.cancel();
+                return;
+            }
+            Some(Ok(d)) => {
+                busy.fetch_add(1, Ordering::SeqCst);
+                runner.process(d).await;
+                busy.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+    }
+}
+
 impl Runner {
     async fn process(&self, d: Delivery) {
-        let m = self.broker.metrics();
-        let key = format!("{}#{}", d.message.id, d.message.attempt);
-        if let Some(dd) = &self.dedup {
-            if dd.lock().unwrap().contains(&key) {
-                m.queue(&m.duplicates_skipped, &self.queue);
+        let c = &self.counters;
+        // The duplicate guard keys on (id, attempt): a retried copy keeps its id.
+        let key = self
+            .dedup
+            .as_ref()
+            .map(|_| format!("{}#{}", d.message.id, d.message.attempt));
+        if let (Some(dd), Some(key)) = (&self.dedup, &key) {
+            if dd.lock().unwrap().contains(key) {
+                c.duplicates_skipped.inc();
                 if let Err(e) = d.acker.ack().await {
                     tracing::warn!(error = %e, "ack of duplicate failed; it will be redelivered");
                 }
                 return;
             }
         }
-        m.queue(&m.consumed, &self.queue);
+        c.consumed.inc();
         let span = tracing::info_span!(
             "handle",
             message_id = %d.message.id,
@@ -278,7 +319,7 @@ impl Runner {
         );
         let outcome = self.run_handler(&d).instrument(span.clone()).await;
         let settled = self.settle(d, outcome).instrument(span).await;
-        if let (Some(dd), Some(key)) = (&self.dedup, settled.then_some(key)) {
+        if let (Some(dd), Some(key), true) = (&self.dedup, key, settled) {
             dd.lock().unwrap().insert(key);
         }
     }
@@ -317,7 +358,7 @@ impl Runner {
 
     /// Settle a delivery; true when it left the queue for good (acked).
     async fn settle(&self, d: Delivery, outcome: Outcome) -> bool {
-        let m = self.broker.metrics();
+        let c = &self.counters;
         let attempt = d.message.attempt;
         let outcome = match outcome {
             Outcome::Retry { reason, .. } if attempt >= self.retry.max_attempts => {
@@ -336,9 +377,9 @@ impl Runner {
                 let mut copy = failed_copy(&d, reason);
                 copy.attempt = attempt + 1;
                 tracing::info!(reason = %reason, delay = ?wait, "retrying");
-                self.republish(&tier, &d.queue, copy)
-                    .await
-                    .map(|_| m.queue(&m.retried, &self.queue))
+                self.republish(&tier, &d.queue, copy).await.map(|_| {
+                    c.retried.inc();
+                })
             }
             Outcome::DeadLetter(reason) => {
                 let mut copy = failed_copy(&d, reason);
@@ -346,15 +387,15 @@ impl Runner {
                     .insert(header::DEAD_LETTER_REASON.into(), reason.clone().into());
                 tracing::warn!(reason = %reason, "dead-lettering");
                 let dlx = self.broker.names().dead_letter_exchange();
-                self.republish(&dlx, &d.queue, copy)
-                    .await
-                    .map(|_| m.queue(&m.dead_lettered, &self.queue))
+                self.republish(&dlx, &d.queue, copy).await.map(|_| {
+                    c.dead_lettered.inc();
+                })
             }
         };
         match rerouted {
             Ok(()) => match d.acker.ack().await {
                 Ok(()) => {
-                    m.queue(&m.acked, &self.queue);
+                    c.acked.inc();
                     true
                 }
                 Err(e) => {
@@ -367,7 +408,7 @@ impl Runner {
                 // Never drop: put it back so it is tried again.
                 tracing::error!(error = %e, "could not re-route failed message; returning it to its queue");
                 tokio::time::sleep(Duration::from_millis(200)).await;
-                m.queue(&m.nacked, &self.queue);
+                c.nacked.inc();
                 if let Err(e) = d.acker.nack(true).await {
                     tracing::warn!(error = %e, "nack failed; message will be redelivered");
                 }
@@ -392,6 +433,35 @@ impl Runner {
             );
         }
         res
+    }
+}
+
+/// One queue's counters, taken from the metric families once per subscription.
+struct QueueCounters {
+    consumed: Counter,
+    acked: Counter,
+    nacked: Counter,
+    retried: Counter,
+    dead_lettered: Counter,
+    duplicates_skipped: Counter,
+}
+
+impl QueueCounters {
+    fn new(m: &crate::metrics::Metrics, queue: &str) -> Self {
+        let label = QueueLabel {
+            queue: queue.to_string(),
+        };
+        let get = |f: &prometheus_client::metrics::family::Family<QueueLabel, Counter>| {
+            f.get_or_create(&label).clone()
+        };
+        QueueCounters {
+            consumed: get(&m.consumed),
+            acked: get(&m.acked),
+            nacked: get(&m.nacked),
+            retried: get(&m.retried),
+            dead_lettered: get(&m.dead_lettered),
+            duplicates_skipped: get(&m.duplicates_skipped),
+        }
     }
 }
 

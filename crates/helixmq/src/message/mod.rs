@@ -202,6 +202,21 @@ impl Message {
     pub fn with_traceparent(self, tp: impl Into<String>) -> Self {
         self.with_header(header::TRACEPARENT, tp.into())
     }
+    /// Start a W3C trace for this message unless it already carries one, so the
+    /// publisher's and every handler's logs share one trace id (retries and
+    /// dead letters keep the header).
+    pub fn ensure_traceparent(&mut self) {
+        if self.traceparent().is_none() {
+            // Random, non-zero ids as W3C requires; thread-local RNG, no syscall.
+            let trace = rand::random::<u128>().max(1);
+            let span = rand::random::<u64>().max(1);
+            self.headers.insert(
+                header::TRACEPARENT.into(),
+                format!("00-{trace:032x}-{span:016x}-01").into(),
+            );
+        }
+    }
+
     /// The W3C `traceparent`, if any.
     pub fn traceparent(&self) -> Option<&str> {
         self.headers

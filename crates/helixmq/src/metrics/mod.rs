@@ -176,11 +176,4 @@ impl Metrics {
         })
         .inc();
     }
-
-    pub(crate) fn queue(&self, f: &Family<QueueLabel, Counter>, queue: &str) {
-        f.get_or_create(&QueueLabel {
-            queue: queue.to_string(),
-        })
-        .inc();
-    }
 }

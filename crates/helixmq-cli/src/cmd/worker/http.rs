@@ -138,6 +138,48 @@ mod tests {
         assert!(matches!(r(422), Outcome::DeadLetter(_)));
     }
 
+    #[tokio::test]
+    async fn connection_errors_and_timeouts_are_retried() {
+        let ctx = Context {
+            queue: "q".into(),
+            exchange: "e".into(),
+            routing_key: "k".into(),
+            redelivered: false,
+        };
+        // Nothing listens on a port we just released.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let h = HttpHandler::new(
+            &format!("http://127.0.0.1:{port}/x"),
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        match h.handle(Message::new("x"), ctx.clone()).await {
+            Outcome::Retry { reason, .. } => {
+                assert!(reason.contains("could not connect"), "{reason}")
+            }
+            o => panic!("{o:?}"),
+        }
+        // A server that accepts but never answers: the request times out.
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let hold = tokio::spawn(async move {
+            let _conn = l.accept().await;
+            std::future::pending::<()>().await
+        });
+        let h = HttpHandler::new(&format!("http://{addr}/x"), Duration::from_millis(300)).unwrap();
+        match h.handle(Message::new("x"), ctx).await {
+            Outcome::Retry { reason, .. } => assert!(reason.contains("timed out"), "{reason}"),
+            o => panic!("{o:?}"),
+        }
+        hold.abort();
+        assert!(HttpHandler::new("ftp://x", Duration::from_secs(1)).is_err());
+        assert!(HttpHandler::new("not a url", Duration::from_secs(1)).is_err());
+    }
+
     #[test]
     fn retry_after_forms() {
         let mut h = HeaderMap::new();

@@ -21,7 +21,9 @@ use helixmq::{
 };
 use tokio::signal::unix::{signal, SignalKind};
 
-use crate::common::{connect, load_config, parse_duration, spec_topology};
+use crate::common::{
+    connect_with_metrics, load_config, parse_duration, spec_topology, MetricsServer,
+};
 use crate::Global;
 
 /// How much longer the library waits than our own handler timeout: ours kills the
@@ -56,15 +58,21 @@ pub struct WorkerArgs {
     /// A handler running longer is killed (its process group, for --exec) and retried.
     #[arg(long, default_value = "5m", value_parser = parse_duration)]
     pub handler_timeout: Duration,
-    /// Delay before a failed message comes back (overrides the configuration's retry_delay).
+    /// Delay before a failed message comes back (overrides the configuration's
+    /// retry_delay). Repeatable for backoff tiers: attempt n waits the n-th delay
+    /// (the last one repeats), and an HTTP Retry-After picks the shortest tier at
+    /// least as long. Each delay is its own retry queue, declared on start.
     #[arg(long, value_parser = parse_duration)]
-    pub retry_delay: Option<Duration>,
+    pub retry_delay: Vec<Duration>,
     /// Attempts before the DLQ (overrides the configuration's max_attempts).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_attempts: Option<u32>,
     /// Do not declare the spec topology on start (queues declared by someone else).
     #[arg(long)]
     pub no_declare: bool,
+    /// Serve Prometheus `GET /metrics` and `GET /health` on this address (e.g. 127.0.0.1:9090).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 /// A worker's message handler: what to do with one message.
@@ -96,7 +104,9 @@ pub async fn run(global: &Global, args: WorkerArgs) -> anyhow::Result<ExitCode> 
         (None, Some(url)) => Target::Http(http::HttpHandler::new(url, args.handler_timeout)?),
         (None, None) => anyhow::bail!("give --exec CMD or --http URL"),
     });
-    let broker = connect(&cfg).await?;
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = helixmq::Metrics::new(&mut registry);
+    let broker = connect_with_metrics(&cfg, metrics).await?;
     if !args.no_declare {
         broker
             .declare(&spec_topology(&cfg))
@@ -105,7 +115,11 @@ pub async fn run(global: &Global, args: WorkerArgs) -> anyhow::Result<ExitCode> 
     }
     let retry = RetryPolicy {
         max_attempts: args.max_attempts.unwrap_or(cfg.helixmq.max_attempts),
-        delays: vec![args.retry_delay.unwrap_or(cfg.helixmq.retry_delay)],
+        delays: if args.retry_delay.is_empty() {
+            vec![cfg.helixmq.retry_delay]
+        } else {
+            args.retry_delay.clone()
+        },
     };
 
     let mut subs: Vec<Subscription> = Vec::new();
@@ -114,18 +128,30 @@ pub async fn run(global: &Global, args: WorkerArgs) -> anyhow::Result<ExitCode> 
         match started {
             Ok(s) => subs.push(s),
             Err(e) => {
-                for s in subs {
-                    s.shutdown(args.shutdown_timeout).await;
-                }
-                let _ = broker.close().await;
+                stop_all(subs, &broker, args.shutdown_timeout).await;
                 return Err(e);
             }
         }
     }
+    let server = match args.metrics_addr {
+        Some(addr) => {
+            let health = subs
+                .iter()
+                .fold(helixmq::http::HealthSource::new(&broker), |h, s| h.watch(s));
+            match MetricsServer::start(addr, health, registry).await {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    stop_all(subs, &broker, args.shutdown_timeout).await;
+                    return Err(e);
+                }
+            }
+        }
+        None => None,
+    };
     tracing::info!(
         queues = ?args.queues,
         max_attempts = retry.max_attempts,
-        retry_delay = ?retry.delays[0],
+        retry_delays = ?retry.delays,
         "worker consuming; SIGTERM or SIGINT to stop"
     );
 
@@ -161,6 +187,9 @@ pub async fn run(global: &Global, args: WorkerArgs) -> anyhow::Result<ExitCode> 
             tracing::warn!(queue = %q, abandoned = r.abandoned, "handlers still running at the shutdown timeout were stopped; their messages go back to the queue");
         }
     }
+    if let Some(s) = server {
+        s.stop().await;
+    }
     let _ = broker.close().await;
     match failed {
         None => Ok(ExitCode::SUCCESS),
@@ -172,6 +201,14 @@ pub async fn run(global: &Global, args: WorkerArgs) -> anyhow::Result<ExitCode> 
             anyhow::bail!("the subscription to '{q}' stopped: {why}")
         }
     }
+}
+
+/// Start-up failed half-way: release what was started.
+async fn stop_all(subs: Vec<Subscription>, broker: &helixmq::Broker, timeout: Duration) {
+    for s in subs {
+        s.shutdown(timeout).await;
+    }
+    let _ = broker.close().await;
 }
 
 async fn start_one(
@@ -187,8 +224,19 @@ async fn start_one(
         .queue_stats(queue)
         .await
         .with_context(|| format!("cannot consume queue '{queue}'"))?;
+    // More handlers than unacked deliveries would leave some idle: widen the prefetch to match.
+    let prefetch = match (args.prefetch, args.concurrency) {
+        (None, Some(c)) => Some(
+            broker
+                .config()
+                .rabbitmq
+                .prefetch_count
+                .max(c.min(u16::MAX as u32) as u16),
+        ),
+        (p, _) => p,
+    };
     let opts = SubscribeOptions {
-        prefetch: args.prefetch,
+        prefetch,
         concurrency: args.concurrency.map(|c| c as usize),
         handler_timeout: Some(args.handler_timeout + BACKSTOP),
         retry: Some(retry.clone()),

@@ -75,14 +75,20 @@ impl RabbitStream {
             current: None,
             done: false,
         };
+        // While disconnected, wait for the connection as long as a publish would.
+        let deadline = tokio::time::Instant::now() + s.shared.cfg.publish_timeout;
         loop {
-            match s.open().await {
-                Ok(c) => {
+            match tokio::time::timeout_at(deadline, s.open()).await {
+                Err(_) => return Err(Error::NotConnected),
+                Ok(Ok(c)) => {
                     s.current = Some(c);
                     return Ok(s);
                 }
-                Err(OpenError::Final(e)) => return Err(e),
-                Err(OpenError::Transient) => pause().await,
+                Ok(Err(OpenError::Final(e))) => return Err(e),
+                Ok(Err(OpenError::Transient)) => pause().await,
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(Error::NotConnected);
             }
         }
     }

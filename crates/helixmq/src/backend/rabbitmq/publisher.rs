@@ -256,48 +256,64 @@ impl Publisher {
                 routing_key: p.out.routing_key.to_string(),
             }))
         };
-        match res {
-            Ok(Confirmation::Ack(returned)) | Ok(Confirmation::Nack(returned))
-                if returned.is_some() =>
-            {
-                let returned = returned.expect("checked");
-                let theirs = returned
-                    .delivery
-                    .properties
-                    .message_id()
-                    .as_ref()
-                    .map(|s| s.as_str().to_string());
-                if theirs.as_deref() == Some(id.as_str()) {
-                    return unroutable();
-                }
-                if let Some(other) = theirs {
-                    let mut set = self.misrouted_returns.lock().unwrap();
-                    if set.len() > 10_000 {
-                        set.clear();
-                    }
-                    set.insert(other);
-                }
-                self.check_misrouted(id, unroutable).await
+        let confirmation = match res {
+            Ok(c) => c,
+            Err(e) => return self.failed(pc, p, e),
+        };
+        let nacked = confirmation.is_nack();
+        if let Some(returned) = confirmation.take_message() {
+            let theirs = returned
+                .delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|s| s.as_str().to_string());
+            if theirs.as_deref() == Some(id.as_str()) {
+                return unroutable();
             }
-            Ok(Confirmation::Ack(_)) | Ok(Confirmation::NotRequested) => {
-                self.check_misrouted(id, unroutable).await
+            // Someone else's return, handed to us: file it for its owner.
+            if let Some(other) = theirs {
+                let mut set = self.misrouted_returns.lock().unwrap();
+                if set.len() > 10_000 {
+                    set.clear();
+                }
+                set.insert(other);
             }
-            Ok(Confirmation::Nack(_)) => Attempt::Done(Err(Error::PublishNacked {
+        }
+        if nacked {
+            return Attempt::Done(Err(Error::PublishNacked {
                 message_id: id.clone(),
                 exchange: p.out.exchange.to_string(),
                 routing_key: p.out.routing_key.to_string(),
-            })),
-            Err(e) => self.failed(pc, p, e),
+            }));
         }
+        self.check_misrouted(p, unroutable).await
     }
 
     /// Our own return may have been attached to a sibling confirm resolved in
-    /// the same multiple-ack; that sibling files it here when it runs.
-    async fn check_misrouted(&self, id: &str, unroutable: impl Fn() -> Attempt) -> Attempt {
-        if !self.misrouted_returns.lock().unwrap().is_empty() {
-            // Let siblings resolved in the same frame run first.
-            tokio::task::yield_now().await;
-            if self.misrouted_returns.lock().unwrap().remove(id) {
+    /// the same multiple-ack (lapin resolves them in hash order); that sibling
+    /// files it here when it runs. Only mandatory publishes can be returned;
+    /// they let the siblings woken with them run first. Best effort: a sibling
+    /// that runs later than two yields is not waited for.
+    async fn check_misrouted(&self, p: &Prepared<'_>, unroutable: impl Fn() -> Attempt) -> Attempt {
+        if p.out.mandatory {
+            for _ in 0..2 {
+                if self
+                    .misrouted_returns
+                    .lock()
+                    .unwrap()
+                    .remove(&p.out.message.id)
+                {
+                    return unroutable();
+                }
+                tokio::task::yield_now().await;
+            }
+            if self
+                .misrouted_returns
+                .lock()
+                .unwrap()
+                .remove(&p.out.message.id)
+            {
                 return unroutable();
             }
         }
