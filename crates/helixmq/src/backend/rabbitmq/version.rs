@@ -7,7 +7,10 @@
 //! `connection.start` frame the server sends before any authentication; then we
 //! drop the socket. It costs one round trip per (re)connection and needs no
 //! credentials. A node that does not answer in time yields `None` (the
-//! validation then applies the rules of RabbitMQ before 4.0).
+//! validation then applies the rules of RabbitMQ before 4.0). The price: the
+//! broker logs one warning per (re)connection for the probe socket ("client
+//! unexpectedly closed TCP connection"), since AMQP has no way to leave
+//! before authenticating.
 
 use std::time::Duration;
 
