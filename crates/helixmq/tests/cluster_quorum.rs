@@ -249,12 +249,24 @@ async fn quorum_spec_topology_retries_to_the_origin_then_dead_letters() {
         "came back to its queue twice, attempt count carried"
     );
     sub.shutdown(Duration::from_secs(5)).await;
+    // Inspecting the DLQ (get + requeue, as `helixmq dlq list` does) many times
+    // must never make the quorum DLQ drop the message: it has no delivery limit.
+    for _ in 0..25 {
+        let d = b
+            .backend()
+            .get(&names.dlq())
+            .await
+            .unwrap()
+            .expect("still in the DLQ");
+        assert_eq!(d.message.id, id);
+        d.acker.nack(true).await.unwrap();
+    }
     let d = b
         .backend()
         .get(&names.dlq())
         .await
         .unwrap()
-        .expect("in the DLQ");
+        .expect("still in the DLQ");
     assert_eq!(d.message.id, id);
     d.acker.ack().await.unwrap();
     cleanup(&b, &[]).await;

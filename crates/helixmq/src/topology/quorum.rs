@@ -122,8 +122,9 @@ impl Topology {
 
     /// This topology with quorum queues wherever that is safe on every RabbitMQ
     /// version: every queue without a priority (work queues, DLQ, retry tiers)
-    /// becomes a durable quorum queue with the [`DEFAULT_DELIVERY_LIMIT`] poison
-    /// guard and, when it dead-letters, at-least-once dead-lettering (which sets
+    /// becomes a durable quorum queue; one that dead-letters (all but the DLQ)
+    /// also gets the [`DEFAULT_DELIVERY_LIMIT`] poison guard and at-least-once
+    /// dead-lettering (which sets
     /// `x-overflow: reject-publish`: a full queue refuses publishes, the
     /// publisher gets a nack, nothing is dropped). Priority queues (the spec's
     /// llm queue) stay classic: quorum queues take priorities only from 4.0. A
@@ -144,7 +145,10 @@ impl Topology {
             }
             q.queue_type = QueueType::Quorum;
             q.durable = true;
-            if q.delivery_limit.is_none() {
+            // Only where the limit dead-letters: past it, a queue without a
+            // dead-letter exchange (the DLQ) would DROP the message — and
+            // `helixmq dlq list` returns every message it inspects.
+            if q.delivery_limit.is_none() && q.dead_letter_exchange.is_some() {
                 q.delivery_limit = Some(DEFAULT_DELIVERY_LIMIT);
             }
             let drop_head = q.overflow == Some(Overflow::DropHead);
@@ -202,7 +206,18 @@ mod tests {
             let args = q.arguments();
             let get = |k: &str| args.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone());
             assert_eq!(get("x-queue-type"), Some(ArgValue::Str("quorum".into())));
-            assert_eq!(get("x-delivery-limit"), Some(ArgValue::Int(20)));
+            if q.name == "hx.dlq" {
+                // Past a limit the DLQ would drop, having nowhere to dead-letter.
+                assert_eq!(get("x-delivery-limit"), None);
+                assert_eq!(get("x-dead-letter-strategy"), None);
+            } else {
+                assert_eq!(
+                    get("x-delivery-limit"),
+                    Some(ArgValue::Int(20)),
+                    "{}",
+                    q.name
+                );
+            }
             if q.dead_letter_exchange.is_some() {
                 assert_eq!(
                     get("x-dead-letter-strategy"),
