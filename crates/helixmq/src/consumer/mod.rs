@@ -318,10 +318,7 @@ impl Runner {
             attempt = d.message.attempt,
         );
         let outcome = self.run_handler(&d).instrument(span.clone()).await;
-        let settled = self.settle(d, outcome).instrument(span).await;
-        if let (Some(dd), Some(key), true) = (&self.dedup, key, settled) {
-            dd.lock().unwrap().insert(key);
-        }
+        self.settle(d, key, outcome).instrument(span).await;
     }
 
     async fn run_handler(&self, d: &Delivery) -> Outcome {
@@ -356,8 +353,11 @@ impl Runner {
         }
     }
 
-    /// Settle a delivery; true when it left the queue for good (acked).
-    async fn settle(&self, d: Delivery, outcome: Outcome) -> bool {
+    /// Settle a delivery. Once its outcome is safe (the handler's Ack, or the
+    /// re-routed copy confirmed) the duplicate guard remembers `key` — before
+    /// the ack, which may be lost with the connection: the redelivery that
+    /// follows must not run the handler again.
+    async fn settle(&self, d: Delivery, key: Option<String>, outcome: Outcome) {
         let c = &self.counters;
         let attempt = d.message.attempt;
         let outcome = match outcome {
@@ -393,17 +393,20 @@ impl Runner {
             }
         };
         match rerouted {
-            Ok(()) => match d.acker.ack().await {
-                Ok(()) => {
-                    c.acked.inc();
-                    true
+            Ok(()) => {
+                if let (Some(dd), Some(key)) = (&self.dedup, key) {
+                    dd.lock().unwrap().insert(key);
                 }
-                Err(e) => {
-                    // The channel died: the broker will redeliver; the duplicate guard absorbs it.
-                    tracing::warn!(error = %e, "ack failed; message will be redelivered");
-                    false
+                match d.acker.ack().await {
+                    Ok(()) => {
+                        c.acked.inc();
+                    }
+                    Err(e) => {
+                        // The channel died: the broker will redeliver; the duplicate guard absorbs it.
+                        tracing::warn!(error = %e, "ack failed; message will be redelivered");
+                    }
                 }
-            },
+            }
             Err(e) => {
                 // Never drop: put it back so it is tried again.
                 tracing::error!(error = %e, "could not re-route failed message; returning it to its queue");
@@ -412,7 +415,6 @@ impl Runner {
                 if let Err(e) = d.acker.nack(true).await {
                     tracing::warn!(error = %e, "nack failed; message will be redelivered");
                 }
-                false
             }
         }
     }

@@ -1,0 +1,159 @@
+//! Broker control: the dedicated fault node (started idempotently with
+//! `scripts/node start`, never the shared one), `rabbitmqctl` calls, and
+//! guards that undo a fault even when the test panics.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+/// The dedicated node for faults that touch a whole broker: `hqfault@localhost`.
+pub const NODE_NAME: &str = "hqfault";
+/// Its AMQP port (dist 25690, management 15790, prometheus 15890).
+pub const NODE_PORT: u16 = 5690;
+/// The shared node everyone else uses; only per-connection faults may touch it.
+pub const SHARED_PORT: u16 = 5672;
+
+/// The repository root (two levels above this crate).
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .expect("repository root")
+}
+
+/// Start the dedicated node if it is not running (`scripts/node start` is
+/// idempotent: about 1 s when it runs already, about 15 s from cold), and make
+/// sure no alarm or stopped app is left over from an interrupted earlier run.
+pub async fn ensure_dedicated_node() {
+    tokio::task::spawn_blocking(|| {
+        let script = repo_root().join("scripts/node");
+        let out = Command::new(&script)
+            .args(["start", NODE_NAME, &NODE_PORT.to_string()])
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+        assert!(
+            out.status.success(),
+            "scripts/node start {NODE_NAME} {NODE_PORT} failed (run scripts/provision first?):\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // A previous run killed mid-fault may have left these behind.
+        ctl(Some(NODE_NAME), &["start_app"]).expect("start_app on the dedicated node");
+        ctl(Some(NODE_NAME), &["set_vm_memory_high_watermark", "0.4"])
+            .expect("reset the memory watermark");
+    })
+    .await
+    .expect("node start task");
+}
+
+/// `rabbitmqctl [-n NAME@localhost] ARGS` (the shared node when `node` is None);
+/// stdout on success, a readable error otherwise.
+pub fn ctl(node: Option<&str>, args: &[&str]) -> Result<String, String> {
+    let mut cmd = Command::new("rabbitmqctl");
+    cmd.arg("-q");
+    if let Some(n) = node {
+        cmd.args(["-n", &format!("{n}@localhost")]);
+    }
+    let out = cmd
+        .args(args)
+        .output()
+        .map_err(|e| format!("cannot run rabbitmqctl: {e}"))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(format!(
+            "rabbitmqctl {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+/// Close the connections whose client-provided name is `name` (only this
+/// test's); returns how many were closed.
+pub fn close_connections_named(node: Option<&str>, name: &str) -> usize {
+    let list =
+        ctl(node, &["list_connections", "pid", "client_properties"]).expect("list connections");
+    let needle = format!("\"{name}\"");
+    let mut n = 0;
+    for line in list.lines().filter(|l| l.contains(&needle)) {
+        let pid = line.split_whitespace().next().unwrap_or_default();
+        if ctl(
+            node,
+            &["close_connection", pid, "helixmq fault test: forced close"],
+        )
+        .is_ok()
+        {
+            n += 1;
+        }
+    }
+    n
+}
+
+/// Raises the memory alarm on the dedicated node; clears it when dropped
+/// (also on panic), so the node is never left alarmed.
+pub struct MemoryAlarm {
+    cleared: bool,
+}
+
+impl MemoryAlarm {
+    /// Set the watermark so low that the alarm goes off at once.
+    pub fn raise() -> MemoryAlarm {
+        ctl(
+            Some(NODE_NAME),
+            &["set_vm_memory_high_watermark", "0.0000001"],
+        )
+        .expect("raise the memory alarm");
+        MemoryAlarm { cleared: false }
+    }
+
+    /// Restore the default watermark (0.4): the alarm clears.
+    pub fn clear(&mut self) {
+        ctl(Some(NODE_NAME), &["set_vm_memory_high_watermark", "0.4"])
+            .expect("clear the memory alarm");
+        self.cleared = true;
+    }
+
+    /// Whether the node reports a memory alarm now.
+    pub fn active() -> bool {
+        ctl(Some(NODE_NAME), &["eval", "rabbit_alarm:get_alarms()."])
+            .map(|s| s.contains("memory"))
+            .unwrap_or(false)
+    }
+}
+
+impl Drop for MemoryAlarm {
+    fn drop(&mut self) {
+        if !self.cleared {
+            let _ = ctl(Some(NODE_NAME), &["set_vm_memory_high_watermark", "0.4"]);
+        }
+    }
+}
+
+/// The dedicated node's application stopped; started again when dropped
+/// (also on panic).
+pub struct AppStopped {
+    started: bool,
+}
+
+impl AppStopped {
+    /// `stop_app`: the node closes every connection and stops listening.
+    pub fn stop() -> AppStopped {
+        ctl(Some(NODE_NAME), &["stop_app"]).expect("stop_app on the dedicated node");
+        AppStopped { started: false }
+    }
+
+    /// `start_app` and wait until it serves again.
+    pub fn start(&mut self) {
+        ctl(Some(NODE_NAME), &["start_app"]).expect("start_app on the dedicated node");
+        ctl(Some(NODE_NAME), &["await_startup"]).expect("await_startup");
+        self.started = true;
+    }
+}
+
+impl Drop for AppStopped {
+    fn drop(&mut self) {
+        if !self.started {
+            let _ = ctl(Some(NODE_NAME), &["start_app"]);
+        }
+    }
+}

@@ -1,0 +1,174 @@
+//! A TCP proxy between the client and RabbitMQ that can cut every socket,
+//! black-hole them (stop forwarding without closing anything, like a network
+//! partition) and resume. Only the connections of the test that owns the
+//! proxy go through it, so faults never touch other tests.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+/// What the proxy does with bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Pass them on.
+    Forward,
+    /// Hold them: sockets stay open, nothing moves (a silent network partition).
+    BlackHole,
+}
+
+/// A running proxy; dropping it stops it and closes every socket it holds.
+pub struct Proxy {
+    addr: SocketAddr,
+    mode: watch::Sender<Mode>,
+    /// Bumped by [`Proxy::cut`]: every connection open at that moment ends.
+    cut_epoch: watch::Sender<u64>,
+    live: Arc<AtomicUsize>,
+    stop: CancellationToken,
+}
+
+impl Proxy {
+    /// Listen on an ephemeral local port and forward to `upstream`.
+    pub async fn start(upstream: SocketAddr) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let addr = listener.local_addr().expect("proxy address");
+        let (mode, _) = watch::channel(Mode::Forward);
+        let (cut_epoch, _) = watch::channel(0u64);
+        let live = Arc::new(AtomicUsize::new(0));
+        let stop = CancellationToken::new();
+        tokio::spawn(accept_loop(
+            listener,
+            upstream,
+            mode.clone(),
+            cut_epoch.clone(),
+            live.clone(),
+            stop.clone(),
+        ));
+        Proxy {
+            addr,
+            mode,
+            cut_epoch,
+            live,
+            stop,
+        }
+    }
+
+    /// The port clients should connect to.
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// Close every connection open now (both sides see the socket close).
+    /// Returns how many were cut.
+    pub fn cut(&self) -> usize {
+        let n = self.live.load(Ordering::SeqCst);
+        self.cut_epoch.send_modify(|e| *e += 1);
+        n
+    }
+
+    /// Stop forwarding without closing anything; new connections are
+    /// accepted but get no answer either.
+    pub fn black_hole(&self) {
+        self.mode.send_replace(Mode::BlackHole);
+    }
+
+    /// Forward again.
+    pub fn resume(&self) {
+        self.mode.send_replace(Mode::Forward);
+    }
+
+    /// Connections open through the proxy now.
+    pub fn connections(&self) -> usize {
+        self.live.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// Owns every connection task: when it ends (cancelled), the `JoinSet` drops
+/// and aborts them all, closing their sockets.
+async fn accept_loop(
+    listener: TcpListener,
+    upstream: SocketAddr,
+    mode: watch::Sender<Mode>,
+    cut_epoch: watch::Sender<u64>,
+    live: Arc<AtomicUsize>,
+    stop: CancellationToken,
+) {
+    let mut conns = JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            accepted = listener.accept() => {
+                let Ok((client, _)) = accepted else { continue };
+                let mode = mode.subscribe();
+                let cut = cut_epoch.subscribe();
+                let live = live.clone();
+                conns.spawn(async move {
+                    live.fetch_add(1, Ordering::SeqCst);
+                    serve(client, upstream, mode, cut).await;
+                    live.fetch_sub(1, Ordering::SeqCst);
+                });
+            }
+        }
+    }
+}
+
+/// One proxied connection: ends (closing both sockets) at EOF on either side,
+/// on an I/O error, or when the proxy cuts.
+async fn serve(
+    client: TcpStream,
+    upstream: SocketAddr,
+    mode: watch::Receiver<Mode>,
+    mut cut: watch::Receiver<u64>,
+) {
+    cut.borrow_and_update();
+    let server = tokio::select! {
+        s = TcpStream::connect(upstream) => match s { Ok(s) => s, Err(_) => return },
+        _ = cut.changed() => return,
+    };
+    let _ = client.set_nodelay(true);
+    let _ = server.set_nodelay(true);
+    let (cr, cw) = client.into_split();
+    let (sr, sw) = server.into_split();
+    tokio::select! {
+        _ = pump(cr, sw, mode.clone()) => {}
+        _ = pump(sr, cw, mode) => {}
+        _ = cut.changed() => {}
+    }
+}
+
+/// Copy one direction; while black-holed, bytes already read are held (not
+/// written) and nothing more is read.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut mode: watch::Receiver<Mode>,
+) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        if mode.wait_for(|m| *m == Mode::Forward).await.is_err() {
+            return;
+        }
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if mode.wait_for(|m| *m == Mode::Forward).await.is_err() {
+            return;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
