@@ -69,12 +69,13 @@ impl MetricsServer {
 }
 
 /// The topology the configuration describes: the spec's queues under the prefix,
-/// plus the retry tier of the configured `retry_delay`.
+/// plus the retry tier of the configured `retry_delay`, quorum where
+/// `helixmq.queue_type: quorum` asks for it.
 pub fn spec_topology(cfg: &Config) -> Topology {
     let names = Names::new(cfg.helixmq.prefix.clone());
     let mut t = Topology::spec(&names);
     t.add_retry_tier(cfg.helixmq.retry_delay);
-    t
+    t.with_queue_type(cfg.helixmq.queue_type)
 }
 
 /// Parse a human duration (`500ms`, `30s`, `5m`) for clap.

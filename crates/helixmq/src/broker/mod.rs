@@ -21,7 +21,7 @@ use crate::consumer::{self, Handler, Subscription};
 use crate::error::{Error, Result};
 use crate::message::Message;
 use crate::metrics::Metrics;
-use crate::topology::{Names, Topology};
+use crate::topology::{Names, QueueType, Topology};
 
 /// A handle to a broker (embedded or RabbitMQ).
 #[derive(Clone)]
@@ -316,6 +316,22 @@ impl Broker {
         for d in &opts.retry.delays {
             tiers.add_retry_tier(*d);
         }
+        // Same queue type as the rest: quorum when configured, or when the DLQ
+        // was declared quorum (Topology::with_quorum_queues); and a queue already
+        // declared keeps its exact definition (redeclaring it otherwise is a 406).
+        let declared = self.topology();
+        let quorum = self.inner.config.helixmq.queue_type == QueueType::Quorum
+            || declared
+                .queue(&self.inner.names.dlq())
+                .is_some_and(|q| q.queue_type == QueueType::Quorum);
+        if quorum {
+            tiers = tiers.with_quorum_queues();
+        }
+        for q in &mut tiers.queues {
+            if let Some(d) = declared.queue(&q.name) {
+                *q = d.clone();
+            }
+        }
         self.declare(&tiers).await?;
         consumer::start(self.clone(), queue.to_string(), Arc::new(handler), opts).await
     }
@@ -338,9 +354,12 @@ fn merge(into: &mut Topology, from: &Topology) {
             into.exchanges.push(e.clone());
         }
     }
+    // A queue declared again successfully is what the broker now has (e.g. the
+    // seeded classic DLQ replaced by a quorum one): remember that definition.
     for q in &from.queues {
-        if into.queue(&q.name).is_none() {
-            into.queues.push(q.clone());
+        match into.queues.iter_mut().find(|x| x.name == q.name) {
+            Some(x) => *x = q.clone(),
+            None => into.queues.push(q.clone()),
         }
     }
     for b in &from.bindings {

@@ -81,6 +81,10 @@ pub struct HelixConfig {
     /// Delay before a failed message comes back to its queue. Default 60 s, the spec's retry queue.
     #[serde(with = "humantime_serde")]
     pub retry_delay: Duration,
+    /// `classic` (default) or `quorum`: with `quorum`, every queue of the spec
+    /// topology except priority queues is a replicated quorum queue
+    /// ([`Topology::with_quorum_queues`](crate::Topology::with_quorum_queues)).
+    pub queue_type: crate::topology::QueueType,
 }
 
 impl Default for HelixConfig {
@@ -89,6 +93,7 @@ impl Default for HelixConfig {
             prefix: crate::topology::DEFAULT_PREFIX.to_string(),
             max_attempts: 3,
             retry_delay: Duration::from_secs(60),
+            queue_type: crate::topology::QueueType::Classic,
         }
     }
 }

@@ -39,7 +39,7 @@ const TLS_KEYS: &[&str] = &[
     "skip_verify",
     "verify_peer",
 ];
-const HELIXMQ_KEYS: &[&str] = &["prefix", "max_attempts", "retry_delay"];
+const HELIXMQ_KEYS: &[&str] = &["prefix", "max_attempts", "retry_delay", "queue_type"];
 
 /// The field whose value is never shown.
 const SECRET_PATH: &str = "rabbitmq.password";
@@ -463,10 +463,18 @@ impl<'a> Builder<'a> {
                 Ok(d)
             }
         });
+        let queue_type = self.field("helixmq.queue_type", |v| {
+            match text(v)?.as_str() {
+                "classic" => Ok(crate::topology::QueueType::Classic),
+                "quorum" => Ok(crate::topology::QueueType::Quorum),
+                _ => Err("expected `classic` (the default) or `quorum` (replicated queues on a cluster; priority queues stay classic)".into()),
+            }
+        });
         HelixConfig {
             prefix: prefix.unwrap_or(d.prefix),
             max_attempts: max_attempts.unwrap_or(d.max_attempts),
             retry_delay: retry_delay.unwrap_or(d.retry_delay),
+            queue_type: queue_type.unwrap_or(d.queue_type),
         }
     }
 }
@@ -730,5 +738,22 @@ mod tests {
         );
         assert!(duration(&Loose::Int(30)).unwrap_err().contains("`30s`"));
         assert!(duration(&Loose::Str("30 parsecs".into())).is_err());
+    }
+
+    #[test]
+    fn queue_type() {
+        use crate::config::{load_from_str, EnvSource};
+        use crate::topology::QueueType;
+        let env = EnvSource::map(Vec::<(String, String)>::new());
+        let c = load_from_str("helixmq:\n  queue_type: quorum\n", &env).unwrap();
+        assert_eq!(c.helixmq.queue_type, QueueType::Quorum);
+        let c = load_from_str("helixmq: {}\n", &env).unwrap();
+        assert_eq!(c.helixmq.queue_type, QueueType::Classic);
+        let e = load_from_str("helixmq:\n  queue_type: stream\n", &env)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("helixmq.queue_type"), "{e}");
+        assert!(e.contains("stream"), "{e}");
+        assert!(e.contains("`classic` (the default) or `quorum`"), "{e}");
     }
 }

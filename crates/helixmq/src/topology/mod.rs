@@ -12,9 +12,11 @@
 
 mod definitions;
 mod names;
+mod quorum;
 
 pub use definitions::definitions_json;
 pub use names::{Names, DEFAULT_PREFIX, DEFAULT_RETRY_DELAY};
+pub use quorum::ServerVersion;
 
 use serde::Serialize;
 use std::time::Duration;
@@ -54,7 +56,7 @@ pub struct Exchange {
 }
 
 /// Classic or quorum queue.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum QueueType {
     /// Classic queue (supports priorities).
@@ -63,6 +65,46 @@ pub enum QueueType {
     /// Replicated Raft queue (cluster), at-least-once dead-lettering.
     Quorum,
 }
+
+impl QueueType {
+    /// The `x-queue-type` value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueueType::Classic => "classic",
+            QueueType::Quorum => "quorum",
+        }
+    }
+}
+
+/// How a quorum queue dead-letters (`x-dead-letter-strategy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DeadLetterStrategy {
+    /// RabbitMQ's default: dead letters are published without confirms and can be
+    /// lost if the target is unavailable (the only mode of classic queues).
+    AtMostOnce,
+    /// The quorum queue keeps a dead letter until the target queue confirmed it.
+    /// RabbitMQ requires `x-overflow: reject-publish` for it (with `drop-head` it
+    /// silently falls back to at-most-once).
+    AtLeastOnce,
+}
+
+impl DeadLetterStrategy {
+    /// The `x-dead-letter-strategy` value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeadLetterStrategy::AtMostOnce => "at-most-once",
+            DeadLetterStrategy::AtLeastOnce => "at-least-once",
+        }
+    }
+}
+
+/// A quorum queue's default `x-delivery-limit` set by
+/// [`Topology::with_quorum_queues`]: the poison-message guard, and the default
+/// RabbitMQ 4.0 applies to every quorum queue. A message whose delivery was
+/// returned this many times (consumer crashed, channel closed, nack with
+/// requeue) is dead-lettered with reason `delivery_limit` instead of looping.
+pub const DEFAULT_DELIVERY_LIMIT: u32 = 20;
 
 /// What a full queue does with a new message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -108,6 +150,8 @@ pub struct Queue {
     pub queue_type: QueueType,
     /// `x-delivery-limit` (quorum only).
     pub delivery_limit: Option<u32>,
+    /// `x-dead-letter-strategy` (quorum only); `None` is RabbitMQ's default, at-most-once.
+    pub dead_letter_strategy: Option<DeadLetterStrategy>,
 }
 
 impl Queue {
@@ -124,6 +168,7 @@ impl Queue {
             dead_letter_routing_key: None,
             queue_type: QueueType::Classic,
             delivery_limit: None,
+            dead_letter_strategy: None,
         }
     }
     /// Set `x-max-priority`.
@@ -147,9 +192,25 @@ impl Queue {
         self.dead_letter_exchange = Some(exchange.into());
         self
     }
-    /// Make it a quorum queue.
+    /// Make it a quorum queue (replicated; always durable). Dead-lettering
+    /// stays at-most-once unless [`Queue::at_least_once_dead_lettering`] is set.
     pub fn quorum(mut self) -> Self {
         self.queue_type = QueueType::Quorum;
+        self.durable = true;
+        self
+    }
+    /// Set `x-delivery-limit` (quorum only): after that many returned deliveries
+    /// the message is dead-lettered instead of redelivered.
+    pub fn delivery_limit(mut self, limit: u32) -> Self {
+        self.delivery_limit = Some(limit);
+        self
+    }
+    /// Quorum only: dead letters are kept until the dead-letter target confirmed
+    /// them (`x-dead-letter-strategy: at-least-once`). Sets `x-overflow:
+    /// reject-publish`, which RabbitMQ requires for it.
+    pub fn at_least_once_dead_lettering(mut self) -> Self {
+        self.dead_letter_strategy = Some(DeadLetterStrategy::AtLeastOnce);
+        self.overflow = Some(Overflow::RejectPublish);
         self
     }
 
@@ -174,17 +235,16 @@ impl Queue {
         if let Some(k) = &self.dead_letter_routing_key {
             a.push(("x-dead-letter-routing-key", ArgValue::Str(k.clone())));
         }
+        // Written as declared, never inferred: validation (`Topology::validate`)
+        // refuses the combinations RabbitMQ rejects or silently downgrades.
         if self.queue_type == QueueType::Quorum {
             a.push(("x-queue-type", ArgValue::Str("quorum".into())));
-            if let Some(d) = self.delivery_limit {
-                a.push(("x-delivery-limit", ArgValue::Int(d as i64)));
-            }
-            if self.dead_letter_exchange.is_some() {
-                a.push((
-                    "x-dead-letter-strategy",
-                    ArgValue::Str("at-least-once".into()),
-                ));
-            }
+        }
+        if let Some(d) = self.delivery_limit {
+            a.push(("x-delivery-limit", ArgValue::Int(d as i64)));
+        }
+        if let Some(s) = self.dead_letter_strategy {
+            a.push(("x-dead-letter-strategy", ArgValue::Str(s.as_str().into())));
         }
         a
     }

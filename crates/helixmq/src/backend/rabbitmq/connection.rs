@@ -25,11 +25,12 @@ use tokio_util::sync::CancellationToken;
 
 use super::errors::{self, Target};
 use super::tls;
+use super::version;
 use crate::backend::ConnectionState;
 use crate::config::RabbitMqConfig;
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
-use crate::topology::{ArgValue, Binding, Exchange, ExchangeKind, Queue};
+use crate::topology::{ArgValue, Binding, Exchange, ExchangeKind, Queue, ServerVersion};
 
 /// One live connection and the generation it belongs to.
 pub(crate) struct Link {
@@ -38,6 +39,21 @@ pub(crate) struct Link {
     /// Bumped on every (re)connection, so holders of channels from an older
     /// connection know to open new ones.
     pub generation: u64,
+    /// The node it is connected to, `host:port` (which one of a cluster).
+    pub endpoint: String,
+    /// That node's RabbitMQ version, when it could be read (decides what the
+    /// topology may use, e.g. priorities on quorum queues from 4.0).
+    pub server_version: Option<ServerVersion>,
+}
+
+/// A connection just opened, with where it goes.
+pub(crate) struct Opened {
+    /// The lapin connection.
+    pub conn: lapin::Connection,
+    /// `host:port` of the node that accepted it.
+    pub endpoint: String,
+    /// Its version (`version` server property), if readable.
+    pub server_version: Option<ServerVersion>,
 }
 
 /// What publishers and consumers see of the connection.
@@ -166,8 +182,9 @@ fn uri_for(cfg: &RabbitMqConfig, host: &str, port: u16) -> AMQPUri {
 }
 
 /// Connect to the first endpoint that accepts. Access refused and unknown vhost
-/// are final at once (every node of a cluster shares users and vhosts).
-pub(crate) async fn open(cfg: &RabbitMqConfig, connection_name: &str) -> Result<lapin::Connection> {
+/// are final at once (every node of a cluster shares users and vhosts). A dead
+/// node refuses at once (or times out after connect_timeout) and the next is tried.
+pub(crate) async fn open(cfg: &RabbitMqConfig, connection_name: &str) -> Result<Opened> {
     let tls = tls::config(&cfg.tls)?;
     let mut last = None;
     for (host, port) in cfg.endpoints() {
@@ -177,7 +194,16 @@ pub(crate) async fn open(cfg: &RabbitMqConfig, connection_name: &str) -> Result<
         let uri = uri_for(cfg, &host, port);
         let attempt = tls::connect(uri, props, tls.clone());
         match tokio::time::timeout(cfg.connect_timeout, attempt).await {
-            Ok(Ok(conn)) => return Ok(conn),
+            Ok(Ok(conn)) => {
+                let limit = cfg.connect_timeout.min(Duration::from_secs(5));
+                let server_version = version::server_version(&host, port, &tls, limit).await;
+                tracing::info!(host, port, version = ?server_version.as_ref().map(|v| v.to_string()), "connected to RabbitMQ");
+                return Ok(Opened {
+                    conn,
+                    endpoint: format!("{host}:{port}"),
+                    server_version,
+                });
+            }
             Ok(Err(e)) => {
                 let e = errors::connect_error(e, &host, port, &cfg.username, &cfg.vhost);
                 match e {
@@ -377,7 +403,7 @@ pub(crate) async fn run(shared: Arc<Shared>, mut link: Arc<Link>) {
         let max = shared.cfg.max_reconnect_attempts;
         let mut attempt = 0u32;
         let mut last = String::new();
-        let conn = loop {
+        let opened = loop {
             attempt += 1;
             if max > 0 && attempt > max {
                 tracing::error!(attempts = max, last_error = %last, "giving up reconnecting (max_reconnect_attempts)");
@@ -397,11 +423,11 @@ pub(crate) async fn run(shared: Arc<Shared>, mut link: Arc<Link>) {
                 _ = tokio::time::sleep(wait) => {}
             }
             match open(&shared.cfg, &shared.connection_name).await {
-                Ok(c) => {
+                Ok(o) => {
                     shared.metrics.connection_successes.inc();
-                    match redeclare(&shared, &c).await {
-                        Ok(()) => break c,
-                        Err(e) if !c.status().connected() => {
+                    match redeclare(&shared, &o.conn).await {
+                        Ok(()) => break o,
+                        Err(e) if !o.conn.status().connected() => {
                             last = e.to_string();
                             tracing::warn!(attempt, error = %e, "lost the new connection while redeclaring");
                         }
@@ -409,7 +435,7 @@ pub(crate) async fn run(shared: Arc<Shared>, mut link: Arc<Link>) {
                             // The broker refuses part of our topology (someone changed it):
                             // report it loudly but keep the connection, so what still works works.
                             tracing::error!(error = %e, "redeclaring the topology after reconnect failed");
-                            break c;
+                            break o;
                         }
                     }
                 }
@@ -422,13 +448,19 @@ pub(crate) async fn run(shared: Arc<Shared>, mut link: Arc<Link>) {
         };
         generation += 1;
         shared.metrics.connection_recoveries.inc();
-        tracing::info!(generation, attempts = attempt, "reconnected to RabbitMQ");
+        tracing::info!(generation, attempts = attempt, endpoint = %opened.endpoint, "reconnected to RabbitMQ");
+        let conn = opened.conn;
         shared.state.send_replace(if conn.status().blocked() {
             ConnectionState::Blocked
         } else {
             ConnectionState::Connected
         });
-        link = Arc::new(Link { conn, generation });
+        link = Arc::new(Link {
+            conn,
+            generation,
+            endpoint: opened.endpoint,
+            server_version: opened.server_version,
+        });
         shared.link.send_replace(LinkState::Up(link.clone()));
     }
 }

@@ -18,6 +18,7 @@ mod consumer;
 mod errors;
 mod publisher;
 mod tls;
+mod version;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -39,7 +40,7 @@ use crate::config::RabbitMqConfig;
 use crate::error::{Error, Result};
 use crate::message::amqp::from_properties;
 use crate::metrics::Metrics;
-use crate::topology::Topology;
+use crate::topology::{ServerVersion, Topology};
 use connection::{Declared, Link, LinkState, Shared};
 use errors::Target;
 use publisher::{pause, Publisher};
@@ -86,10 +87,10 @@ impl RabbitBackend {
         metrics: Metrics,
         connection_name: &str,
     ) -> Result<Self> {
-        let conn = match connection::open(cfg, connection_name).await {
-            Ok(c) => {
+        let opened = match connection::open(cfg, connection_name).await {
+            Ok(o) => {
                 metrics.connection_successes.inc();
-                c
+                o
             }
             Err(e) => {
                 metrics.connection_failures.inc();
@@ -97,8 +98,10 @@ impl RabbitBackend {
             }
         };
         let link = Arc::new(Link {
-            conn,
+            conn: opened.conn,
             generation: 1,
+            endpoint: opened.endpoint,
+            server_version: opened.server_version,
         });
         let (link_tx, _) = watch::channel(LinkState::Up(link.clone()));
         let (state_tx, _) = watch::channel(ConnectionState::Connected);
@@ -125,6 +128,24 @@ impl RabbitBackend {
     /// The connection name given to RabbitMQ.
     pub fn connection_name(&self) -> &str {
         &self.shared.connection_name
+    }
+
+    /// The node the current connection goes to (`host:port`), or `None` while
+    /// disconnected: on a cluster, which node this client is on.
+    pub fn current_endpoint(&self) -> Option<String> {
+        match &*self.shared.link.borrow() {
+            LinkState::Up(l) => Some(l.endpoint.clone()),
+            _ => None,
+        }
+    }
+
+    /// The RabbitMQ version of the node currently connected to (the `version`
+    /// server property), if known.
+    pub fn server_version(&self) -> Option<ServerVersion> {
+        match &*self.shared.link.borrow() {
+            LinkState::Up(l) => l.server_version.clone(),
+            _ => None,
+        }
     }
 
     async fn slot_channel(&self, slot: &Slot) -> Result<lapin::Channel> {
@@ -212,6 +233,9 @@ impl Backend for RabbitBackend {
     }
 
     async fn declare(&self, t: &Topology) -> Result<()> {
+        // Refuse what this server version would reject (e.g. priorities on a
+        // quorum queue before 4.0) before declaring anything.
+        t.validate(self.server_version().as_ref())?;
         for e in &t.exchanges {
             check_name("exchange", &e.name)?;
         }

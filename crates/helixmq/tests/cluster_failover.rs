@@ -1,0 +1,357 @@
+//! Failover on a three-node cluster: quorum queues, 20,000 messages published
+//! and consumed while the node this client is connected to is killed with
+//! SIGKILL (its Erlang VM, `scripts/node kill`) and later restarted. The client
+//! must move to a live node by itself; every confirmed message is consumed at
+//! least once (lost = 0); duplicates are counted. One summary line:
+//! `scenario=cluster_failover messages=N lost=0 duplicates=D failover_ms=T`.
+//!
+//! The cluster (hq1..hq3@localhost on 5681–5683) is started by `scripts/cluster
+//! start` (idempotent) and stopped at the end; it never touches the shared
+//! broker on 5672. Run serially (it kills a whole node).
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use helixmq::backend::rabbitmq::RabbitBackend;
+use helixmq::topology::QueueType;
+use helixmq::Backend as _;
+use helixmq::{
+    Broker, Config, ConnectionState, Message, Metrics, Names, Outcome, Secret, SubscribeOptions,
+    Topology,
+};
+
+const TOTAL: usize = 20_000;
+const TASKS: usize = 8;
+/// Publish pace per task (messages per tick): 8 × 25 every 500 ms ≈ 400 msg/s,
+/// so the run lasts long enough for the node to be killed and come back mid-run.
+const CHUNK: usize = 25;
+const TICK: Duration = Duration::from_millis(500);
+const PORTS: [u16; 3] = [5681, 5682, 5683];
+
+fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// Run a repository script; panics with its output when it fails.
+fn script(args: &[&str]) -> String {
+    let out = Command::new(repo_root().join("scripts").join(args[0]))
+        .args(&args[1..])
+        .current_dir(repo_root())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run scripts/{}: {e}", args[0]));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "scripts/{args:?} failed:\n{text}");
+    text
+}
+
+fn node_of_port(port: u16) -> String {
+    let i = PORTS
+        .iter()
+        .position(|p| *p == port)
+        .expect("a cluster port")
+        + 1;
+    format!("hq{i}")
+}
+
+/// `rabbitmqctl -n NODE list_connections client_properties` mentions `name`.
+fn node_has_connection(node: &str, name: &str) -> bool {
+    let out = Command::new("rabbitmqctl")
+        .args([
+            "-q",
+            "-n",
+            &format!("{node}@localhost"),
+            "list_connections",
+            "client_properties",
+        ])
+        .output()
+        .expect("rabbitmqctl runs");
+    String::from_utf8_lossy(&out.stdout).contains(&format!("\"{name}\""))
+}
+
+/// `name type` of every queue under `prefix`, as node `node` lists them.
+fn queue_types(node: &str, prefix: &str) -> Vec<(String, String)> {
+    let out = Command::new("rabbitmqctl")
+        .args([
+            "-q",
+            "-n",
+            &format!("{node}@localhost"),
+            "list_queues",
+            "name",
+            "type",
+        ])
+        .output()
+        .expect("rabbitmqctl runs");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            let (n, t) = (w.next()?, w.next()?);
+            n.starts_with(prefix)
+                .then(|| (n.to_string(), t.to_string()))
+        })
+        .collect()
+}
+
+fn cluster_config(prefix: &str) -> Config {
+    let mut c = Config::default();
+    c.rabbitmq.host = "127.0.0.1".into();
+    c.rabbitmq.port = PORTS[0];
+    c.rabbitmq.hosts = PORTS[1..]
+        .iter()
+        .map(|p| format!("127.0.0.1:{p}"))
+        .collect();
+    c.rabbitmq.username = "guest".into();
+    c.rabbitmq.password = Secret::new("guest");
+    c.rabbitmq.vhost = "/".into();
+    c.rabbitmq.connect_timeout = Duration::from_secs(10);
+    c.rabbitmq.heartbeat = Duration::from_secs(5);
+    c.rabbitmq.reconnect_delay = Duration::from_millis(200);
+    c.rabbitmq.max_reconnect_attempts = 0;
+    // Generous: a loaded 2-core machine, and a quorum leader election after the kill.
+    c.rabbitmq.publish_timeout = Duration::from_secs(90);
+    c.helixmq.prefix = prefix.into();
+    c.helixmq.queue_type = QueueType::Quorum;
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quorum_queues_survive_the_connected_node_killed_and_restarted() {
+    let t0 = Instant::now();
+    tokio::task::spawn_blocking(|| script(&["cluster", "start"]))
+        .await
+        .unwrap();
+    let boot = t0.elapsed();
+
+    let p = format!("helixagent.c{:08x}", rand::random::<u32>());
+    let cfg = cluster_config(&p);
+    let name = format!("hxtest-{p}");
+    let metrics = Metrics::default();
+    let backend = Arc::new(
+        RabbitBackend::connect_named(&cfg.rabbitmq, metrics.clone(), &name)
+            .await
+            .expect("connects to the cluster"),
+    );
+    let version = backend.server_version().expect("version read at connect");
+    let b = Broker::with_backend(backend.clone(), cfg.clone(), metrics.clone());
+    let names = Names::new(&p);
+    let topology = Topology::spec(&names).with_queue_type(cfg.helixmq.queue_type);
+    b.declare(&topology).await.unwrap();
+    let queue = names.task_queue("background");
+
+    // The broker really made them quorum (and kept the priority queue classic).
+    let first = node_of_port(
+        backend
+            .current_endpoint()
+            .unwrap()
+            .rsplit(':')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap(),
+    );
+    let pfx = p.clone();
+    let n2 = first.clone();
+    let types = tokio::task::spawn_blocking(move || queue_types(&n2, &pfx))
+        .await
+        .unwrap();
+    let ty = |q: &str| types.iter().find(|(n, _)| n == q).map(|(_, t)| t.as_str());
+    assert_eq!(ty(&queue), Some("quorum"), "{types:?}");
+    assert_eq!(ty(&names.dlq()), Some("quorum"), "{types:?}");
+    assert_eq!(ty(&names.task_queue("llm")), Some("classic"), "{types:?}");
+
+    // Consumer: the library's reliable consumer, counting deliveries per id.
+    let consumed: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
+    let progress = Arc::new(AtomicUsize::new(0));
+    let c2 = consumed.clone();
+    let pr2 = progress.clone();
+    let sub = b
+        .subscribe(
+            &queue,
+            move |m: Message, _| {
+                *c2.lock().unwrap().entry(m.id).or_insert(0) += 1;
+                pr2.fetch_add(1, Ordering::Relaxed);
+                async { Ok(Outcome::Ack) }
+            },
+            SubscribeOptions {
+                prefetch: Some(200),
+                concurrency: Some(64),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+
+    // Fault: once the run is well under way, SIGKILL the node we are connected
+    // to, wait for the client to be back on another node, then restart it.
+    let injector = {
+        let backend = backend.clone();
+        let metrics = metrics.clone();
+        let progress = progress.clone();
+        let name = name.clone();
+        tokio::spawn(async move {
+            while progress.load(Ordering::Relaxed) < 6_000 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let endpoint = backend
+                .current_endpoint()
+                .expect("connected before the fault");
+            let port: u16 = endpoint.rsplit(':').next().unwrap().parse().unwrap();
+            let node = node_of_port(port);
+            let (n2, nm) = (node.clone(), name.clone());
+            let seen = tokio::task::spawn_blocking(move || node_has_connection(&n2, &nm))
+                .await
+                .unwrap();
+            assert!(seen, "rabbitmqctl does not list our connection on {node}");
+
+            let mut state = backend.state();
+            state.borrow_and_update();
+            let recoveries = metrics.connection_recoveries.get();
+            let killed_at = Instant::now();
+            let n2 = node.clone();
+            tokio::task::spawn_blocking(move || script(&["node", "kill", &n2]))
+                .await
+                .unwrap();
+            // Back when a recovery was counted and the state says connected
+            // (intermediate states may be skipped by the watch).
+            tokio::time::timeout(Duration::from_secs(60), async {
+                loop {
+                    state.changed().await.expect("backend alive");
+                    if *state.borrow_and_update() == ConnectionState::Connected
+                        && metrics.connection_recoveries.get() > recoveries
+                    {
+                        break;
+                    }
+                }
+            })
+            .await
+            .expect("the client reconnected to another node within 60 s");
+            let failover = killed_at.elapsed();
+            // The manager publishes the new link right after the state.
+            let mut now_on = None;
+            for _ in 0..200 {
+                now_on = backend.current_endpoint();
+                if now_on.is_some() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            let now_on = now_on.expect("a current endpoint after the reconnect");
+            assert_ne!(now_on, endpoint, "still on the killed node?");
+
+            // Bring the killed node back (it rejoins with its data) while the run goes on.
+            let restart_at = Instant::now();
+            tokio::task::spawn_blocking(|| script(&["cluster", "start"]))
+                .await
+                .unwrap();
+            (node, endpoint, now_on, failover, restart_at.elapsed())
+        })
+    };
+
+    // Publishers: 8 tasks, paced, each chunk's publishes in flight together.
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for t in 0..TASKS {
+        let b = b.clone();
+        let x = names.tasks_exchange();
+        let progress = progress.clone();
+        tasks.push(tokio::spawn(async move {
+            let msgs: Vec<Message> = (0..TOTAL / TASKS)
+                .map(|i| Message::new(format!("{t}-{i}")))
+                .collect();
+            let mut tick = tokio::time::interval(TICK);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut results = Vec::with_capacity(msgs.len());
+            for chunk in msgs.chunks(CHUNK) {
+                tick.tick().await;
+                let sent = futures::future::join_all(chunk.iter().map(|m| {
+                    let b = b.clone();
+                    let x = x.clone();
+                    let progress = progress.clone();
+                    async move {
+                        let r = b.publish(&x, "background", m.clone()).await;
+                        progress.fetch_add(1, Ordering::Relaxed);
+                        (m.id.clone(), r)
+                    }
+                }))
+                .await;
+                results.extend(sent);
+            }
+            results
+        }));
+    }
+    let mut confirmed = HashSet::new();
+    let mut failed = Vec::new();
+    for t in tasks {
+        for (id, r) in t.await.unwrap() {
+            match r {
+                Ok(()) => {
+                    confirmed.insert(id);
+                }
+                Err(e) => failed.push(e.to_string()),
+            }
+        }
+    }
+    let publish_time = started.elapsed();
+
+    // Every confirmed id must be consumed (the run finishes by itself).
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let done = {
+            let c = consumed.lock().unwrap();
+            confirmed.iter().all(|id| c.contains_key(id))
+        };
+        if done {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not every confirmed message was consumed within 120 s of the last publish"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let total_time = started.elapsed();
+    let (node, from, to, failover, restart) = injector
+        .await
+        .expect("the fault was injected and recovered from");
+    sub.shutdown(Duration::from_secs(10)).await;
+
+    let c = consumed.lock().unwrap().clone();
+    let lost = confirmed.iter().filter(|id| !c.contains_key(*id)).count();
+    let duplicates: u32 = c.values().map(|n| n - 1).sum();
+    println!(
+        "scenario=cluster_failover messages={} lost={lost} duplicates={duplicates} failover_ms={}",
+        confirmed.len(),
+        failover.as_millis()
+    );
+    println!(
+        "cluster_failover details: RabbitMQ {version}, killed {node} ({from}), client moved to {to}, \
+         node restart {restart:.1?}, publish errors {}, publish phase {publish_time:.1?}, total {total_time:.1?}, \
+         reconnects {}, cluster boot {boot:.1?}",
+        failed.len(),
+        metrics.connection_recoveries.get()
+    );
+    assert!(
+        failed.is_empty(),
+        "publishes failed: {:?}",
+        &failed[..failed.len().min(5)]
+    );
+    assert_eq!(confirmed.len(), TOTAL);
+    assert_eq!(lost, 0);
+    assert!(metrics.connection_recoveries.get() >= 1);
+    tokio::task::spawn_blocking(|| script(&["cluster", "status"]))
+        .await
+        .unwrap();
+
+    b.close().await.unwrap();
+    tokio::task::spawn_blocking(|| script(&["cluster", "stop"]))
+        .await
+        .unwrap();
+}
