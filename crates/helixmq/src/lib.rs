@@ -39,3 +39,8 @@ pub use error::{BoxError, Error, Result};
 pub use message::{HeaderValue, Message, Priority};
 pub use metrics::Metrics;
 pub use topology::{Names, Topology};
+
+// The README's Rust example is compiled with the doc tests, so it cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+struct ReadmeDoctests;
