@@ -184,6 +184,9 @@ fn rfc3339(ms: i64) -> String {
     humantime::format_rfc3339_millis(t).to_string()
 }
 
+/// How long cancelling the scan consumer or one nack may take.
+const SETTLE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Deliveries read from the DLQ and still owed a settlement.
 struct Scan {
     stream: Option<Box<dyn DeliveryStream>>,
@@ -238,13 +241,17 @@ impl Scan {
 
     /// Stop the consumer and put back every delivery not settled yet.
     async fn release(&mut self) {
+        // Bounded: if the channel is gone these may never answer, and dropping
+        // the stream below closes it, which requeues every unacked delivery anyway.
         if let Some(s) = self.stream.as_mut() {
-            let _ = s.cancel().await;
+            let _ = tokio::time::timeout(SETTLE_DEADLINE, s.cancel()).await;
         }
         for d in self.deliveries.iter_mut().filter_map(Option::take) {
-            if let Err(e) = d.acker.nack(true).await {
+            match tokio::time::timeout(SETTLE_DEADLINE, d.acker.nack(true)).await {
+                Ok(Ok(())) => {}
                 // The channel is closing: the broker requeues unacked messages itself.
-                tracing::debug!(error = %e, "nack on release");
+                Ok(Err(e)) => tracing::debug!(error = %e, "nack on release"),
+                Err(_) => tracing::debug!("nack on release timed out"),
             }
         }
         self.stream = None;
@@ -281,7 +288,8 @@ pub async fn run(global: &Global, cmd: DlqCmd) -> anyhow::Result<ExitCode> {
         }
         DlqCmd::Purge { yes } => purge(&broker, &dlq, yes).await,
     };
-    let _ = broker.close().await;
+    // Bounded: the command's work is done (every publish was confirmed).
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), broker.close()).await;
     res
 }
 

@@ -77,8 +77,47 @@ pub fn run(mut c: Command, stdin: &[u8]) -> Run {
         .stderr(Stdio::piped());
     let mut child = c.spawn().expect("spawn helixmq");
     child.stdin.take().unwrap().write_all(stdin).unwrap();
-    Run::from(child.wait_with_output().unwrap())
+    // Read the pipes on threads so a chatty command cannot block on a full pipe
+    // while we wait for it with a deadline: a hung command must fail its test
+    // with its stderr, not stall the whole suite.
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let out = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut out, &mut v);
+        v
+    });
+    let err = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut err, &mut v);
+        v
+    });
+    let deadline = std::time::Instant::now() + COMMAND_DEADLINE;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for helixmq") {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            let stderr = err.join().unwrap_or_default();
+            panic!(
+                "helixmq {:?} did not finish within {COMMAND_DEADLINE:?}; stderr:\n{}",
+                c.get_args().collect::<Vec<_>>(),
+                String::from_utf8_lossy(&stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Run::from(Output {
+        status,
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
+    })
 }
+
+/// How long one CLI command may run in a test before it counts as hung.
+const COMMAND_DEADLINE: Duration = Duration::from_secs(120);
 
 /// A unique prefix on the local broker (guest/guest), cleaned up on drop.
 pub struct Broker {
