@@ -81,6 +81,13 @@ impl Broker {
 
     /// Connect to RabbitMQ, counting into `metrics` (see [`Metrics::new`]).
     pub async fn connect_with_metrics(config: Config, metrics: Metrics) -> Result<Broker> {
+        if !config.rabbitmq.publisher_confirm {
+            // Publish returns Ok only after a confirm: that is the product, not an option.
+            tracing::warn!(
+                "rabbitmq.publisher_confirm is false, but helixmq always uses publisher \
+                 confirms (publish returns Ok only once the broker confirmed); the setting is ignored"
+            );
+        }
         let backend =
             crate::backend::rabbitmq::RabbitBackend::connect(&config.rabbitmq, metrics.clone())
                 .await?;
