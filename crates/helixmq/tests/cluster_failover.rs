@@ -258,10 +258,15 @@ async fn quorum_queues_survive_the_connected_node_killed_and_restarted() {
     // Publishers: 8 tasks, paced, each chunk's publishes in flight together.
     let started = Instant::now();
     let mut tasks = Vec::new();
+    // Publishes the killed leader had not committed are nacked by the quorum
+    // queue; a nack is retryable (`Error::is_retryable`), so the publisher sends
+    // the same message (same id) again, as an application should.
+    let nacked = Arc::new(AtomicUsize::new(0));
     for t in 0..TASKS {
         let b = b.clone();
         let x = names.tasks_exchange();
         let progress = progress.clone();
+        let nacked = nacked.clone();
         tasks.push(tokio::spawn(async move {
             let msgs: Vec<Message> = (0..TOTAL / TASKS)
                 .map(|i| Message::new(format!("{t}-{i}")))
@@ -275,8 +280,15 @@ async fn quorum_queues_survive_the_connected_node_killed_and_restarted() {
                     let b = b.clone();
                     let x = x.clone();
                     let progress = progress.clone();
+                    let nacked = nacked.clone();
                     async move {
-                        let r = b.publish(&x, "background", m.clone()).await;
+                        let mut r = b.publish(&x, "background", m.clone()).await;
+                        let mut resent = 0;
+                        while matches!(r, Err(helixmq::Error::PublishNacked { .. })) && resent < 5 {
+                            resent += 1;
+                            nacked.fetch_add(1, Ordering::Relaxed);
+                            r = b.publish(&x, "background", m.clone()).await;
+                        }
                         progress.fetch_add(1, Ordering::Relaxed);
                         (m.id.clone(), r)
                     }
@@ -333,8 +345,9 @@ async fn quorum_queues_survive_the_connected_node_killed_and_restarted() {
     );
     println!(
         "cluster_failover details: RabbitMQ {version}, killed {node} ({from}), client moved to {to}, \
-         node restart {restart:.1?}, publish errors {}, publish phase {publish_time:.1?}, total {total_time:.1?}, \
+         node restart {restart:.1?}, nacks re-sent {}, publish errors {}, publish phase {publish_time:.1?}, total {total_time:.1?}, \
          reconnects {}, cluster boot {boot:.1?}",
+        nacked.load(Ordering::Relaxed),
         failed.len(),
         metrics.connection_recoveries.get()
     );
