@@ -50,35 +50,56 @@ async fn twenty_thousand_messages_survive_three_forced_closes() {
         .await
         .unwrap();
 
-    // Fault injector: three forced closes, each after real progress since the last.
+    // The publishers send in FAULTS + 1 chunks and start chunk k only once
+    // fault k has started, so every fault lands mid-run however fast the run
+    // is (an earlier version waited for progress that a fast run had already
+    // made, and hung).
+    let (faults_started, gate) = tokio::sync::watch::channel(0usize);
+    let chunk = TOTAL / TASKS / (FAULTS + 1);
+
+    // Fault injector: fault i once the publishers alone have made 4,000 × (i+1)
+    // progress (chunks 0..=i hold 5,000 × (i+1) publishes, so this comes).
     let injector = {
         let progress = progress.clone();
-        let mut state = b.state();
+        let state = b.state();
+        let b = b.clone();
         let p = p.clone();
         tokio::spawn(async move {
             let mut recoveries = Vec::new();
             for i in 0..FAULTS {
-                let mark = progress.load(Ordering::Relaxed);
-                while progress.load(Ordering::Relaxed) < mark + 2_000 {
+                let limit = Instant::now() + Duration::from_secs(120);
+                while progress.load(Ordering::Relaxed) < 4_000 * (i + 1) {
+                    assert!(Instant::now() < limit, "fault {i}: no progress in 120 s");
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
+                // Listing takes ~1 s (rabbitmqctl boots a VM): do it before
+                // releasing the next chunk, so the close meets it in flight.
                 let p2 = p.clone();
-                let closed = tokio::task::spawn_blocking(move || close_my_connections(&p2))
+                let pids = tokio::task::spawn_blocking(move || my_connection_pids(&p2))
                     .await
                     .unwrap();
-                assert!(
-                    closed >= 1,
-                    "fault {i}: found no connection of ours to close"
-                );
+                assert!(!pids.is_empty(), "fault {i}: found no connection of ours");
+                // The recovery can be over before rabbitmqctl has even exited, so
+                // a watch on the state could miss the Disconnected phase
+                // entirely: count recoveries instead.
+                let before = b.metrics().connection_recoveries.get();
+                faults_started.send_replace(i + 1);
                 let cut = Instant::now();
-                state
-                    .wait_for(|s| *s == ConnectionState::Disconnected)
+                let closed = tokio::task::spawn_blocking(move || close_connections(&pids))
                     .await
                     .unwrap();
-                state
-                    .wait_for(|s| *s == ConnectionState::Connected)
-                    .await
-                    .unwrap();
+                assert!(closed >= 1, "fault {i}: closed none of our connections");
+                let limit = Instant::now() + Duration::from_secs(60);
+                while b.metrics().connection_recoveries.get() <= before
+                    || *state.borrow() != ConnectionState::Connected
+                {
+                    assert!(
+                        Instant::now() < limit,
+                        "fault {i}: not reconnected within 60 s (state {:?})",
+                        *state.borrow()
+                    );
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
                 recoveries.push(cut.elapsed());
             }
             recoveries
@@ -92,25 +113,35 @@ async fn twenty_thousand_messages_survive_three_forced_closes() {
         let b = b.clone();
         let x = names.tasks_exchange();
         let progress = progress.clone();
+        let mut gate = gate.clone();
         tasks.push(tokio::spawn(async move {
-            let msgs: Vec<Message> = (0..TOTAL / TASKS)
-                .map(|i| Message::new(format!("{t}-{i}")))
-                .collect();
-            futures::stream::iter(msgs)
-                .map(|m| {
-                    let b = b.clone();
-                    let x = x.clone();
-                    let progress = progress.clone();
-                    async move {
-                        let id = m.id.clone();
-                        let r = b.publish(&x, "background", m).await;
-                        progress.fetch_add(1, Ordering::Relaxed);
-                        (id, r)
-                    }
-                })
-                .buffer_unordered(32)
-                .collect::<Vec<_>>()
-                .await
+            let mut results = Vec::new();
+            for k in 0..=FAULTS {
+                tokio::time::timeout(Duration::from_secs(180), gate.wait_for(|n| *n >= k))
+                    .await
+                    .expect("the fault injector starts the next fault")
+                    .expect("injector alive");
+                let msgs: Vec<Message> = (k * chunk..(k + 1) * chunk)
+                    .map(|i| Message::new(format!("{t}-{i}")))
+                    .collect();
+                let done: Vec<_> = futures::stream::iter(msgs)
+                    .map(|m| {
+                        let b = b.clone();
+                        let x = x.clone();
+                        let progress = progress.clone();
+                        async move {
+                            let id = m.id.clone();
+                            let r = b.publish(&x, "background", m).await;
+                            progress.fetch_add(1, Ordering::Relaxed);
+                            (id, r)
+                        }
+                    })
+                    .buffer_unordered(32)
+                    .collect()
+                    .await;
+                results.extend(done);
+            }
+            results
         }));
     }
     let mut confirmed = HashSet::new();
@@ -144,8 +175,9 @@ async fn twenty_thousand_messages_survive_three_forced_closes() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let total_time = started.elapsed();
-    let recoveries = injector
+    let recoveries = tokio::time::timeout(Duration::from_secs(60), injector)
         .await
+        .expect("the fault injector finished within 60 s of the last message")
         .expect("three faults were injected and recovered from");
     sub.shutdown(Duration::from_secs(10)).await;
 

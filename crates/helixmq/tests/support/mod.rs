@@ -68,27 +68,30 @@ pub async fn cleanup(broker: &Broker, extra: Option<&Topology>) {
     }
 }
 
-/// Close this test's connections only (by connection name) with `rabbitmqctl`;
-/// returns how many were closed.
-pub fn close_my_connections(prefix: &str) -> usize {
-    let name = format!("hxtest-{prefix}");
+/// The Erlang pids of this test's connections (found by connection name:
+/// other tests share the broker). Slow (~1 s: `rabbitmqctl` boots a VM).
+pub fn my_connection_pids(prefix: &str) -> Vec<String> {
+    let name = format!("\"hxtest-{prefix}\"");
     let out = std::process::Command::new("rabbitmqctl")
         .args(["-q", "list_connections", "pid", "client_properties"])
         .output()
         .expect("rabbitmqctl runs");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let mut n = 0;
-    for line in text.lines() {
-        if line.contains(&format!("\"{name}\"")) {
-            let pid = line.split_whitespace().next().unwrap_or_default();
-            let st = std::process::Command::new("rabbitmqctl")
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains(&name))
+        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+        .collect()
+}
+
+/// Force-close the connections with these pids; returns how many were closed.
+pub fn close_connections(pids: &[String]) -> usize {
+    pids.iter()
+        .filter(|pid| {
+            std::process::Command::new("rabbitmqctl")
                 .args(["-q", "close_connection", pid, "helixmq test: forced close"])
                 .status()
-                .expect("rabbitmqctl runs");
-            if st.success() {
-                n += 1;
-            }
-        }
-    }
-    n
+                .expect("rabbitmqctl runs")
+                .success()
+        })
+        .count()
 }
