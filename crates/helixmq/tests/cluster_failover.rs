@@ -258,15 +258,20 @@ async fn quorum_queues_survive_the_connected_node_killed_and_restarted() {
     // Publishers: 8 tasks, paced, each chunk's publishes in flight together.
     let started = Instant::now();
     let mut tasks = Vec::new();
-    // Publishes the killed leader had not committed are nacked by the quorum
-    // queue; a nack is retryable (`Error::is_retryable`), so the publisher sends
-    // the same message (same id) again, as an application should.
+    // While the quorum queue elects a new leader (a few seconds after the kill)
+    // RabbitMQ nacks every publish it cannot hand to a leader: safe, the message
+    // was never enqueued. A nack is retryable (`Error::is_retryable`), so the
+    // publisher sends the same message (same id) again after a pause, for up to
+    // 60 s, as an application should. (An earlier version re-sent 5 times with no
+    // pause and burned its tries inside the election window.)
     let nacked = Arc::new(AtomicUsize::new(0));
+    let nack_window: Arc<Mutex<Option<(Instant, Instant)>>> = Arc::default();
     for t in 0..TASKS {
         let b = b.clone();
         let x = names.tasks_exchange();
         let progress = progress.clone();
         let nacked = nacked.clone();
+        let nack_window = nack_window.clone();
         tasks.push(tokio::spawn(async move {
             let msgs: Vec<Message> = (0..TOTAL / TASKS)
                 .map(|i| Message::new(format!("{t}-{i}")))
@@ -281,12 +286,21 @@ async fn quorum_queues_survive_the_connected_node_killed_and_restarted() {
                     let x = x.clone();
                     let progress = progress.clone();
                     let nacked = nacked.clone();
+                    let nack_window = nack_window.clone();
                     async move {
                         let mut r = b.publish(&x, "background", m.clone()).await;
-                        let mut resent = 0;
-                        while matches!(r, Err(helixmq::Error::PublishNacked { .. })) && resent < 5 {
-                            resent += 1;
+                        let give_up = Instant::now() + Duration::from_secs(60);
+                        while matches!(r, Err(helixmq::Error::PublishNacked { .. }))
+                            && Instant::now() < give_up
+                        {
+                            let now = Instant::now();
+                            {
+                                let mut w = nack_window.lock().unwrap();
+                                let (first, _) = w.unwrap_or((now, now));
+                                *w = Some((first, now));
+                            }
                             nacked.fetch_add(1, Ordering::Relaxed);
+                            tokio::time::sleep(Duration::from_millis(250)).await;
                             r = b.publish(&x, "background", m.clone()).await;
                         }
                         progress.fetch_add(1, Ordering::Relaxed);
@@ -345,9 +359,14 @@ async fn quorum_queues_survive_the_connected_node_killed_and_restarted() {
     );
     println!(
         "cluster_failover details: RabbitMQ {version}, killed {node} ({from}), client moved to {to}, \
-         node restart {restart:.1?}, nacks re-sent {}, publish errors {}, publish phase {publish_time:.1?}, total {total_time:.1?}, \
+         node restart {restart:.1?}, nacks re-sent {} over {:.1?}, publish errors {}, publish phase {publish_time:.1?}, total {total_time:.1?}, \
          reconnects {}, cluster boot {boot:.1?}",
         nacked.load(Ordering::Relaxed),
+        nack_window
+            .lock()
+            .unwrap()
+            .map(|(a, b)| b - a)
+            .unwrap_or_default(),
         failed.len(),
         metrics.connection_recoveries.get()
     );
