@@ -12,15 +12,14 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use futures::StreamExt;
-use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
-};
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::{FieldTable, ShortString};
 
+use super::acks::{AckBatcher, BatchedAcker};
 use super::connection::{Link, Shared};
 use super::errors::{self, Target};
 use super::publisher::pause;
-use crate::backend::{Acker, Delivery, DeliveryStream};
+use crate::backend::{Delivery, DeliveryStream};
 use crate::error::{Error, Result};
 use crate::message::amqp::from_properties;
 
@@ -29,6 +28,8 @@ struct Current {
     link: Arc<Link>,
     chan: lapin::Channel,
     consumer: lapin::Consumer,
+    /// Settles this channel's deliveries (coalesced acks).
+    acks: Arc<AckBatcher>,
 }
 
 /// A recovering delivery stream over one queue.
@@ -118,6 +119,7 @@ impl RabbitStream {
         match attempt.await {
             Ok((chan, consumer)) => Ok(Current {
                 link,
+                acks: Arc::new(AckBatcher::new(chan.clone())),
                 chan,
                 consumer,
             }),
@@ -135,11 +137,13 @@ impl RabbitStream {
         }
     }
 
-    fn decode(&self, d: lapin::message::Delivery) -> Delivery {
+    fn decode(&self, acks: &Arc<AckBatcher>, d: lapin::message::Delivery) -> Delivery {
         let message = from_properties(&d.properties, d.data);
+        acks.delivered(d.delivery_tag);
         Delivery {
-            acker: Box::new(RabbitAcker {
-                acker: d.acker,
+            acker: Box::new(BatchedAcker {
+                batcher: acks.clone(),
+                tag: d.delivery_tag,
                 id: message.id.clone(),
                 queue: self.queue.clone(),
             }),
@@ -177,7 +181,10 @@ impl DeliveryStream for RabbitStream {
             }
             let cur = self.current.as_mut().expect("opened above");
             match cur.consumer.next().await {
-                Some(Ok(d)) => return Some(Ok(self.decode(d))),
+                Some(Ok(d)) => {
+                    let acks = cur.acks.clone();
+                    return Some(Ok(self.decode(&acks, d)));
+                }
                 Some(Err(e)) => {
                     tracing::warn!(queue = %self.queue, error = %e, "consumer channel lost; reopening");
                     self.current = None;
@@ -218,48 +225,5 @@ impl DeliveryStream for RabbitStream {
             }
         }
         Ok(())
-    }
-}
-
-/// Settles a delivery on the channel it came from. If that channel is gone
-/// the settlement fails harmlessly (lapin never sends a tag of a dead channel,
-/// so no 406) and RabbitMQ redelivers the message.
-pub(crate) struct RabbitAcker {
-    pub(crate) acker: lapin::Acker,
-    pub(crate) id: String,
-    pub(crate) queue: String,
-}
-
-impl RabbitAcker {
-    fn outcome(&self, what: &str, r: lapin::Result<bool>) -> Result<()> {
-        match r {
-            Ok(true) => Ok(()),
-            Ok(false) => Err(Error::Amqp {
-                context: format!(
-                    "cannot {what} message {} from queue '{}': its channel is closed (connection lost?) or it was already settled; RabbitMQ will redeliver it",
-                    self.id, self.queue
-                ),
-                source: "channel closed".into(),
-            }),
-            Err(e) => Err(Error::Amqp { context: format!("{what} message {} from queue '{}'", self.id, self.queue), source: errors::boxed(e) }),
-        }
-    }
-}
-
-#[async_trait]
-impl Acker for RabbitAcker {
-    async fn ack(&self) -> Result<()> {
-        let r = self.acker.ack(BasicAckOptions::default()).await;
-        self.outcome("ack", r)
-    }
-    async fn nack(&self, requeue: bool) -> Result<()> {
-        let r = self
-            .acker
-            .nack(BasicNackOptions {
-                multiple: false,
-                requeue,
-            })
-            .await;
-        self.outcome("nack", r)
     }
 }

@@ -6,6 +6,8 @@
 //! - [`publisher`]: a pool of confirm-mode channels; every publish awaits its
 //!   own confirm and is re-sent across connection losses until its timeout.
 //! - [`consumer`]: one channel per consumer, recovered inside `next()`.
+//! - [`acks`]: settling deliveries; a consumer's acks coalesced into
+//!   multiple-acks where that is safe.
 //! - [`errors`]: lapin errors → [`Error`] variants; transient vs final.
 //! - [`tls`]: the rustls client configuration.
 //!
@@ -13,6 +15,7 @@
 //! or disk alarm: publishes wait for their confirms up to their timeout,
 //! consumers go on), `Disconnected` (reconnecting), `Closed`.
 
+mod acks;
 mod connection;
 mod consumer;
 mod errors;
@@ -319,7 +322,7 @@ impl Backend for RabbitBackend {
             let d = g.delivery;
             let message = from_properties(&d.properties, d.data);
             Delivery {
-                acker: Box::new(consumer::RabbitAcker {
+                acker: Box::new(acks::SingleAcker {
                     acker: d.acker,
                     id: message.id.clone(),
                     queue: queue.to_string(),
