@@ -37,6 +37,10 @@ use indicatif::{ProgressBar, ProgressStyle};
 use report::{Measured, Report, Rounds};
 use setup::Bench;
 
+/// Pause between filling a queue and draining it, so the broker has written
+/// what it holds and each consume run starts from the same state.
+const SETTLE: Duration = Duration::from_millis(500);
+
 /// Options of `helixmq bench`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
@@ -237,22 +241,37 @@ async fn measure(bench: &Bench, plan: &Plan) -> anyhow::Result<Report> {
             );
             bench.purge(&bench.q_scratch).await?;
         }
-        // Diagnostic: the backend stream alone, on messages raw lapin puts there.
-        let fill = progress(plan.messages, &format!("{tag} fill scratch queue"));
-        publish::raw_lapin(bench, plan, &payload, &bench.q_scratch, &fill).await?;
+        // Consume: before each run its queue is emptied, filled afresh by the
+        // same helixmq publisher with the same messages, and left to settle, so
+        // both sides drain queues in the same state. (Draining whatever each
+        // side's publish run had left made the figure depend on how the broker
+        // held those messages: single runs varied 2× either way.)
+        bench.purge(&bench.q_raw).await?;
+        bench.purge(&bench.q_helix).await?;
+        let fill =
+            |queue: &'static str| progress(plan.messages, &format!("{tag} fill {queue} queue"));
+        // Diagnostic: the backend stream alone.
+        publish::helix_concurrent(bench, plan, &payload, &bench.q_scratch, &fill("scratch"))
+            .await?;
+        tokio::time::sleep(SETTLE).await;
         let bar = progress(
             plan.messages,
             &format!("{tag} consume helixmq backend stream"),
         );
         stream.push(consume::helix_backend_stream(bench, plan, &bench.q_scratch, &bar).await?);
-        // Consume what was just published, same prefetch for both.
         for raw in order(!raw_first) {
             if raw {
+                publish::helix_concurrent(bench, plan, &payload, &bench.q_raw, &fill("raw"))
+                    .await?;
+                tokio::time::sleep(SETTLE).await;
                 let bar = progress(plan.messages, &format!("{tag} consume raw lapin"));
                 consume
                     .raw
                     .push(consume::raw_lapin(bench, plan, &bench.q_raw, &bar).await?);
             } else {
+                publish::helix_concurrent(bench, plan, &payload, &bench.q_helix, &fill("helixmq"))
+                    .await?;
+                tokio::time::sleep(SETTLE).await;
                 let bar = progress(plan.messages, &format!("{tag} consume helixmq"));
                 consume
                     .helix

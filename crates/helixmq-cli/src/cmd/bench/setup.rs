@@ -22,9 +22,10 @@ pub(crate) struct Bench {
     pub prefix: String,
     /// The direct exchange every run publishes to.
     pub exchange: String,
-    /// Filled by raw lapin, consumed by raw lapin.
+    /// Raw lapin's publish runs (purged after), then raw lapin's consume runs
+    /// (each on a fresh fill by helixmq's publisher, like `q_helix`'s).
     pub q_raw: String,
-    /// Filled by helixmq, consumed by helixmq.
+    /// helixmq's publish runs (purged after), then helixmq's consume runs.
     pub q_helix: String,
     /// Batch and one-at-a-time publishes; purged after each use.
     pub q_scratch: String,
