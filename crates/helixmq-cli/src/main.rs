@@ -32,6 +32,13 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use tracing_subscriber::EnvFilter;
 
+/// mimalloc instead of glibc malloc: a worker, the demo and the bench allocate
+/// per message on two or more threads, where glibc's contended arenas took a
+/// third of the embedded broker's CPU (docs/BENCHMARKS.md). The library leaves
+/// the choice of allocator to the application.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// helixmq: a RabbitMQ task-queue layer that does not lose work.
 #[derive(Debug, Parser)]
 #[command(

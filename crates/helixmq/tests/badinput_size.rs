@@ -114,7 +114,7 @@ async fn message_over_max_message_size_is_refused_clearly_and_the_client_goes_on
     let mut got = sec_support::take(&b, &q, 2, Duration::from_secs(10)).await;
     while let Some(d) = b.backend().get(&q).await.unwrap() {
         d.acker.ack().await.unwrap();
-        got.push(d.message);
+        got.push(std::sync::Arc::unwrap_or_clone(d.message));
     }
     let mut ids: Vec<_> = got.iter().map(|m| m.id.clone()).collect();
     ids.sort();

@@ -200,7 +200,7 @@ async fn every_property_and_header_type_survives_the_broker() {
         .await
         .unwrap()
         .expect("message is there");
-    assert_eq!(d.message, m);
+    assert_eq!(*d.message, m);
     assert_eq!(d.exchange, names.tasks_exchange());
     assert_eq!(d.routing_key, "llm");
     assert!(!d.redelivered);

@@ -58,8 +58,9 @@ pub struct Outgoing<'a> {
     pub routing_key: &'a str,
     /// Return the message as unroutable if no queue matches.
     pub mandatory: bool,
-    /// The message.
-    pub message: &'a Message,
+    /// The message: owned when the caller is done with it, so a backend that
+    /// keeps messages (the embedded broker) takes it without a copy.
+    pub message: std::borrow::Cow<'a, Message>,
 }
 
 /// Queue depth as the broker reports it.
@@ -148,8 +149,9 @@ pub trait Acker: Send + Sync {
 
 /// A message as delivered from a queue.
 pub struct Delivery {
-    /// The message (attempt count decoded from headers).
-    pub message: Message,
+    /// The message (attempt count decoded from headers). Shared: the embedded
+    /// broker keeps the same message for redelivery, without a copy.
+    pub message: std::sync::Arc<Message>,
     /// Exchange it was published to.
     pub exchange: String,
     /// Routing key it was published with.

@@ -210,7 +210,7 @@ impl Broker {
                     exchange,
                     routing_key,
                     mandatory: opts.mandatory,
-                    message: &message,
+                    message: std::borrow::Cow::Owned(message),
                 },
                 timeout,
             )
@@ -249,7 +249,7 @@ impl Broker {
                 exchange,
                 routing_key,
                 mandatory: opts.mandatory,
-                message: m,
+                message: std::borrow::Cow::Borrowed(m),
             })
             .collect();
         let started = Instant::now();

@@ -331,7 +331,8 @@ impl Runner {
         };
         m.handlers_in_flight.inc();
         let started = Instant::now();
-        let fut = AssertUnwindSafe(self.handler.handle(d.message.clone(), ctx)).catch_unwind();
+        let fut =
+            AssertUnwindSafe(self.handler.handle(Message::clone(&d.message), ctx)).catch_unwind();
         let res = tokio::time::timeout(self.handler_timeout, fut).await;
         m.handlers_in_flight.dec();
         m.handler_duration.observe(started.elapsed().as_secs_f64());
@@ -425,7 +426,7 @@ impl Runner {
             exchange,
             routing_key,
             mandatory: true,
-            message: &copy,
+            message: std::borrow::Cow::Owned(copy),
         };
         let res = self.broker.inner.backend.publish(out, timeout).await;
         if let Err(Error::Unroutable { .. }) = &res {
@@ -469,7 +470,7 @@ impl QueueCounters {
 
 /// A copy of the delivered message with the failure headers updated.
 fn failed_copy(d: &Delivery, reason: &str) -> Message {
-    let mut copy = d.message.clone();
+    let mut copy = Message::clone(&d.message);
     let now = now_unix_millis();
     let h = &mut copy.headers;
     h.entry(header::ORIGIN_QUEUE.into())

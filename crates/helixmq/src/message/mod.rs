@@ -210,10 +210,8 @@ impl Message {
             // Random, non-zero ids as W3C requires; thread-local RNG, no syscall.
             let trace = rand::random::<u128>().max(1);
             let span = rand::random::<u64>().max(1);
-            self.headers.insert(
-                header::TRACEPARENT.into(),
-                format!("00-{trace:032x}-{span:016x}-01").into(),
-            );
+            self.headers
+                .insert(header::TRACEPARENT.into(), traceparent(trace, span).into());
         }
     }
 
@@ -227,6 +225,23 @@ impl Message {
     pub fn header_str(&self, key: &str) -> Option<&str> {
         self.headers.get(key).and_then(HeaderValue::as_str)
     }
+}
+
+/// `00-{trace:032x}-{span:016x}-01`, written directly: this runs for every
+/// publish, and `format!` took 5 % of the embedded broker's publish path.
+fn traceparent(trace: u128, span: u64) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(55);
+    out.push_str("00-");
+    for i in (0..32).rev() {
+        out.push(HEX[((trace >> (i * 4)) & 0xf) as usize] as char);
+    }
+    out.push('-');
+    for i in (0..16).rev() {
+        out.push(HEX[((span >> (i * 4)) & 0xf) as usize] as char);
+    }
+    out.push_str("-01");
+    out
 }
 
 /// Now, in Unix seconds.
@@ -248,6 +263,17 @@ pub fn now_unix_millis() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn traceparent_is_what_format_would_write() {
+        for (t, s) in [
+            (1u128, 1u64),
+            (u128::MAX, u64::MAX),
+            (0x0af7651916cd43dd8448eb211c80319c, 0xb7ad6b7169203331),
+        ] {
+            assert_eq!(traceparent(t, s), format!("00-{t:032x}-{s:016x}-01"));
+        }
+    }
 
     #[test]
     fn priorities() {

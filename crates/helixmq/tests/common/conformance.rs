@@ -230,7 +230,7 @@ impl Fx {
                     other => panic!(
                         "queue {queue}: expected {n} messages, got {} then {:?}",
                         got.len(),
-                        other.map(|o| o.map(|r| r.map(|d| d.message.id)))
+                        other.map(|o| o.map(|r| r.map(|d| d.message.id.clone())))
                     ),
                 }
             }
@@ -256,7 +256,7 @@ impl Fx {
             .drain(queue, want.len())
             .await
             .into_iter()
-            .map(|d| d.message.id)
+            .map(|d| d.message.id.clone())
             .collect();
         let want: BTreeSet<String> = want.iter().map(|s| s.to_string()).collect();
         assert_eq!(got, want, "queue {queue}");
@@ -1061,7 +1061,7 @@ pub async fn shutdown_deadline_returns_unfinished_messages(fx: Fx) {
     for d in &rest {
         assert_eq!(
             d.redelivered,
-            stuck.contains(&d.message.id),
+            stuck.contains(&d.message.id.clone()),
             "only the abandoned ones are redelivered"
         );
     }
@@ -1113,7 +1113,7 @@ pub async fn drop_head_overflow_dead_letters_the_oldest(fx: Fx) {
         .drain(&q, 2)
         .await
         .into_iter()
-        .map(|d| d.message.id)
+        .map(|d| d.message.id.clone())
         .collect();
     assert_eq!(kept, ids[1..]);
 }
@@ -1138,7 +1138,7 @@ pub async fn publish_batch_confirms_each(fx: Fx) {
         .drain(&fx.names.task_queue("llm"), 50)
         .await
         .into_iter()
-        .map(|d| d.message.id)
+        .map(|d| d.message.id.clone())
         .collect();
     assert_eq!(got, ids, "FIFO within one priority");
 

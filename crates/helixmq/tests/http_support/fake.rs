@@ -123,7 +123,7 @@ impl Backend for FakeBackend {
             return Err(Error::NotConnected);
         }
         if out.exchange == self.dlx {
-            self.dead.lock().unwrap().push(out.message.clone());
+            self.dead.lock().unwrap().push(out.message.into_owned());
             return Ok(());
         }
         let tx = self
@@ -135,7 +135,7 @@ impl Backend for FakeBackend {
         match tx {
             Some(tx) => {
                 let d = Delivery {
-                    message: out.message.clone(),
+                    message: std::sync::Arc::new(out.message.into_owned()),
                     exchange: out.exchange.to_string(),
                     routing_key: out.routing_key.to_string(),
                     queue: out.routing_key.to_string(),

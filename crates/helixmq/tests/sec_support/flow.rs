@@ -146,7 +146,7 @@ pub async fn whole_flow(b: &Broker) {
             .expect("origin queue header")
             .to_string();
         assert_eq!(origin, queue);
-        let mut again = m;
+        let mut again = std::sync::Arc::unwrap_or_clone(m);
         again.attempt = 1;
         b.publish_with(&requeue, &origin, again, &PublishOptions::default())
             .await

@@ -45,7 +45,12 @@ pub fn script(name: &str, args: &[&str]) -> String {
 /// node must not run twice at once.
 pub fn script_locked(lock: &str, name: &str, args: &[&str]) -> String {
     let lockfile = repo_root().join("target").join(format!("{lock}.lock"));
+    // `-o`: the lock stays with flock itself, not inherited by the script's
+    // children. Without it a node started under the lock (rabbitmq-server
+    // -detached) kept the lock for its whole life and every later caller
+    // waited forever. `-w`: fail instead of hanging if it is held anyway.
     let out = Command::new("flock")
+        .args(["-o", "-w", "300"])
         .arg(&lockfile)
         .arg(repo_root().join("scripts").join(name))
         .args(args)
@@ -129,7 +134,7 @@ pub async fn take(broker: &Broker, queue: &str, n: usize, within: Duration) -> V
         match broker.backend().get(queue).await.expect("basic.get") {
             Some(d) => {
                 d.acker.ack().await.expect("ack");
-                got.push(d.message);
+                got.push(std::sync::Arc::unwrap_or_clone(d.message));
             }
             None => {
                 assert!(

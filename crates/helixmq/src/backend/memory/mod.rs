@@ -177,7 +177,7 @@ impl Backend for MemoryBroker {
     async fn publish(&self, out: Outgoing<'_>, _timeout: Duration) -> Result<()> {
         // Accepted under the lock means confirmed: there is nothing to wait for.
         self.open(|st, fx| {
-            st.publish(
+            st.publish_cow(
                 out.exchange,
                 out.routing_key,
                 out.mandatory,
@@ -194,7 +194,7 @@ impl Backend for MemoryBroker {
                     if st.closed {
                         return Err(Error::Closed);
                     }
-                    st.publish(o.exchange, o.routing_key, o.mandatory, o.message, fx)
+                    st.publish(o.exchange, o.routing_key, o.mandatory, &o.message, fx)
                 })
                 .collect()
         })
@@ -231,7 +231,7 @@ impl Backend for MemoryBroker {
             Ok(q.get(fx).map(|(s, tag)| (s, tag, q.name.clone(), q.uid)))
         })?;
         Ok(got.map(|(s, tag, name, uid)| Delivery {
-            message: Arc::unwrap_or_clone(s.msg),
+            message: s.msg,
             exchange: s.exchange.to_string(),
             routing_key: s.routing_key.to_string(),
             queue: name.to_string(),

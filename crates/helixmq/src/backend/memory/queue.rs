@@ -136,7 +136,7 @@ impl ConsumerSlot {
 pub(super) enum Take {
     /// A delivery: the message copy, its route, the redelivered flag, its tag.
     Delivery {
-        msg: Message,
+        msg: Arc<Message>,
         exchange: Arc<str>,
         routing_key: Arc<str>,
         redelivered: bool,
@@ -394,7 +394,7 @@ impl QueueState {
         self.next_tag += 1;
         let tag = self.next_tag;
         let take = Take::Delivery {
-            msg: Message::clone(&s.msg),
+            msg: s.msg.clone(),
             exchange: s.exchange.clone(),
             routing_key: s.routing_key.clone(),
             redelivered: s.redelivered,
@@ -475,7 +475,7 @@ mod tests {
                 tag,
                 redelivered,
                 ..
-            } => Some((msg.id, tag, redelivered)),
+            } => Some((msg.id.clone(), tag, redelivered)),
             _ => None,
         }
     }

@@ -5,6 +5,7 @@
 //! enters another in the same step, so nothing is in flight between them — and
 //! costs one uncontended mutex acquisition per publish.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
@@ -192,6 +193,18 @@ impl State {
         msg: &Message,
         fx: &mut Effects,
     ) -> Result<()> {
+        self.publish_cow(exchange, routing_key, mandatory, Cow::Borrowed(msg), fx)
+    }
+
+    /// [`State::publish`], taking the message without a copy when it is owned.
+    pub fn publish_cow(
+        &mut self,
+        exchange: &str,
+        routing_key: &str,
+        mandatory: bool,
+        msg: Cow<'_, Message>,
+        fx: &mut Effects,
+    ) -> Result<()> {
         let mut targets = std::mem::take(&mut self.scratch);
         targets.clear();
         let res = self.publish_to(exchange, routing_key, mandatory, msg, &mut targets, fx);
@@ -204,7 +217,7 @@ impl State {
         exchange: &str,
         routing_key: &str,
         mandatory: bool,
-        msg: &Message,
+        msg: Cow<'_, Message>,
         targets: &mut Vec<Arc<str>>,
         fx: &mut Effects,
     ) -> Result<()> {
@@ -220,7 +233,7 @@ impl State {
             return Ok(());
         }
         let routing_key: Arc<str> = Arc::from(routing_key);
-        let shared = Arc::new(msg.clone());
+        let shared = Arc::new(msg.into_owned());
         let mut refused = false;
         for name in targets.iter() {
             let q = self
@@ -239,7 +252,7 @@ impl State {
         if refused {
             // Like RabbitMQ: queues that had room keep their copy; the publisher is told.
             return Err(Error::PublishNacked {
-                message_id: msg.id.clone(),
+                message_id: shared.id.clone(),
                 exchange: exchange.to_string(),
                 routing_key: routing_key.to_string(),
             });

@@ -14,7 +14,7 @@ fn out<'a>(exchange: &'a str, routing_key: &'a str, message: &'a Message) -> Out
         exchange,
         routing_key,
         mandatory: true,
-        message,
+        message: std::borrow::Cow::Borrowed(message),
     }
 }
 
@@ -41,7 +41,7 @@ async fn publish_consume_ack() {
         .unwrap()
         .unwrap()
         .unwrap();
-    assert_eq!(d.message, m, "the message travels as-is");
+    assert_eq!(*d.message, m, "the message travels as-is");
     assert_eq!(d.exchange, n.tasks_exchange());
     assert_eq!(d.routing_key, "background");
     assert!(!d.redelivered);

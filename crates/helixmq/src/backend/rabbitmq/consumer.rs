@@ -147,7 +147,7 @@ impl RabbitStream {
                 id: message.id.clone(),
                 queue: self.queue.clone(),
             }),
-            message,
+            message: Arc::new(message),
             exchange: d.exchange.to_string(),
             routing_key: d.routing_key.to_string(),
             queue: self.queue.clone(),

@@ -327,7 +327,7 @@ impl Backend for RabbitBackend {
                     id: message.id.clone(),
                     queue: queue.to_string(),
                 }),
-                message,
+                message: Arc::new(message),
                 exchange: d.exchange.to_string(),
                 routing_key: d.routing_key.to_string(),
                 queue: queue.to_string(),

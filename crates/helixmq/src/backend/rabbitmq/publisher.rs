@@ -124,7 +124,7 @@ impl Publisher {
     }
 
     fn prepare<'a>(&self, out: &'a Outgoing<'a>) -> Result<Prepared<'a>> {
-        let properties = to_properties(out.message)?;
+        let properties = to_properties(&out.message)?;
         // The content header frame: 8 bytes of framing, 12 of class, weight and
         // body size, then the properties. Too big, and RabbitMQ closes the whole
         // connection (frame_too_large) on every resend.
