@@ -173,6 +173,11 @@ fn entry(d: &Delivery, full: bool) -> Entry {
             m.headers
                 .iter()
                 .map(|(k, v)| (k.clone(), header_text(v)))
+                .chain(
+                    m.traceparent
+                        .iter()
+                        .map(|tp| (header::TRACEPARENT.to_string(), tp.clone())),
+                )
                 .collect()
         }),
         payload: full.then(|| String::from_utf8_lossy(&m.payload).into_owned()),

@@ -13,6 +13,7 @@
 //! | `expiration`         | `expiration`, a string of milliseconds             |
 //! | `delivery`           | `delivery_mode` 2 (persistent) / 1 (transient)     |
 //! | `attempt`            | header [`header::ATTEMPT`] (absent = 1)            |
+//! | `traceparent`        | header [`header::TRACEPARENT`] (W3C trace context) |
 //! | `headers`            | `headers`, typed (see [`to_amqp_value`])           |
 //!
 //! Header values: every AMQP field type decodes to a [`HeaderValue`]; integers of
@@ -144,6 +145,9 @@ pub fn to_properties(m: &Message) -> Result<BasicProperties> {
         header::ATTEMPT.to_string(),
         HeaderValue::Int(m.attempt as i64),
     );
+    if let Some(tp) = &m.traceparent {
+        headers.insert(header::TRACEPARENT.to_string(), tp.clone().into());
+    }
     let mut p = BasicProperties::default()
         .with_message_id(short("message id", &m.id)?)
         .with_timestamp(m.timestamp)
@@ -196,6 +200,15 @@ pub fn from_properties(properties: &BasicProperties, body: impl Into<Bytes>) -> 
         .as_ref()
         .map(from_field_table)
         .unwrap_or_default();
+    let traceparent = match headers.remove(header::TRACEPARENT) {
+        Some(HeaderValue::String(tp)) => Some(tp),
+        // Not text: not a W3C traceparent; leave it where it was.
+        Some(other) => {
+            headers.insert(header::TRACEPARENT.into(), other);
+            None
+        }
+        None => None,
+    };
     let attempt = headers
         .remove(header::ATTEMPT)
         .and_then(|v| v.as_i64())
@@ -226,6 +239,7 @@ pub fn from_properties(properties: &BasicProperties, body: impl Into<Bytes>) -> 
             _ => Delivery::Transient,
         },
         attempt,
+        traceparent,
     }
 }
 

@@ -132,6 +132,11 @@ pub struct Message {
     pub delivery: Delivery,
     /// Which attempt this delivery is (1 = first). Kept in [`header::ATTEMPT`].
     pub attempt: u32,
+    /// The W3C trace context. Travels in the [`header::TRACEPARENT`] header on
+    /// the wire, but is a field here: nearly every message carries only this
+    /// header, and a one-entry header map cost an allocation of ~650 bytes per
+    /// message and copy (half of the embedded broker's time).
+    pub traceparent: Option<String>,
 }
 
 impl Message {
@@ -151,6 +156,7 @@ impl Message {
             expiration: None,
             delivery: Delivery::Persistent,
             attempt: 1,
+            traceparent: None,
         }
     }
 
@@ -199,27 +205,35 @@ impl Message {
         self
     }
     /// Set the W3C `traceparent`.
-    pub fn with_traceparent(self, tp: impl Into<String>) -> Self {
-        self.with_header(header::TRACEPARENT, tp.into())
+    pub fn with_traceparent(mut self, tp: impl Into<String>) -> Self {
+        self.traceparent = Some(tp.into());
+        self
     }
     /// Start a W3C trace for this message unless it already carries one, so the
     /// publisher's and every handler's logs share one trace id (retries and
     /// dead letters keep the header).
     pub fn ensure_traceparent(&mut self) {
-        if self.traceparent().is_none() {
+        // One set as a plain header (e.g. copied from an HTTP request) counts.
+        if self.traceparent.is_none() {
+            if let Some(HeaderValue::String(tp)) = self.headers.remove(header::TRACEPARENT) {
+                self.traceparent = Some(tp);
+            }
+        }
+        if self.traceparent.is_none() {
             // Random, non-zero ids as W3C requires; thread-local RNG, no syscall.
             let trace = rand::random::<u128>().max(1);
             let span = rand::random::<u64>().max(1);
-            self.headers
-                .insert(header::TRACEPARENT.into(), traceparent(trace, span).into());
+            self.traceparent = Some(traceparent(trace, span));
         }
     }
 
-    /// The W3C `traceparent`, if any.
+    /// The W3C `traceparent`, if any (the field, or else a header of that name).
     pub fn traceparent(&self) -> Option<&str> {
-        self.headers
-            .get(header::TRACEPARENT)
-            .and_then(HeaderValue::as_str)
+        self.traceparent.as_deref().or_else(|| {
+            self.headers
+                .get(header::TRACEPARENT)
+                .and_then(HeaderValue::as_str)
+        })
     }
     /// A string header.
     pub fn header_str(&self, key: &str) -> Option<&str> {

@@ -279,6 +279,10 @@ pub fn metadata(m: &Message, ctx: &helixmq::Context) -> Vec<(String, String)> {
     for (k, v) in &m.headers {
         out.push((format!("HEADER_{}", env_name(k)), header_text(v)));
     }
+    // A field of the message, but a header on the wire: shown as one.
+    if let Some(tp) = &m.traceparent {
+        out.push(("HEADER_TRACEPARENT".to_string(), tp.clone()));
+    }
     out
 }
 
