@@ -123,6 +123,12 @@ fn bench_json_has_every_field() {
 
     assert_eq!(field(&v, "embedded.messages"), 500);
     positive(&v, "embedded.publish_and_consume_per_sec");
+    let runs = field(&v, "embedded.publish_and_consume_runs")
+        .as_array()
+        .unwrap()
+        .clone();
+    assert_eq!(runs.len(), 2, "one per round: {runs:?}");
+    assert!(runs.iter().all(|r| r.as_f64().unwrap() > 0.0), "{runs:?}");
     positive(&v, "embedded.publish_only_per_sec");
     positive(&v, "embedded.consume_only_per_sec");
 

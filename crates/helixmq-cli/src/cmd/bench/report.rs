@@ -421,8 +421,17 @@ impl Report {
         let e = &self.embedded;
         let _ = writeln!(
             s,
-            "embedded broker ({} messages): publish+consume {:.0} msg/s, publish only {:.0}, consume only {:.0}",
-            e.messages, e.publish_and_consume_per_sec, e.publish_only_per_sec, e.consume_only_per_sec
+            "embedded broker ({} messages): publish+consume {:.0} msg/s (median of {}: {}), publish only {:.0}, consume only {:.0}",
+            e.messages,
+            e.publish_and_consume_per_sec,
+            e.publish_and_consume_runs.len(),
+            e.publish_and_consume_runs
+                .iter()
+                .map(|r| format!("{r:.0}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            e.publish_only_per_sec,
+            e.consume_only_per_sec
         );
         let _ = write!(s, "memory: peak RSS {} KiB", self.memory.peak_rss_kib);
         if let Some(k) = &self.memory.soak {
