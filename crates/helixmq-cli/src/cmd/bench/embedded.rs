@@ -54,13 +54,7 @@ pub(crate) async fn run(
     let hidden = ProgressBar::hidden();
     let p = payload.clone();
     let make = move |_| p.clone();
-
-    // Both at once, `rounds` times.
-    let mut runs = Vec::new();
-    for round in 0..plan.rounds {
-        let counter = Counter::new(n, if round == 0 { bar } else { &hidden });
-        let started = Instant::now();
-        let sub = subscribe(&broker, queue, plan, counter.clone()).await?;
+    let publish_all = || {
         publish_with_tasks(
             &broker,
             exchange,
@@ -70,7 +64,15 @@ pub(crate) async fn run(
             None,
             make.clone(),
         )
-        .await?;
+    };
+
+    // Both at once, `rounds` times.
+    let mut runs = Vec::new();
+    for round in 0..plan.rounds {
+        let counter = Counter::new(n, if round == 0 { bar } else { &hidden });
+        let started = Instant::now();
+        let sub = subscribe(&broker, queue, plan, counter.clone()).await?;
+        publish_all().await?;
         counter.wait(STALL).await.context("embedded consume")?;
         runs.push(n as f64 / started.elapsed().as_secs_f64());
         sub.shutdown(Duration::from_secs(5)).await;
@@ -81,16 +83,7 @@ pub(crate) async fn run(
 
     // Publish alone.
     let started = Instant::now();
-    publish_with_tasks(
-        &broker,
-        exchange,
-        queue,
-        (n, plan.window),
-        &hidden,
-        None,
-        make,
-    )
-    .await?;
+    publish_all().await?;
     let publish_only = n as f64 / started.elapsed().as_secs_f64();
 
     // Consume alone.
