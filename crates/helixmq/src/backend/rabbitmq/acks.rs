@@ -140,12 +140,23 @@ impl AckBatcher {
             }
             w.flushing = true;
         }
+        // Hands the flush back on every way out, also if this future is dropped
+        // mid-flush (a caller's timeout): the next settlement flushes again, and
+        // frames taken but never sent only leave their deliveries unacked until
+        // the channel closes and RabbitMQ redelivers them.
+        let mut guard = FlushGuard {
+            window: &self.window,
+            armed: true,
+        };
         loop {
             let frames = {
                 let mut w = self.window.lock().unwrap();
                 let frames = w.take_frames();
                 if frames.is_empty() {
+                    // Under the same lock as the look: a settlement that saw
+                    // `flushing` a moment ago is in the frames we just sent.
                     w.flushing = false;
+                    guard.armed = false;
                     return Ok(());
                 }
                 frames
@@ -174,8 +185,24 @@ impl AckBatcher {
             if let Some(e) = sent.into_iter().find_map(|r| r.err()) {
                 // The channel is gone: RabbitMQ requeues everything unsettled on
                 // it. Leave the window to be dropped with the channel.
-                self.window.lock().unwrap().flushing = false;
                 return Err(e);
+            }
+        }
+    }
+}
+
+/// Clears [`Window::flushing`] when a flush ends other than by finding nothing
+/// left to send (an error, or its future dropped).
+struct FlushGuard<'a> {
+    window: &'a Mutex<Window>,
+    armed: bool,
+}
+
+impl Drop for FlushGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            if let Ok(mut w) = self.window.lock() {
+                w.flushing = false;
             }
         }
     }
