@@ -9,7 +9,8 @@
 //! start` (idempotent) and stopped at the end; it never touches the shared
 //! broker on 5672. Run serially (it kills a whole node).
 
-use std::collections::{HashMap, HashSet};
+mod support;
+
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -23,6 +24,7 @@ use helixmq::{
     Broker, Config, ConnectionState, Message, Metrics, Names, Outcome, Secret, SubscribeOptions,
     Topology,
 };
+use support::tally::{confirmed_and_failed, Tally};
 
 const TOTAL: usize = 20_000;
 const TASKS: usize = 8;
@@ -168,16 +170,13 @@ async fn quorum_queues_survive_the_connected_node_killed_and_restarted() {
     assert_eq!(ty(&names.task_queue("llm")), Some("classic"), "{types:?}");
 
     // Consumer: the library's reliable consumer, counting deliveries per id.
-    let consumed: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
-    let progress = Arc::new(AtomicUsize::new(0));
-    let c2 = consumed.clone();
-    let pr2 = progress.clone();
+    let tally = Arc::new(Tally::default());
+    let t2 = tally.clone();
     let sub = b
         .subscribe(
             &queue,
             move |m: Message, _| {
-                *c2.lock().unwrap().entry(m.id).or_insert(0) += 1;
-                pr2.fetch_add(1, Ordering::Relaxed);
+                t2.delivered(m.id);
                 async { Ok(Outcome::Ack) }
             },
             SubscribeOptions {
@@ -194,10 +193,10 @@ async fn quorum_queues_survive_the_connected_node_killed_and_restarted() {
     let injector = {
         let backend = backend.clone();
         let metrics = metrics.clone();
-        let progress = progress.clone();
+        let tally = tally.clone();
         let name = name.clone();
         tokio::spawn(async move {
-            while progress.load(Ordering::Relaxed) < 6_000 {
+            while tally.progress() < 6_000 {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             let endpoint = backend
@@ -269,7 +268,7 @@ async fn quorum_queues_survive_the_connected_node_killed_and_restarted() {
     for t in 0..TASKS {
         let b = b.clone();
         let x = names.tasks_exchange();
-        let progress = progress.clone();
+        let tally = tally.clone();
         let nacked = nacked.clone();
         let nack_window = nack_window.clone();
         tasks.push(tokio::spawn(async move {
@@ -284,7 +283,7 @@ async fn quorum_queues_survive_the_connected_node_killed_and_restarted() {
                 let sent = futures::future::join_all(chunk.iter().map(|m| {
                     let b = b.clone();
                     let x = x.clone();
-                    let progress = progress.clone();
+                    let tally = tally.clone();
                     let nacked = nacked.clone();
                     let nack_window = nack_window.clone();
                     async move {
@@ -303,7 +302,7 @@ async fn quorum_queues_survive_the_connected_node_killed_and_restarted() {
                             tokio::time::sleep(Duration::from_millis(250)).await;
                             r = b.publish(&x, "background", m.clone()).await;
                         }
-                        progress.fetch_add(1, Ordering::Relaxed);
+                        tally.answered();
                         (m.id.clone(), r)
                     }
                 }))
@@ -313,45 +312,24 @@ async fn quorum_queues_survive_the_connected_node_killed_and_restarted() {
             results
         }));
     }
-    let mut confirmed = HashSet::new();
-    let mut failed = Vec::new();
+    let mut answers = Vec::new();
     for t in tasks {
-        for (id, r) in t.await.unwrap() {
-            match r {
-                Ok(()) => {
-                    confirmed.insert(id);
-                }
-                Err(e) => failed.push(e.to_string()),
-            }
-        }
+        answers.extend(t.await.unwrap());
     }
+    let (confirmed, failed) = confirmed_and_failed(answers);
     let publish_time = started.elapsed();
 
     // Every confirmed id must be consumed (the run finishes by itself).
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let done = {
-            let c = consumed.lock().unwrap();
-            confirmed.iter().all(|id| c.contains_key(id))
-        };
-        if done {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "not every confirmed message was consumed within 120 s of the last publish"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    tally
+        .wait_all_consumed(&confirmed, Duration::from_secs(120), &queue)
+        .await;
     let total_time = started.elapsed();
     let (node, from, to, failover, restart) = injector
         .await
         .expect("the fault was injected and recovered from");
     sub.shutdown(Duration::from_secs(10)).await;
 
-    let c = consumed.lock().unwrap().clone();
-    let lost = confirmed.iter().filter(|id| !c.contains_key(*id)).count();
-    let duplicates: u32 = c.values().map(|n| n - 1).sum();
+    let (lost, duplicates) = tally.lost_and_duplicates(&confirmed);
     println!(
         "scenario=cluster_failover messages={} lost={lost} duplicates={duplicates} failover_ms={}",
         confirmed.len(),

@@ -6,13 +6,12 @@
 
 mod support;
 
-use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use helixmq::{ConnectionState, Message, Names, Outcome, SubscribeOptions, Topology};
+use support::tally::{confirmed_and_failed, Tally};
 use support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -29,16 +28,13 @@ async fn twenty_thousand_messages_survive_three_forced_closes() {
     let queue = names.task_queue("background");
 
     // Consumer: the library's reliable consumer, counting every delivery per id.
-    let consumed: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
-    let progress = Arc::new(AtomicUsize::new(0));
-    let c2 = consumed.clone();
-    let pr2 = progress.clone();
+    let tally = Arc::new(Tally::default());
+    let t2 = tally.clone();
     let sub = b
         .subscribe(
             &queue,
             move |m: Message, _| {
-                *c2.lock().unwrap().entry(m.id).or_insert(0) += 1;
-                pr2.fetch_add(1, Ordering::Relaxed);
+                t2.delivered(m.id);
                 async { Ok(Outcome::Ack) }
             },
             SubscribeOptions {
@@ -60,7 +56,7 @@ async fn twenty_thousand_messages_survive_three_forced_closes() {
     // Fault injector: fault i once the publishers alone have made 4,000 × (i+1)
     // progress (chunks 0..=i hold 5,000 × (i+1) publishes, so this comes).
     let injector = {
-        let progress = progress.clone();
+        let tally = tally.clone();
         let state = b.state();
         let b = b.clone();
         let p = p.clone();
@@ -68,7 +64,7 @@ async fn twenty_thousand_messages_survive_three_forced_closes() {
             let mut recoveries = Vec::new();
             for i in 0..FAULTS {
                 let limit = Instant::now() + Duration::from_secs(120);
-                while progress.load(Ordering::Relaxed) < 4_000 * (i + 1) {
+                while tally.progress() < 4_000 * (i + 1) {
                     assert!(Instant::now() < limit, "fault {i}: no progress in 120 s");
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
@@ -112,7 +108,7 @@ async fn twenty_thousand_messages_survive_three_forced_closes() {
     for t in 0..TASKS {
         let b = b.clone();
         let x = names.tasks_exchange();
-        let progress = progress.clone();
+        let tally = tally.clone();
         let mut gate = gate.clone();
         tasks.push(tokio::spawn(async move {
             let mut results = Vec::new();
@@ -128,11 +124,11 @@ async fn twenty_thousand_messages_survive_three_forced_closes() {
                     .map(|m| {
                         let b = b.clone();
                         let x = x.clone();
-                        let progress = progress.clone();
+                        let tally = tally.clone();
                         async move {
                             let id = m.id.clone();
                             let r = b.publish(&x, "background", m).await;
-                            progress.fetch_add(1, Ordering::Relaxed);
+                            tally.answered();
                             (id, r)
                         }
                     })
@@ -144,36 +140,16 @@ async fn twenty_thousand_messages_survive_three_forced_closes() {
             results
         }));
     }
-    let mut confirmed = HashSet::new();
-    let mut failed = Vec::new();
+    let mut answers = Vec::new();
     for t in tasks {
-        for (id, r) in t.await.unwrap() {
-            match r {
-                Ok(()) => {
-                    confirmed.insert(id);
-                }
-                Err(e) => failed.push(e.to_string()),
-            }
-        }
+        answers.extend(t.await.unwrap());
     }
+    let (confirmed, failed) = confirmed_and_failed(answers);
     let publish_time = started.elapsed();
 
-    // Wait until every confirmed id was consumed (the run must finish by itself).
-    let deadline = Instant::now() + Duration::from_secs(180);
-    loop {
-        let done = {
-            let c = consumed.lock().unwrap();
-            confirmed.iter().all(|id| c.contains_key(id))
-        };
-        if done {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "not every confirmed message was consumed within 180 s"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    tally
+        .wait_all_consumed(&confirmed, Duration::from_secs(180), &queue)
+        .await;
     let total_time = started.elapsed();
     let recoveries = tokio::time::timeout(Duration::from_secs(60), injector)
         .await
@@ -181,9 +157,7 @@ async fn twenty_thousand_messages_survive_three_forced_closes() {
         .expect("three faults were injected and recovered from");
     sub.shutdown(Duration::from_secs(10)).await;
 
-    let c = consumed.lock().unwrap().clone();
-    let lost = confirmed.iter().filter(|id| !c.contains_key(*id)).count();
-    let duplicates: u32 = c.values().map(|n| n - 1).sum();
+    let (lost, duplicates) = tally.lost_and_duplicates(&confirmed);
     let m = b.metrics();
     println!(
         "recovery run: messages {TOTAL}, confirmed {}, publish errors {}, faults injected {}, lost {lost}, duplicates {duplicates}, \
