@@ -312,11 +312,7 @@ async fn quorum_queues_survive_the_connected_node_killed_and_restarted() {
             results
         }));
     }
-    let mut answers = Vec::new();
-    for t in tasks {
-        answers.extend(t.await.unwrap());
-    }
-    let (confirmed, failed) = confirmed_and_failed(answers);
+    let (confirmed, failed) = confirmed_and_failed(tasks).await;
     let publish_time = started.elapsed();
 
     // Every confirmed id must be consumed (the run finishes by itself).

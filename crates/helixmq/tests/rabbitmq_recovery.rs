@@ -140,11 +140,7 @@ async fn twenty_thousand_messages_survive_three_forced_closes() {
             results
         }));
     }
-    let mut answers = Vec::new();
-    for t in tasks {
-        answers.extend(t.await.unwrap());
-    }
-    let (confirmed, failed) = confirmed_and_failed(answers);
+    let (confirmed, failed) = confirmed_and_failed(tasks).await;
     let publish_time = started.elapsed();
 
     tally

@@ -71,18 +71,24 @@ impl Tally {
     }
 }
 
-/// Publish answers by id → (the confirmed ids, the error texts).
-pub fn confirmed_and_failed(
-    answers: impl IntoIterator<Item = (String, helixmq::Result<()>)>,
+/// What one publisher task returns: each message id with its publish answer.
+pub type Answers = Vec<(String, helixmq::Result<()>)>;
+
+/// Join the publisher tasks; their answers by id → (the confirmed ids, the
+/// error texts).
+pub async fn confirmed_and_failed(
+    tasks: Vec<tokio::task::JoinHandle<Answers>>,
 ) -> (HashSet<String>, Vec<String>) {
     let mut confirmed = HashSet::new();
     let mut failed = Vec::new();
-    for (id, r) in answers {
-        match r {
-            Ok(()) => {
-                confirmed.insert(id);
+    for t in tasks {
+        for (id, r) in t.await.expect("publisher task") {
+            match r {
+                Ok(()) => {
+                    confirmed.insert(id);
+                }
+                Err(e) => failed.push(e.to_string()),
             }
-            Err(e) => failed.push(e.to_string()),
         }
     }
     (confirmed, failed)

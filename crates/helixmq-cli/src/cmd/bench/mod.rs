@@ -37,6 +37,22 @@ use indicatif::{ProgressBar, ProgressStyle};
 use report::{Measured, Report, Rounds};
 use setup::Bench;
 
+/// Empty-to-full for a consume run: `queue` filled with N messages by helixmq's
+/// publisher, then left [`SETTLE`] so every consume run starts alike.
+async fn fill_settled(
+    bench: &Bench,
+    plan: &Plan,
+    payload: &Bytes,
+    queue: &str,
+    tag: &str,
+    name: &str,
+) -> anyhow::Result<()> {
+    let bar = progress(plan.messages, &format!("{tag} fill {name} queue"));
+    publish::helix_concurrent(bench, plan, payload, queue, &bar).await?;
+    tokio::time::sleep(SETTLE).await;
+    Ok(())
+}
+
 /// Pause between filling a queue and draining it, so the broker has written
 /// what it holds and each consume run starts from the same state.
 const SETTLE: Duration = Duration::from_millis(500);
@@ -248,12 +264,9 @@ async fn measure(bench: &Bench, plan: &Plan) -> anyhow::Result<Report> {
         // held those messages: single runs varied 2× either way.)
         bench.purge(&bench.q_raw).await?;
         bench.purge(&bench.q_helix).await?;
-        let fill =
-            |queue: &'static str| progress(plan.messages, &format!("{tag} fill {queue} queue"));
+        let fill = |queue, name| fill_settled(bench, plan, &payload, queue, &tag, name);
         // Diagnostic: the backend stream alone.
-        publish::helix_concurrent(bench, plan, &payload, &bench.q_scratch, &fill("scratch"))
-            .await?;
-        tokio::time::sleep(SETTLE).await;
+        fill(&bench.q_scratch, "scratch").await?;
         let bar = progress(
             plan.messages,
             &format!("{tag} consume helixmq backend stream"),
@@ -261,17 +274,13 @@ async fn measure(bench: &Bench, plan: &Plan) -> anyhow::Result<Report> {
         stream.push(consume::helix_backend_stream(bench, plan, &bench.q_scratch, &bar).await?);
         for raw in order(!raw_first) {
             if raw {
-                publish::helix_concurrent(bench, plan, &payload, &bench.q_raw, &fill("raw"))
-                    .await?;
-                tokio::time::sleep(SETTLE).await;
+                fill(&bench.q_raw, "raw").await?;
                 let bar = progress(plan.messages, &format!("{tag} consume raw lapin"));
                 consume
                     .raw
                     .push(consume::raw_lapin(bench, plan, &bench.q_raw, &bar).await?);
             } else {
-                publish::helix_concurrent(bench, plan, &payload, &bench.q_helix, &fill("helixmq"))
-                    .await?;
-                tokio::time::sleep(SETTLE).await;
+                fill(&bench.q_helix, "helixmq").await?;
                 let bar = progress(plan.messages, &format!("{tag} consume helixmq"));
                 consume
                     .helix
