@@ -186,7 +186,7 @@ if [ "$closed" -ge 1 ] && wait_for 120 at_least "$WORK/recovered" 700 &&
 else
   # Where the rest are (ready / unacked in the queue, or in a retry queue) tells
   # a slow machine from stuck deliveries.
-  fail "consumer recovery" "closed $closed; processed $(sort -u "$WORK/recovered" 2> /dev/null | wc -l) of 700; queues (name ready unacked): $(rabbitmqctl -q list_queues name messages_ready messages_unacknowledged 2> /dev/null | grep "^$P" | tr '\t\n' ' ;')"
+  fail "consumer recovery" "closed $closed; processed $(sort -u "$WORK/recovered" 2> /dev/null | wc -l) of 700; queues (name ready unacked): $(rabbitmqctl -q list_queues name messages_ready messages_unacknowledged 2> /dev/null | grep "^$P" | tr '\t\n' ' ;'); worker: $(grep -iE "warn|error" "$WORK/recover.log" | tail -3 | tr '\n' ' ')"
 fi
 stop_worker "$WPID"
 

@@ -18,7 +18,9 @@
 //! own. It is only sent for a run in which every delivery is finished with an
 //! ack, and every frame of a channel is sent by the one flusher, in order, so
 //! a nack or single ack of an earlier tag always precedes a multiple-ack over
-//! it. Tags are those of this channel's single consumer, increasing.
+//! it. Tags are those of this channel's single consumer, increasing by one; a
+//! gap (tags the broker used that never reached the stream) is recorded as an
+//! entry that is never settled, so no multiple-ack reaches over it.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -35,6 +37,10 @@ use crate::error::{Error, Result};
 enum Settle {
     /// Still in its handler.
     Open,
+    /// Stands for delivery tags the broker used but that never reached us (a
+    /// gap in the channel's tags). Never settled: it keeps a multiple-ack from
+    /// reaching over them, which would ack messages no handler saw.
+    Unseen,
     Ack,
     Nack {
         requeue: bool,
@@ -53,9 +59,24 @@ struct Window {
     /// Delivered, not yet handed to a flush: (tag, decision), tags increasing.
     pending: VecDeque<(u64, Settle)>,
     flushing: bool,
+    /// The highest tag recorded (RabbitMQ numbers a channel's deliveries 1, 2, 3, …).
+    last_tag: u64,
 }
 
 impl Window {
+    fn delivered(&mut self, tag: u64) {
+        if tag > self.last_tag + 1 {
+            tracing::warn!(
+                first = self.last_tag + 1,
+                last = tag - 1,
+                "delivery tags skipped on a consumer channel: those messages stay unacked until the channel closes, and acks on it go one by one"
+            );
+            self.pending.push_back((tag - 1, Settle::Unseen));
+        }
+        self.last_tag = self.last_tag.max(tag);
+        self.pending.push_back((tag, Settle::Open));
+    }
+
     /// Take every decided delivery as frames, in tag order. From the head up
     /// to the first delivery still open, each run of acks becomes one
     /// multiple-ack (a nack between runs goes on its own, before the run after
@@ -75,7 +96,7 @@ impl Window {
         let mut head = 0;
         while let Some(&(tag, s)) = self.pending.get(head) {
             match s {
-                Settle::Open => break,
+                Settle::Open | Settle::Unseen => break,
                 Settle::Ack => run = Some((tag, run.map_or(1, |(_, n)| n + 1))),
                 Settle::Nack { requeue } => {
                     flush_run(&mut run, &mut frames);
@@ -87,7 +108,7 @@ impl Window {
         flush_run(&mut run, &mut frames);
         self.pending.drain(..head);
         self.pending.retain(|&(tag, s)| match s {
-            Settle::Open => true,
+            Settle::Open | Settle::Unseen => true,
             Settle::Ack => {
                 frames.push(Frame::Ack {
                     tag,
@@ -120,11 +141,7 @@ impl AckBatcher {
 
     /// Record a delivery as it is yielded (tags arrive in increasing order).
     pub(crate) fn delivered(&self, tag: u64) {
-        self.window
-            .lock()
-            .unwrap()
-            .pending
-            .push_back((tag, Settle::Open));
+        self.window.lock().unwrap().delivered(tag);
     }
 
     /// Decide `tag`, then flush unless a flush is already running (it will
@@ -300,7 +317,40 @@ mod tests {
         Window {
             pending: states.iter().copied().collect(),
             flushing: false,
+            last_tag: states.last().map_or(0, |&(t, _)| t),
         }
+    }
+
+    #[test]
+    fn a_multiple_ack_never_reaches_over_tags_that_were_never_delivered() {
+        let mut w = Window::default();
+        for t in [1, 2, 5, 6] {
+            w.delivered(t);
+        }
+        for e in w.pending.iter_mut() {
+            if e.1 == Settle::Open {
+                e.1 = Settle::Ack;
+            }
+        }
+        // 3 and 4 reached no handler: 5 and 6 are acked one by one.
+        assert_eq!(
+            w.take_frames(),
+            vec![
+                Frame::Ack {
+                    tag: 2,
+                    multiple: true
+                },
+                Frame::Ack {
+                    tag: 5,
+                    multiple: false
+                },
+                Frame::Ack {
+                    tag: 6,
+                    multiple: false
+                },
+            ]
+        );
+        assert_eq!(w.pending, VecDeque::from([(4, Settle::Unseen)]));
     }
 
     #[test]
