@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fault_support::ledger::Ledger;
-use fault_support::node::{ensure_dedicated_node, AppStopped, NODE_PORT};
+use fault_support::node::{ensure_dedicated_node, node_port, AppStopped};
 use fault_support::*;
 use helixmq::{Names, PublishOptions};
 use tokio_util::sync::CancellationToken;
@@ -27,7 +27,7 @@ async fn broker_app_stopped_and_started_mid_run() {
     const MAX_MESSAGES: usize = 60_000;
     ensure_dedicated_node().await;
     let p = prefix();
-    let b = connect(config(NODE_PORT, &p)).await;
+    let b = connect(config(node_port(), &p)).await;
     let names = Names::new(&p);
     let (t, queue) = topology(&names, |q| q);
     b.declare(&t).await.expect("declare");

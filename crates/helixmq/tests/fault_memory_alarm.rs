@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fault_support::ledger::Ledger;
-use fault_support::node::{ensure_dedicated_node, MemoryAlarm, NODE_PORT};
+use fault_support::node::{ensure_dedicated_node, node_port, MemoryAlarm};
 use fault_support::*;
 use helixmq::{ConnectionState, Error, Message, Names, PublishOptions};
 
@@ -24,9 +24,9 @@ async fn memory_alarm_blocks_publishes_until_cleared() {
     const DURING: usize = 500;
     ensure_dedicated_node().await;
     let p = prefix();
-    let publisher = connect(config(NODE_PORT, &p)).await;
+    let publisher = connect(config(node_port(), &p)).await;
     // Its own connection: RabbitMQ blocks a connection as a whole once it publishes.
-    let consumer = connect(config(NODE_PORT, &p)).await;
+    let consumer = connect(config(node_port(), &p)).await;
     let names = Names::new(&p);
     let (t, queue) = topology(&names, |q| q);
     publisher.declare(&t).await.expect("declare");

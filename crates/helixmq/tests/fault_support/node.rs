@@ -5,10 +5,20 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-/// The dedicated node for faults that touch a whole broker: `hqfault@localhost`.
-pub const NODE_NAME: &str = "hqfault";
-/// Its AMQP port (dist 25690, management 15790, prometheus 15890).
-pub const NODE_PORT: u16 = 5690;
+/// The dedicated node for faults that touch a whole broker: `hqfault@localhost`
+/// unless `HELIXMQ_FAULT_NODE` names another (so two checkouts on one machine
+/// can run their fault tests at once, each on its own node).
+pub fn node_name() -> String {
+    std::env::var("HELIXMQ_FAULT_NODE").unwrap_or_else(|_| "hqfault".into())
+}
+/// Its AMQP port: 5690 (dist 25690, management 15790, prometheus 15890), or
+/// `HELIXMQ_FAULT_PORT`.
+pub fn node_port() -> u16 {
+    std::env::var("HELIXMQ_FAULT_PORT")
+        .ok()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(5690)
+}
 /// The shared node everyone else uses; only per-connection faults may touch it.
 pub const SHARED_PORT: u16 = 5672;
 
@@ -27,18 +37,20 @@ pub async fn ensure_dedicated_node() {
     tokio::task::spawn_blocking(|| {
         let script = repo_root().join("scripts/node");
         let out = Command::new(&script)
-            .args(["start", NODE_NAME, &NODE_PORT.to_string()])
+            .args(["start", &node_name(), &node_port().to_string()])
             .output()
             .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
         assert!(
             out.status.success(),
-            "scripts/node start {NODE_NAME} {NODE_PORT} failed (run scripts/provision first?):\n{}{}",
+            "scripts/node start {} {} failed (run scripts/provision first?):\n{}{}",
+            node_name(),
+            node_port(),
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
         // A previous run killed mid-fault may have left these behind.
-        ctl(Some(NODE_NAME), &["start_app"]).expect("start_app on the dedicated node");
-        ctl(Some(NODE_NAME), &["set_vm_memory_high_watermark", "0.4"])
+        ctl(Some(&node_name()), &["start_app"]).expect("start_app on the dedicated node");
+        ctl(Some(&node_name()), &["set_vm_memory_high_watermark", "0.4"])
             .expect("reset the memory watermark");
     })
     .await
@@ -99,7 +111,7 @@ impl MemoryAlarm {
     /// Set the watermark so low that the alarm goes off at once.
     pub fn raise() -> MemoryAlarm {
         ctl(
-            Some(NODE_NAME),
+            Some(&node_name()),
             &["set_vm_memory_high_watermark", "0.0000001"],
         )
         .expect("raise the memory alarm");
@@ -108,14 +120,14 @@ impl MemoryAlarm {
 
     /// Restore the default watermark (0.4): the alarm clears.
     pub fn clear(&mut self) {
-        ctl(Some(NODE_NAME), &["set_vm_memory_high_watermark", "0.4"])
+        ctl(Some(&node_name()), &["set_vm_memory_high_watermark", "0.4"])
             .expect("clear the memory alarm");
         self.cleared = true;
     }
 
     /// Whether the node reports a memory alarm now.
     pub fn active() -> bool {
-        ctl(Some(NODE_NAME), &["eval", "rabbit_alarm:get_alarms()."])
+        ctl(Some(&node_name()), &["eval", "rabbit_alarm:get_alarms()."])
             .map(|s| s.contains("memory"))
             .unwrap_or(false)
     }
@@ -124,7 +136,7 @@ impl MemoryAlarm {
 impl Drop for MemoryAlarm {
     fn drop(&mut self) {
         if !self.cleared {
-            let _ = ctl(Some(NODE_NAME), &["set_vm_memory_high_watermark", "0.4"]);
+            let _ = ctl(Some(&node_name()), &["set_vm_memory_high_watermark", "0.4"]);
         }
     }
 }
@@ -138,14 +150,14 @@ pub struct AppStopped {
 impl AppStopped {
     /// `stop_app`: the node closes every connection and stops listening.
     pub fn stop() -> AppStopped {
-        ctl(Some(NODE_NAME), &["stop_app"]).expect("stop_app on the dedicated node");
+        ctl(Some(&node_name()), &["stop_app"]).expect("stop_app on the dedicated node");
         AppStopped { started: false }
     }
 
     /// `start_app` and wait until it serves again.
     pub fn start(&mut self) {
-        ctl(Some(NODE_NAME), &["start_app"]).expect("start_app on the dedicated node");
-        ctl(Some(NODE_NAME), &["await_startup"]).expect("await_startup");
+        ctl(Some(&node_name()), &["start_app"]).expect("start_app on the dedicated node");
+        ctl(Some(&node_name()), &["await_startup"]).expect("await_startup");
         self.started = true;
     }
 }
@@ -153,7 +165,7 @@ impl AppStopped {
 impl Drop for AppStopped {
     fn drop(&mut self) {
         if !self.started {
-            let _ = ctl(Some(NODE_NAME), &["start_app"]);
+            let _ = ctl(Some(&node_name()), &["start_app"]);
         }
     }
 }
