@@ -41,15 +41,16 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backend::{BackendKind, ConnectionState};
 use crate::broker::Broker;
-use crate::consumer::{Subscription, SubscriptionStatus};
+use crate::consumer::{Holds, Subscription, SubscriptionStatus};
 use crate::error::{Error, Result};
 
 /// The content type of prometheus-client's text encoder (OpenMetrics 1.0,
 /// which Prometheus scrapes natively and which ends with `# EOF`).
 pub const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-/// What `/health` looks at: the broker's connection state and the status of
-/// each watched subscription.
+/// What `/health` looks at: the broker's connection state, the deliveries its
+/// subscriptions hold because a retry/DLQ copy cannot be placed, and the
+/// status of each watched subscription.
 ///
 /// Cheap to clone; it holds only watch receivers, so it never keeps a
 /// subscription or the broker alive by itself.
@@ -61,6 +62,8 @@ pub struct HealthSource {
     connection: watch::Receiver<ConnectionState>,
     /// Watched subscriptions: (consumer tag, queue, status).
     subscriptions: Vec<WatchedSubscription>,
+    /// The broker's held deliveries (none without a broker).
+    holds: Option<Arc<Holds>>,
 }
 
 #[derive(Clone, Debug)]
@@ -74,7 +77,9 @@ impl HealthSource {
     /// Health of `broker`'s connection, with no subscription watched yet
     /// (a publish-only service is healthy when connected).
     pub fn new(broker: &Broker) -> Self {
-        HealthSource::from_parts(broker.backend_kind(), broker.state())
+        let mut h = HealthSource::from_parts(broker.backend_kind(), broker.state());
+        h.holds = Some(broker.inner.holds.clone());
+        h
     }
 
     /// Health from a raw connection-state watch (for backends used without a [`Broker`]).
@@ -83,6 +88,7 @@ impl HealthSource {
             backend,
             connection,
             subscriptions: Vec::new(),
+            holds: None,
         }
     }
 
@@ -125,6 +131,17 @@ impl HealthSource {
             ),
             ConnectionState::Closed => reasons.push("broker connection closed".to_string()),
         }
+        let held = self
+            .holds
+            .as_ref()
+            .map(|h| h.snapshot())
+            .unwrap_or_default();
+        for h in &held {
+            reasons.push(format!(
+                "{} deliveries from queue '{}' held unacked: {}",
+                h.held, h.queue, h.reason
+            ));
+        }
         let subscriptions = self
             .subscriptions
             .iter()
@@ -132,6 +149,13 @@ impl HealthSource {
                 let status = s.status.borrow().clone();
                 let (text, error) = match status {
                     SubscriptionStatus::Active => ("active", None),
+                    SubscriptionStatus::Draining => {
+                        reasons.push(format!(
+                            "subscription '{}' on queue '{}' draining (shutting down)",
+                            s.id, s.queue
+                        ));
+                        ("draining", None)
+                    }
                     SubscriptionStatus::Stopped => {
                         reasons.push(format!(
                             "subscription '{}' on queue '{}' stopped",
@@ -172,6 +196,14 @@ impl HealthSource {
                 ConnectionState::Closed => "closed",
             },
             subscriptions,
+            held: held
+                .into_iter()
+                .map(|h| HeldHealth {
+                    queue: h.queue,
+                    held: h.held,
+                    reason: h.reason,
+                })
+                .collect(),
             reasons,
         }
     }
@@ -188,6 +220,9 @@ pub struct Health {
     pub connection: &'static str,
     /// Each watched subscription.
     pub subscriptions: Vec<SubscriptionHealth>,
+    /// Queues with deliveries held because their retry/DLQ copy cannot be placed.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub held: Vec<HeldHealth>,
     /// Why it is unavailable; empty when `ok`.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub reasons: Vec<String>,
@@ -200,6 +235,17 @@ impl Health {
     }
 }
 
+/// Held deliveries of one queue in [`Health`].
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct HeldHealth {
+    /// The queue they were consumed from.
+    pub queue: String,
+    /// How many are held.
+    pub held: usize,
+    /// Why their copies cannot be placed, e.g. `retry queue helixagent.retry full`.
+    pub reason: String,
+}
+
 /// One subscription in [`Health`].
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct SubscriptionHealth {
@@ -207,7 +253,7 @@ pub struct SubscriptionHealth {
     pub id: String,
     /// Queue consumed.
     pub queue: String,
-    /// `active`, `stopped` or `failed`.
+    /// `active`, `draining`, `stopped` or `failed`.
     pub status: &'static str,
     /// The failure, when `failed`.
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -22,6 +22,7 @@
 #![warn(missing_docs)]
 
 pub mod backend;
+mod backoff;
 pub mod broker;
 pub mod config;
 pub mod consumer;

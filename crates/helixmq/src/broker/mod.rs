@@ -40,6 +40,8 @@ pub(crate) struct Inner {
     pub(crate) topology: Mutex<Topology>,
     /// Counters; registered by the caller or private.
     pub(crate) metrics: Metrics,
+    /// Deliveries held by this broker's subscriptions (see `consumer::hold`).
+    pub(crate) holds: Arc<crate::consumer::Holds>,
 }
 
 impl std::fmt::Debug for Broker {
@@ -114,6 +116,9 @@ impl Broker {
                 config,
                 names,
                 topology: Mutex::new(topology),
+                holds: Arc::new(crate::consumer::Holds::new(
+                    metrics.reroutes_blocked.clone(),
+                )),
                 metrics,
             }),
         }
@@ -280,7 +285,7 @@ impl Broker {
             .collect()
     }
 
-    fn count_publish(&self, exchange: &str, res: &Result<()>, started: Instant) {
+    pub(crate) fn count_publish(&self, exchange: &str, res: &Result<()>, started: Instant) {
         let m = &self.inner.metrics;
         match res {
             Ok(()) => {

@@ -4,12 +4,17 @@
 //! runs up to `concurrency` handlers, and settles each delivery only after its
 //! outcome is safe: Ack after success; Retry and DeadLetter only after the
 //! re-routed copy is confirmed by the broker. If that publish fails the
-//! original is nacked back to its queue — never dropped.
+//! original is *held*: kept unacked while its copy is published again with a
+//! capped, jittered backoff, its handler not run again ([`hold`]). Only a
+//! shutdown gives a held delivery back to its queue (nack with requeue).
 
 mod dedup;
 mod handler;
+mod hold;
 
 pub use handler::{Context, Handler, Outcome};
+pub use hold::HeldQueue;
+pub(crate) use hold::Holds;
 
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
@@ -34,9 +39,13 @@ use prometheus_client::metrics::counter::Counter;
 
 /// The life of a subscription.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum SubscriptionStatus {
     /// Consuming.
     Active,
+    /// [`Subscription::shutdown`] was called: no new deliveries are taken,
+    /// in-flight handlers finish (`/health` answers 503 `draining`).
+    Draining,
     /// Shut down by its owner.
     Stopped,
     /// Stopped by a fault it cannot recover from (e.g. the broker cancelled the
@@ -61,7 +70,8 @@ pub struct Subscription {
     queue: String,
     stop: CancellationToken,
     drain: Arc<Mutex<Duration>>,
-    status: watch::Receiver<SubscriptionStatus>,
+    /// Shared with the engine task, which sets the final status.
+    status: Arc<watch::Sender<SubscriptionStatus>>,
     task: Option<tokio::task::JoinHandle<ShutdownReport>>,
 }
 
@@ -93,7 +103,7 @@ impl Subscription {
     }
     /// A watch on the status (e.g. to alert when it fails).
     pub fn watch_status(&self) -> watch::Receiver<SubscriptionStatus> {
-        self.status.clone()
+        self.status.subscribe()
     }
 
     /// Stop taking messages, let in-flight handlers finish for up to `deadline`,
@@ -101,6 +111,13 @@ impl Subscription {
     /// deadline are aborted and their messages return to the queue unacked.
     pub async fn shutdown(mut self, deadline: Duration) -> ShutdownReport {
         *self.drain.lock().unwrap() = deadline;
+        self.status.send_if_modified(|s| {
+            let active = *s == SubscriptionStatus::Active;
+            if active {
+                *s = SubscriptionStatus::Draining;
+            }
+            active
+        });
         self.stop.cancel();
         match self.task.take() {
             Some(t) => t.await.unwrap_or(ShutdownReport {
@@ -151,7 +168,7 @@ pub(crate) async fn start(
         .backend
         .consume(&queue, opts.prefetch, &tag)
         .await?;
-    let (status_tx, status) = watch::channel(SubscriptionStatus::Active);
+    let status = Arc::new(watch::channel(SubscriptionStatus::Active).0);
     let stop = CancellationToken::new();
     let drain = Arc::new(Mutex::new(Duration::from_secs(30)));
     let counters = QueueCounters::new(broker.metrics(), &queue);
@@ -173,7 +190,7 @@ pub(crate) async fn start(
         opts.concurrency,
         stop.clone(),
         drain.clone(),
-        status_tx,
+        status.clone(),
     ));
     Ok(Subscription {
         id: tag,
@@ -195,7 +212,7 @@ async fn run(
     concurrency: usize,
     stop: CancellationToken,
     drain: Arc<Mutex<Duration>>,
-    status: watch::Sender<SubscriptionStatus>,
+    status: Arc<watch::Sender<SubscriptionStatus>>,
 ) -> ShutdownReport {
     let stream = Arc::new(tokio::sync::Mutex::new(stream));
     // Cancelled by the owner's `stop`, or by a worker when the stream ends or fails.
@@ -242,7 +259,7 @@ async fn run(
     // Dropping the stream closes the consumer channel: anything unacked is requeued.
     drop(stream);
     let failed = failed.lock().unwrap().take();
-    let _ = status.send(match failed {
+    status.send_replace(match failed {
         Some(f) => SubscriptionStatus::Failed(f),
         None => SubscriptionStatus::Stopped,
     });
@@ -282,7 +299,7 @@ async fn worker(
             }
             Some(Ok(d)) => {
                 busy.fetch_add(1, Ordering::SeqCst);
-                runner.process(d).await;
+                runner.process(d, &halt).await;
                 busy.fetch_sub(1, Ordering::SeqCst);
             }
         }
@@ -290,7 +307,7 @@ async fn worker(
 }
 
 impl Runner {
-    async fn process(&self, d: Delivery) {
+    async fn process(&self, d: Delivery, halt: &CancellationToken) {
         let c = &self.counters;
         // The duplicate guard keys on (id, attempt): a retried copy keeps its id.
         let key = self
@@ -318,7 +335,7 @@ impl Runner {
             attempt = d.message.attempt,
         );
         let outcome = self.run_handler(&d).instrument(span.clone()).await;
-        self.settle(d, key, outcome).instrument(span).await;
+        self.settle(d, key, outcome, halt).instrument(span).await;
     }
 
     async fn run_handler(&self, d: &Delivery) -> Outcome {
@@ -358,7 +375,13 @@ impl Runner {
     /// re-routed copy confirmed) the duplicate guard remembers `key` — before
     /// the ack, which may be lost with the connection: the redelivery that
     /// follows must not run the handler again.
-    async fn settle(&self, d: Delivery, key: Option<String>, outcome: Outcome) {
+    async fn settle(
+        &self,
+        d: Delivery,
+        key: Option<String>,
+        outcome: Outcome,
+        halt: &CancellationToken,
+    ) {
         let c = &self.counters;
         let attempt = d.message.attempt;
         let outcome = match outcome {
@@ -370,72 +393,162 @@ impl Runner {
             }
             o => o,
         };
-        let rerouted = match &outcome {
-            Outcome::Ack => Ok(()),
+        let placed = match &outcome {
+            Outcome::Ack => true,
             Outcome::Retry { delay, reason } => {
                 let wait = self.retry.delay_after(attempt, *delay);
                 let tier = self.broker.names().retry_tier(wait);
                 let mut copy = failed_copy(&d, reason);
                 copy.attempt = attempt + 1;
                 tracing::info!(reason = %reason, delay = ?wait, "retrying");
-                self.republish(&tier, &d.queue, copy).await.map(|_| {
+                let placed = self
+                    .place(&d, Route::Retry { tier: &tier }, &copy, halt)
+                    .await;
+                if placed {
                     c.retried.inc();
-                })
+                }
+                placed
             }
             Outcome::DeadLetter(reason) => {
                 let mut copy = failed_copy(&d, reason);
                 copy.headers
                     .insert(header::DEAD_LETTER_REASON.into(), reason.clone().into());
                 tracing::warn!(reason = %reason, "dead-lettering");
-                let dlx = self.broker.names().dead_letter_exchange();
-                self.republish(&dlx, &d.queue, copy).await.map(|_| {
+                let names = self.broker.names();
+                let (dlx, dlq) = (names.dead_letter_exchange(), names.dlq());
+                let route = Route::DeadLetter {
+                    dlx: &dlx,
+                    dlq: &dlq,
+                };
+                let placed = self.place(&d, route, &copy, halt).await;
+                if placed {
                     c.dead_lettered.inc();
-                })
+                }
+                placed
             }
         };
-        match rerouted {
+        if !placed {
+            // Shutting down with the copy still unplaced: the one case where the
+            // delivery goes back to its queue (and its handler may run once more).
+            c.nacked.inc();
+            if let Err(e) = d.acker.nack(true).await {
+                tracing::warn!(error = %e, "nack failed; message will be redelivered");
+            }
+            return;
+        }
+        if let (Some(dd), Some(key)) = (&self.dedup, key) {
+            dd.lock().unwrap().insert(key);
+        }
+        match d.acker.ack().await {
             Ok(()) => {
-                if let (Some(dd), Some(key)) = (&self.dedup, key) {
-                    dd.lock().unwrap().insert(key);
-                }
-                match d.acker.ack().await {
-                    Ok(()) => {
-                        c.acked.inc();
-                    }
-                    Err(e) => {
-                        // The channel died: the broker will redeliver; the duplicate guard absorbs it.
-                        tracing::warn!(error = %e, "ack failed; message will be redelivered");
-                    }
-                }
+                c.acked.inc();
             }
             Err(e) => {
-                // Never drop: put it back so it is tried again.
-                tracing::error!(error = %e, "could not re-route failed message; returning it to its queue");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                c.nacked.inc();
-                if let Err(e) = d.acker.nack(true).await {
-                    tracing::warn!(error = %e, "nack failed; message will be redelivered");
-                }
+                // The channel died: the broker will redeliver; the duplicate guard absorbs it.
+                tracing::warn!(error = %e, "ack failed; message will be redelivered");
             }
         }
     }
 
-    async fn republish(&self, exchange: &str, routing_key: &str, copy: Message) -> Result<()> {
+    /// Publish the retry or DLQ copy of `d` until the broker confirms it; true
+    /// once placed. Meanwhile `d` is held (unacked, counted in [`Holds`]) and
+    /// the copy is sent again after a capped, jittered backoff. False only if
+    /// the subscription stops (or the broker is closed for good) first.
+    async fn place(
+        &self,
+        d: &Delivery,
+        route: Route<'_>,
+        copy: &Message,
+        halt: &CancellationToken,
+    ) -> bool {
+        let mut held: Option<hold::HoldGuard> = None;
+        let mut attempt = 0u32;
+        loop {
+            attempt = attempt.saturating_add(1);
+            let err = match self.republish(route.exchange(), &d.queue, copy).await {
+                Ok(()) => return true,
+                Err(e) => e,
+            };
+            let reason = route.why(&err);
+            match &held {
+                None => held = Some(self.broker.inner.holds.hold(&self.queue, reason)),
+                Some(h) => {
+                    tracing::debug!(reason = %reason, attempt, "copy still not placed");
+                    h.update(reason)
+                }
+            }
+            if matches!(err, Error::Closed) {
+                return false;
+            }
+            let wait = crate::backoff::jittered(HOLD_BACKOFF_BASE, HOLD_BACKOFF_MAX, attempt);
+            tokio::select! {
+                _ = halt.cancelled() => return false,
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    /// One confirmed publish of a copy, counted like any publish.
+    async fn republish(&self, exchange: &str, routing_key: &str, copy: &Message) -> Result<()> {
         let timeout = self.broker.publish_timeout();
         let out = Outgoing {
             exchange,
             routing_key,
             mandatory: true,
-            message: std::borrow::Cow::Owned(copy),
+            message: std::borrow::Cow::Borrowed(copy),
         };
+        let m = self.broker.metrics();
+        let started = Instant::now();
+        m.confirms_pending.inc();
         let res = self.broker.inner.backend.publish(out, timeout).await;
-        if let Err(Error::Unroutable { .. }) = &res {
-            tracing::error!(
-                exchange,
-                "retry/DLQ route missing: is the topology declared?"
-            );
-        }
+        m.confirms_pending.dec();
+        self.broker.count_publish(exchange, &res, started);
         res
+    }
+}
+
+/// First wait before a refused copy is sent again; doubles up to [`HOLD_BACKOFF_MAX`].
+const HOLD_BACKOFF_BASE: Duration = Duration::from_millis(100);
+/// Longest wait between two attempts to place a held delivery's copy: how long
+/// a freed slot may stay unused.
+const HOLD_BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// Where a failed delivery's copy goes.
+#[derive(Clone, Copy)]
+enum Route<'a> {
+    /// A retry tier: exchange and queue share the name.
+    Retry { tier: &'a str },
+    /// The dead-letter exchange, feeding the DLQ.
+    DeadLetter { dlx: &'a str, dlq: &'a str },
+}
+
+impl Route<'_> {
+    fn exchange(&self) -> &str {
+        match self {
+            Route::Retry { tier } => tier,
+            Route::DeadLetter { dlx, .. } => dlx,
+        }
+    }
+
+    /// Why the copy was not placed, as an operator reads it on `/health`.
+    fn why(&self, e: &Error) -> String {
+        let what = match self {
+            Route::Retry { tier } => format!("retry queue {tier}"),
+            Route::DeadLetter { dlq, .. } => format!("dead-letter queue {dlq}"),
+        };
+        match e {
+            // A reject-publish queue at its max-length nacks: that is "full".
+            Error::PublishNacked { .. } => format!("{what} full (the broker refused the copy)"),
+            Error::Unroutable { exchange, .. } => {
+                format!(
+                    "{what}: exchange {exchange} routes to no queue (is the topology declared?)"
+                )
+            }
+            Error::PublishTimeout { timeout, .. } => format!(
+                "{what}: no confirm within {timeout:?} (broker blocked by an alarm, or unreachable)"
+            ),
+            other => format!("{what}: {other}"),
+        }
     }
 }
 

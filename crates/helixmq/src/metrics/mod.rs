@@ -59,6 +59,8 @@ pub struct Metrics {
     pub connection_failures: Counter,
     /// Recoveries after a lost connection.
     pub connection_recoveries: Counter,
+    /// Deliveries held unacked because their retry/DLQ copy cannot be placed, per queue.
+    pub reroutes_blocked: Family<QueueLabel, Gauge>,
 }
 
 impl Default for Metrics {
@@ -80,6 +82,7 @@ impl Default for Metrics {
             connection_successes: Counter::default(),
             connection_failures: Counter::default(),
             connection_recoveries: Counter::default(),
+            reroutes_blocked: Family::default(),
         }
     }
 }
@@ -166,6 +169,11 @@ impl Metrics {
             "connection_recoveries",
             "Recoveries after a lost connection",
             m.connection_recoveries.clone(),
+        );
+        r.register(
+            "reroutes_blocked",
+            "Deliveries held unacked because their retry/DLQ copy cannot be placed (full queue, missing route, broker blocked)",
+            m.reroutes_blocked.clone(),
         );
         m
     }

@@ -63,6 +63,9 @@ macro_rules! helixmq_conformance {
             shutdown_deadline_returns_unfinished_messages,
             publish_batch_confirms_each,
             reject_publish_overflow_nacks_the_publisher,
+            full_retry_queue_holds_deliveries_until_room,
+            full_dlq_holds_dead_letters_until_room,
+            shutdown_gives_held_deliveries_back_to_their_queue,
             drop_head_overflow_dead_letters_the_oldest,
             stats_and_purge,
             deleted_queue_fails_the_subscription,
@@ -1186,4 +1189,176 @@ pub async fn deleted_queue_fails_the_subscription(fx: Fx) {
         "{st:?}"
     );
     assert!(!sub.is_active());
+}
+
+// ------------------------------------------------- held re-routes (backpressure)
+
+/// How long a case keeps a re-route queue full while it watches that nothing
+/// runs again: several backoff rounds.
+const HELD_FOR: Duration = Duration::from_millis(1500);
+
+/// Declare `queue` in place of the system queue of the same name (dropping the
+/// one `run` declared first, if any), holding at most one message for an hour,
+/// and fill it with one filler through `exchange`.
+async fn one_slot_queue(fx: &Fx, queue: &str, exchange: &str, recreate: bool) {
+    if recreate {
+        fx.broker.backend().delete_queue(queue).await.unwrap();
+    }
+    let mut t = Topology::system(&fx.names);
+    t.add_retry_tier(RETRY_DELAY);
+    for q in &mut t.queues {
+        if q.name == queue {
+            *q = q
+                .clone()
+                .message_ttl(Duration::from_secs(3600))
+                .max_length(1, helixmq::topology::Overflow::RejectPublish);
+        }
+    }
+    fx.broker.declare(&t).await.unwrap();
+    // A routing key no work queue is bound under: if the filler ever expired it
+    // would go nowhere instead of into a work queue.
+    fx.broker
+        .publish(exchange, "filler", Message::new("filler"))
+        .await
+        .unwrap();
+}
+
+/// While `n` deliveries of `queue` are held: the handler ran once each and not
+/// again, `/health` names the queue and why, the gauge counts them, and the
+/// origin queue holds nothing ready (they are unacked, not requeued).
+async fn assert_held(fx: &Fx, rec: &Recorder, queue: &str, n: usize, full: &str) {
+    rec.wait_for(n, "first attempts").await;
+    let health = helixmq::http::HealthSource::new(&fx.broker);
+    let start = Instant::now();
+    while health.check().held.first().map(|h| h.held) != Some(n) {
+        assert!(
+            start.elapsed() < WAIT,
+            "{n} deliveries never reported held: {:?}",
+            health.check()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(HELD_FOR).await;
+    assert_eq!(
+        rec.calls().len(),
+        n,
+        "a held delivery's handler must not run again"
+    );
+    let h = health.check();
+    assert!(!h.is_ok(), "{h:?}");
+    assert_eq!(h.held.len(), 1, "{h:?}");
+    assert_eq!((h.held[0].queue.as_str(), h.held[0].held), (queue, n));
+    assert!(
+        h.held[0].reason.contains(full) && h.held[0].reason.contains("full"),
+        "{h:?}"
+    );
+    assert!(h.reasons.iter().any(|r| r.contains(queue)), "{h:?}");
+    let gauge = fx
+        .broker
+        .metrics()
+        .reroutes_blocked
+        .get_or_create(&helixmq::metrics::QueueLabel {
+            queue: queue.to_string(),
+        })
+        .get();
+    assert_eq!(gauge, n as i64, "rabbitmq_reroutes_blocked{{queue}}");
+    assert_eq!(fx.ready(queue).await, 0, "held deliveries stay unacked");
+}
+
+/// After the held copies were placed: nothing held, nothing left in the origin.
+async fn assert_released(fx: &Fx, rec: &Recorder, queue: &str, n: usize) {
+    let health = helixmq::http::HealthSource::new(&fx.broker);
+    let start = Instant::now();
+    while !health.check().held.is_empty() {
+        assert!(start.elapsed() < WAIT, "still held: {:?}", health.check());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(rec.calls().len(), n, "no handler ran twice");
+    fx.drain(queue, 0).await;
+}
+
+pub async fn full_retry_queue_holds_deliveries_until_room(fx: Fx) {
+    let queue = fx.names.task_queue("verification");
+    let tier = fx.names.retry_tier(RETRY_DELAY);
+    one_slot_queue(&fx, &tier, &tier, false).await;
+    let (sub, rec) = subscribe_with(&fx, &queue, fx.opts(5), |_| {
+        Ok(Outcome::retry("downstream down"))
+    })
+    .await;
+    let ids = fx
+        .publish_n(&fx.names.tasks_exchange(), "verification", 3)
+        .await;
+    assert_held(&fx, &rec, &queue, 3, &tier).await;
+    // Room is made one message at a time: every held copy follows, as attempt 2.
+    let got = fx.drain(&tier, 4).await;
+    let copies: BTreeSet<(String, u32)> = got
+        .iter()
+        .filter(|d| d.message.payload.as_ref() != b"filler")
+        .map(|d| (d.message.id.clone(), d.message.attempt))
+        .collect();
+    let want: BTreeSet<(String, u32)> = ids.iter().map(|id| (id.clone(), 2)).collect();
+    assert_eq!(
+        copies, want,
+        "each held delivery reached the retry queue once"
+    );
+    assert_released(&fx, &rec, &queue, 3).await;
+    sub.shutdown(WAIT).await;
+}
+
+pub async fn full_dlq_holds_dead_letters_until_room(fx: Fx) {
+    let queue = fx.names.task_queue("debate");
+    let dlq = fx.names.dlq();
+    one_slot_queue(&fx, &dlq, &fx.names.dead_letter_exchange(), true).await;
+    let (sub, rec) = subscribe_with(&fx, &queue, fx.opts(5), |_| {
+        Ok(Outcome::dead_letter("poison: bad schema"))
+    })
+    .await;
+    let ids = fx.publish_n(&fx.names.tasks_exchange(), "debate", 3).await;
+    assert_held(&fx, &rec, &queue, 3, &dlq).await;
+    let got = fx.drain(&dlq, 4).await;
+    let dead: BTreeSet<String> = got
+        .iter()
+        .filter(|d| d.message.payload.as_ref() != b"filler")
+        .map(|d| {
+            assert_eq!(
+                header_str(&d.message, header::DEAD_LETTER_REASON),
+                "poison: bad schema"
+            );
+            d.message.id.clone()
+        })
+        .collect();
+    assert_eq!(
+        dead,
+        ids.iter().cloned().collect(),
+        "each dead letter placed once"
+    );
+    assert_released(&fx, &rec, &queue, 3).await;
+    sub.shutdown(WAIT).await;
+}
+
+pub async fn shutdown_gives_held_deliveries_back_to_their_queue(fx: Fx) {
+    let queue = fx.names.task_queue("background");
+    let tier = fx.names.retry_tier(RETRY_DELAY);
+    one_slot_queue(&fx, &tier, &tier, false).await;
+    let (sub, rec) = subscribe_with(&fx, &queue, fx.opts(5), |_| Ok(Outcome::retry("down"))).await;
+    let ids = fx
+        .publish_n(&fx.names.tasks_exchange(), "background", 2)
+        .await;
+    assert_held(&fx, &rec, &queue, 2, &tier).await;
+    // A held delivery does not wait for the drain deadline: it is given back at once.
+    let started = Instant::now();
+    let report = sub.shutdown(Duration::from_secs(30)).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "shutdown waited {:?} on held deliveries",
+        started.elapsed()
+    );
+    assert_eq!(report.abandoned, 0, "{report:?}");
+    assert!(helixmq::http::HealthSource::new(&fx.broker)
+        .check()
+        .held
+        .is_empty());
+    // Both are back in their queue, nothing in the retry queue but the filler.
+    fx.expect_ids(&queue, &ids.iter().collect::<Vec<_>>()).await;
+    assert_eq!(fx.ready(&tier).await, 1);
 }

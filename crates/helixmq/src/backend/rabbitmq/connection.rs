@@ -19,7 +19,6 @@ use lapin::uri::{
     AMQPAuthority, AMQPQueryString, AMQPScheme, AMQPUri, AMQPUserInfo, SASLMechanism,
 };
 use lapin::{ConnectionProperties, Event};
-use rand::Rng;
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
@@ -325,11 +324,7 @@ async fn redeclare(shared: &Shared, conn: &lapin::Connection) -> Result<()> {
 /// capped at `max(30 s, base)`, then jittered into [½, 1] of that so that many
 /// clients cut at once do not reconnect in lock-step.
 pub(crate) fn backoff(base: Duration, attempt: u32) -> Duration {
-    let cap = base.max(Duration::from_secs(30));
-    let exp = base.saturating_mul(1u32 << (attempt.saturating_sub(1)).min(16));
-    let d = exp.min(cap);
-    let jitter = rand::rng().random_range(0.5..=1.0);
-    d.mul_f64(jitter)
+    crate::backoff::jittered(base, base.max(Duration::from_secs(30)), attempt)
 }
 
 /// Why supervision of a connection ended.
