@@ -380,3 +380,51 @@ fn generated_definitions_exist() {
         "definitions.json has no queues"
     );
 }
+
+/// `rust-version` is a promise: no lower than what any dependency needs (a
+/// lower one fails on that toolchain with errors about our dependencies).
+#[test]
+fn rust_version_is_not_lower_than_any_dependency() {
+    let out = Command::new(env!("CARGO"))
+        .args(["metadata", "--format-version", "1", "--locked", "--offline"])
+        .current_dir(root())
+        .output()
+        .expect("cargo metadata");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let meta: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let version = |v: &Value| -> Option<(u32, u32)> {
+        let mut parts = v.as_str()?.split('.').map(|p| p.parse::<u32>().ok());
+        Some((parts.next()??, parts.next().flatten().unwrap_or(0)))
+    };
+    let members: Vec<&str> = meta["workspace_members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    let packages = meta["packages"].as_array().unwrap();
+    let ours = packages
+        .iter()
+        .find(|p| p["name"] == "helixmq")
+        .and_then(|p| version(&p["rust_version"]))
+        .expect("helixmq declares a rust-version");
+    let needed = packages
+        .iter()
+        .filter(|p| !members.contains(&p["id"].as_str().unwrap_or("")))
+        .filter_map(|p| Some((version(&p["rust_version"])?, p["name"].as_str()?)))
+        .max()
+        .expect("dependencies declare rust-versions");
+    assert!(
+        ours >= needed.0,
+        "rust-version {}.{} is lower than {}.{} that {} needs: raise it in the workspace Cargo.toml",
+        ours.0,
+        ours.1,
+        needed.0 .0,
+        needed.0 .1,
+        needed.1
+    );
+}

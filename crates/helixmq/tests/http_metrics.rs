@@ -139,6 +139,11 @@ async fn counters_after_a_known_run() {
 
     let ex = [("exchange", EXCHANGE)];
     let q = [("queue", WORK)];
+    // Retry and DLQ copies are publishes too: 3 poison × 2 retries, 3 dead letters.
+    let tier = broker.names().retry_tier(Duration::from_millis(10));
+    let dlx = broker.names().dead_letter_exchange();
+    let tier_ex = [("exchange", tier.as_str())];
+    let dlx_ex = [("exchange", dlx.as_str())];
     let expect = [
         ("rabbitmq_messages_published_total", &ex[..], 100.0),
         ("rabbitmq_publish_failures_total", &ex[..], 1.0),
@@ -146,7 +151,9 @@ async fn counters_after_a_known_run() {
         ("rabbitmq_messages_acked_total", &q[..], 16.0),
         ("rabbitmq_messages_retried_total", &q[..], 6.0),
         ("rabbitmq_messages_dead_lettered_total", &q[..], 3.0),
-        ("rabbitmq_publish_latency_seconds_count", &[][..], 100.0),
+        ("rabbitmq_messages_published_total", &tier_ex[..], 6.0),
+        ("rabbitmq_messages_published_total", &dlx_ex[..], 3.0),
+        ("rabbitmq_publish_latency_seconds_count", &[][..], 109.0),
         ("rabbitmq_handler_duration_seconds_count", &[][..], 16.0),
         ("rabbitmq_handlers_in_flight", &[][..], 0.0),
         ("rabbitmq_confirms_pending", &[][..], 0.0),
@@ -440,13 +447,19 @@ async fn counters_after_a_known_run_on_the_embedded_broker() {
         prom::parse(&body).unwrap_or_else(|e| panic!("scrape does not parse: {e}\n{body}"));
     let ex = [("exchange", tasks.as_str())];
     let q = [("queue", consumed_q.as_str())];
+    let tier = names.retry_tier(Duration::from_millis(20));
+    let dlx = names.dead_letter_exchange();
+    let tier_ex = [("exchange", tier.as_str())];
+    let dlx_ex = [("exchange", dlx.as_str())];
     for (name, labels, want) in [
         ("rabbitmq_messages_published_total", &ex[..], 100.0),
+        ("rabbitmq_messages_published_total", &tier_ex[..], 6.0),
+        ("rabbitmq_messages_published_total", &dlx_ex[..], 3.0),
         ("rabbitmq_messages_consumed_total", &q[..], 16.0),
         ("rabbitmq_messages_acked_total", &q[..], 16.0),
         ("rabbitmq_messages_retried_total", &q[..], 6.0),
         ("rabbitmq_messages_dead_lettered_total", &q[..], 3.0),
-        ("rabbitmq_publish_latency_seconds_count", &[][..], 100.0),
+        ("rabbitmq_publish_latency_seconds_count", &[][..], 109.0),
         ("rabbitmq_handler_duration_seconds_count", &[][..], 16.0),
         ("rabbitmq_handlers_in_flight", &[][..], 0.0),
         ("rabbitmq_connection_state", &[][..], 1.0),
@@ -457,7 +470,11 @@ async fn counters_after_a_known_run_on_the_embedded_broker() {
             "{name}{labels:?} in\n{body}"
         );
     }
-    assert_eq!(scrape.value("rabbitmq_publish_failures_total", &ex), None);
+    // Declared exchanges read 0 from the start, not "no data".
+    assert_eq!(
+        scrape.value("rabbitmq_publish_failures_total", &ex),
+        Some(0.0)
+    );
     // The broker agrees: 3 in the DLQ, 90 still waiting, none left in the consumed queue.
     let b = broker.backend();
     assert_eq!(b.queue_stats(&names.dlq()).await.unwrap().messages, 3);

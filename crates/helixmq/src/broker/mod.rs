@@ -165,6 +165,7 @@ impl Broker {
     /// Declare `topology` (idempotent) and remember it.
     pub async fn declare(&self, topology: &Topology) -> Result<()> {
         self.inner.backend.declare(topology).await?;
+        self.inner.metrics.touch(topology);
         let mut t = self.inner.topology.lock().unwrap();
         merge(&mut t, topology);
         Ok(())

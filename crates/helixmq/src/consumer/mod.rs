@@ -465,7 +465,14 @@ impl Runner {
         let mut attempt = 0u32;
         loop {
             attempt = attempt.saturating_add(1);
-            let err = match self.republish(route.exchange(), &d.queue, copy).await {
+            // A shutdown does not wait for a publish the broker may hold back
+            // for `publish_timeout`; if that copy lands after all, the message
+            // exists twice (at-least-once), never zero times.
+            let sent = tokio::select! {
+                _ = halt.cancelled(), if held.is_some() => return false,
+                r = self.republish(route.exchange(), &d.queue, copy) => r,
+            };
+            let err = match sent {
                 Ok(()) => return true,
                 Err(e) => e,
             };

@@ -178,10 +178,61 @@ impl Metrics {
         m
     }
 
+    /// Create the labelled series of every queue and exchange of `t`, so a
+    /// dashboard reads 0 for them rather than "no data" before the first event.
+    pub(crate) fn touch(&self, t: &crate::topology::Topology) {
+        for q in &t.queues {
+            let l = QueueLabel {
+                queue: q.name.clone(),
+            };
+            for f in [
+                &self.consumed,
+                &self.acked,
+                &self.nacked,
+                &self.retried,
+                &self.dead_lettered,
+                &self.duplicates_skipped,
+            ] {
+                f.get_or_create(&l);
+            }
+            self.reroutes_blocked.get_or_create(&l);
+        }
+        for e in &t.exchanges {
+            let l = ExchangeLabel {
+                exchange: e.name.clone(),
+            };
+            self.published.get_or_create(&l);
+            self.publish_failures.get_or_create(&l);
+        }
+    }
+
     pub(crate) fn exchange(&self, f: &Family<ExchangeLabel, Counter>, exchange: &str) {
         f.get_or_create(&ExchangeLabel {
             exchange: exchange.to_string(),
         })
         .inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::topology::{Names, Topology};
+
+    #[test]
+    fn declared_queues_and_exchanges_read_zero_before_any_event() {
+        let mut registry = Registry::default();
+        let m = Metrics::new(&mut registry);
+        m.touch(&Topology::spec(&Names::new("hx")));
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        for line in [
+            r#"rabbitmq_messages_acked_total{queue="hx.tasks.llm"} 0"#,
+            r#"rabbitmq_messages_dead_lettered_total{queue="hx.events.audit"} 0"#,
+            r#"rabbitmq_reroutes_blocked{queue="hx.notifications.sse"} 0"#,
+            r#"rabbitmq_messages_published_total{exchange="hx.tasks"} 0"#,
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
+        }
     }
 }

@@ -28,7 +28,7 @@ use crate::error::{Error, Result};
 pub(crate) type Tls = Option<RustlsConnector>;
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+    Arc::new(rustls::crypto::ring::default_provider())
 }
 
 fn tls_err(what: &str, e: impl std::fmt::Display) -> Error {
