@@ -4,7 +4,8 @@
 //! The worker declares the spec topology under the configured prefix on start
 //! (idempotent), and the retry tier its `--retry-delay` needs. SIGTERM or
 //! SIGINT starts a graceful shutdown: every subscription stops taking messages,
-//! in-flight handlers finish within `--shutdown-timeout`, and the worker exits 0.
+//! in-flight handlers finish within `--shutdown-timeout`, and the worker exits 0
+//! (1 when handlers were still running at that deadline and were abandoned).
 
 pub mod exec;
 pub mod http;
@@ -22,7 +23,8 @@ use helixmq::{
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::common::{
-    connect_with_metrics, load_config, parse_duration, spec_topology, MetricsServer,
+    connect_with_metrics, full_queue_name, load_config, parse_duration, spec_topology,
+    MetricsServer,
 };
 use crate::Global;
 
@@ -34,7 +36,8 @@ const BACKSTOP: Duration = Duration::from_secs(5);
 #[derive(Debug, Args)]
 #[command(group(ArgGroup::new("handler").required(true).args(["exec", "http"])))]
 pub struct WorkerArgs {
-    /// Full queue name to consume (e.g. `helixagent.tasks.llm`); repeatable.
+    /// Queue to consume (e.g. `helixagent.tasks.llm`, or `tasks.llm` for
+    /// `<prefix>.tasks.llm`); repeatable.
     #[arg(long = "queue", short = 'q', required = true, value_name = "NAME")]
     pub queues: Vec<String>,
     /// Run `sh -c CMD` per message: payload on stdin, metadata in HELIXMQ_* variables.
@@ -91,14 +94,26 @@ impl Target {
 }
 
 /// Run `worker`.
-pub async fn run(global: &Global, args: WorkerArgs) -> anyhow::Result<ExitCode> {
+pub async fn run(global: &Global, mut args: WorkerArgs) -> anyhow::Result<ExitCode> {
     let cfg = load_config(global)?;
+    let topology = spec_topology(&cfg);
+    args.queues = args
+        .queues
+        .iter()
+        .map(|q| full_queue_name(&topology, q))
+        .collect();
     // Install the signal handlers first: a SIGTERM during start-up must not kill us mid-declare.
     let mut sigterm =
         signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
     let mut sigint =
         signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
 
+    // A handler that cannot run would fail every message: refuse before taking one.
+    if let Some(cmd) = &args.exec {
+        exec::check_runnable(cmd)
+            .await
+            .map_err(anyhow::Error::msg)?;
+    }
     let target = Arc::new(match (&args.exec, &args.http) {
         (Some(cmd), _) => Target::Exec(exec::ExecHandler::new(cmd.clone(), args.handler_timeout)),
         (None, Some(url)) => Target::Http(http::HttpHandler::new(url, args.handler_timeout)?),
@@ -109,7 +124,7 @@ pub async fn run(global: &Global, args: WorkerArgs) -> anyhow::Result<ExitCode> 
     let broker = connect_with_metrics(&cfg, metrics).await?;
     if !args.no_declare {
         broker
-            .declare(&spec_topology(&cfg))
+            .declare(&topology)
             .await
             .context("cannot declare the topology")?;
     }
@@ -149,9 +164,14 @@ pub async fn run(global: &Global, args: WorkerArgs) -> anyhow::Result<ExitCode> 
         None => None,
     };
     tracing::info!(
-        queues = ?args.queues,
+        queues = %args.queues.join(","),
         max_attempts = retry.max_attempts,
-        retry_delays = ?retry.delays,
+        retry_delays = %retry
+            .delays
+            .iter()
+            .map(|d| humantime::format_duration(*d).to_string())
+            .collect::<Vec<_>>()
+            .join(","),
         "worker consuming; SIGTERM or SIGINT to stop"
     );
 
@@ -181,17 +201,25 @@ pub async fn run(global: &Global, args: WorkerArgs) -> anyhow::Result<ExitCode> 
         async move { (q, s.shutdown(args.shutdown_timeout).await) }
     }))
     .await;
+    let mut abandoned = 0;
     for (q, r) in reports {
         tracing::info!(queue = %q, drained = r.drained, abandoned = r.abandoned, "subscription stopped");
         if r.abandoned > 0 {
             tracing::warn!(queue = %q, abandoned = r.abandoned, "handlers still running at the shutdown timeout were stopped; their messages go back to the queue");
         }
+        abandoned += r.abandoned;
     }
     if let Some(s) = server {
         s.stop().await;
     }
     let _ = broker.close().await;
     match failed {
+        // A supervisor must know the stop was not clean: work was cut off.
+        None if abandoned > 0 => anyhow::bail!(
+            "{abandoned} message(s) were still being handled at the shutdown deadline \
+             (--shutdown-timeout {}) and were abandoned; they go back to their queue",
+            humantime::format_duration(args.shutdown_timeout)
+        ),
         None => Ok(ExitCode::SUCCESS),
         Some((q, st)) => {
             let why = match st {
