@@ -642,3 +642,152 @@ fn colour_only_on_a_terminal_and_never_with_no_color() {
     let out = common::run(c, b"").expect_code(1);
     assert!(!out.stderr.contains('\u{1b}'), "{:?}", out.stderr);
 }
+
+fn repo_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn acked(queue: &str) -> u64 {
+    common::mgmt_get(&format!("queues/%2F/{}", queue.replace('/', "%2F")))["message_stats"]["ack"]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+#[test]
+fn pipe_worker_runs_the_python_and_node_examples_in_long_lived_processes() {
+    for handler in ["examples/pipe/handler.py", "examples/pipe/handler.js"] {
+        let b = Broker::new();
+        b.run(&["topology", "apply"]).ok();
+        let q = b.name("tasks.background");
+        b.run(&[
+            "publish",
+            "-q",
+            &q,
+            "--payload",
+            r#"{"n":1}"#,
+            "--count",
+            "40",
+        ])
+        .ok();
+        b.run(&["publish", "-q", &q, "--payload", r#"{"flaky":true}"#])
+            .ok();
+        let poison = b
+            .run(&["publish", "-q", &q, "--payload", "not json"])
+            .ok()
+            .lines()[0]
+            .clone();
+        let mut c = b.cmd();
+        c.current_dir(repo_root()).args([
+            "worker",
+            "-q",
+            "tasks.background",
+            "--pipe",
+            handler,
+            "--concurrency",
+            "2",
+            "--retry-delay",
+            "1s",
+        ]);
+        let mut w = Background::spawn(c);
+        // 40 + the flaky one after its retry; the poison one in the DLQ.
+        b.eventually(Duration::from_secs(40), "every message settled", || {
+            acked(&q) >= 41 && dlq_entries(&b).len() == 1
+        });
+        let run = w.terminate(Duration::from_secs(15));
+        println!("captured stderr ({handler}):\n{}", run.stderr);
+        assert_eq!(run.code, 0, "{}", run.stderr);
+        let dlq = dlq_entries(&b);
+        assert_eq!(dlq[0]["id"], poison.as_str());
+        assert!(
+            dlq[0]["reason"]
+                .as_str()
+                .unwrap()
+                .contains("payload is not JSON"),
+            "{dlq:?}"
+        );
+        let started = run.stderr.matches("handler process started").count();
+        assert!(
+            (1..=2).contains(&started),
+            "42 messages, at most 2 processes: {started}"
+        );
+        assert!(!run.stderr.contains("ERROR"), "{}", run.stderr);
+    }
+}
+
+#[test]
+fn pipe_worker_replaces_a_process_that_dies_overstays_or_answers_garbage() {
+    let b = Broker::new();
+    b.run(&["topology", "apply"]).ok();
+    let q = b.name("tasks.debate");
+    let script = temp_path("pipe.sh");
+    std::fs::write(
+        &script,
+        r#"#!/bin/sh
+echo "ready" >&2
+while read -r line; do
+  case "$line" in
+    *'"payload":"die"'*) exit 3;;
+    *'"payload":"slow"'*) sleep 30;;
+    *'"payload":"garbage"'*) echo 'not an answer';;
+    *) echo '{"outcome":"ack"}';;
+  esac
+done
+"#,
+    )
+    .unwrap();
+    std::process::Command::new("chmod")
+        .args(["+x", &script.display().to_string()])
+        .status()
+        .unwrap();
+    let mut ids = std::collections::BTreeMap::new();
+    for p in ["ok", "die", "ok", "slow", "garbage", "ok"] {
+        let id = b.run(&["publish", "-q", &q, "--payload", p]).ok().lines()[0].clone();
+        ids.insert(id, p);
+    }
+    let mut c = b.cmd();
+    c.args([
+        "worker",
+        "-q",
+        "tasks.debate",
+        "--pipe",
+        &script.display().to_string(),
+        "--concurrency",
+        "1",
+        "--max-attempts",
+        "1",
+        "--handler-timeout",
+        "1s",
+    ]);
+    let mut w = Background::spawn(c);
+    b.eventually(Duration::from_secs(40), "three acked, three dead", || {
+        acked(&q) >= 3 && dlq_entries(&b).len() == 3
+    });
+    let run = w.terminate(Duration::from_secs(15));
+    println!("captured stderr:\n{}", run.stderr);
+    assert_eq!(run.code, 0);
+    let reasons: std::collections::BTreeMap<String, String> = dlq_entries(&b)
+        .iter()
+        .map(|e| {
+            (
+                ids[e["id"].as_str().unwrap()].to_string(),
+                e["reason"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    println!("reasons: {reasons:#?}");
+    assert!(
+        reasons["die"].contains("ended without answering"),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons["slow"].contains("did not answer within 1s"),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons["garbage"].contains("not an answer line"),
+        "{reasons:?}"
+    );
+    // stderr of the handler is in the log; each failure started a fresh process.
+    assert!(run.stderr.contains("ready"), "{}", run.stderr);
+    assert_eq!(run.stderr.matches("handler process started").count(), 4);
+}

@@ -9,6 +9,7 @@
 
 pub mod exec;
 pub mod http;
+pub mod pipe;
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -34,7 +35,7 @@ const BACKSTOP: Duration = Duration::from_secs(5);
 
 /// `helixmq worker`
 #[derive(Debug, Args)]
-#[command(group(ArgGroup::new("handler").required(true).args(["exec", "http"])))]
+#[command(group(ArgGroup::new("handler").required(true).args(["exec", "http", "pipe"])))]
 pub struct WorkerArgs {
     /// Queue to consume (e.g. `helixagent.tasks.llm`, or `tasks.llm` for
     /// `<prefix>.tasks.llm`); repeatable.
@@ -44,6 +45,14 @@ pub struct WorkerArgs {
     /// Exit 0 → ack; 65 (EX_DATAERR) → DLQ with stderr's tail; other → retry.
     #[arg(long, value_name = "CMD")]
     pub exec: Option<String>,
+    /// Keep N processes of `sh -c CMD` (N = --concurrency × queues) and hand each
+    /// one message at a time as a JSON line on stdin; it answers one JSON line on
+    /// stdout: {"outcome":"ack"}, {"outcome":"retry","delay_ms":…,"reason":…},
+    /// {"outcome":"dead_letter","reason":…} or {"outcome":"reply","payload":…}.
+    /// A process that exits or overstays --handler-timeout is replaced and its
+    /// message retried; its stderr goes to the log. See examples/pipe/.
+    #[arg(long, value_name = "CMD")]
+    pub pipe: Option<String>,
     /// POST each message to URL (metadata as X-HelixMQ-* headers). 2xx → ack;
     /// 408, 429, 5xx, timeouts, connection errors → retry (honouring Retry-After);
     /// other 4xx → DLQ.
@@ -82,6 +91,7 @@ pub struct WorkerArgs {
 enum Target {
     Exec(exec::ExecHandler),
     Http(http::HttpHandler),
+    Pipe(pipe::PipeHandler),
 }
 
 impl Target {
@@ -89,6 +99,7 @@ impl Target {
         match self {
             Target::Exec(h) => h.handle(m, ctx).await,
             Target::Http(h) => h.handle(m, ctx).await,
+            Target::Pipe(h) => h.handle(m, ctx).await,
         }
     }
 }
@@ -109,19 +120,38 @@ pub async fn run(global: &Global, mut args: WorkerArgs) -> anyhow::Result<ExitCo
         signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
 
     // A handler that cannot run would fail every message: refuse before taking one.
-    if let Some(cmd) = &args.exec {
+    if let Some(cmd) = args.exec.as_ref().or(args.pipe.as_ref()) {
         exec::check_runnable(cmd)
             .await
             .map_err(anyhow::Error::msg)?;
     }
-    let target = Arc::new(match (&args.exec, &args.http) {
-        (Some(cmd), _) => Target::Exec(exec::ExecHandler::new(cmd.clone(), args.handler_timeout)),
-        (None, Some(url)) => Target::Http(http::HttpHandler::new(url, args.handler_timeout)?),
-        (None, None) => anyhow::bail!("give --exec CMD or --http URL"),
-    });
+    let http = match &args.http {
+        Some(url) => Some(http::HttpHandler::new(url, args.handler_timeout)?),
+        None => None,
+    };
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = helixmq::Metrics::new(&mut registry);
     let broker = connect_with_metrics(&cfg, metrics).await?;
+    let target = Arc::new(match (&args.exec, http, &args.pipe) {
+        (Some(cmd), _, _) => {
+            Target::Exec(exec::ExecHandler::new(cmd.clone(), args.handler_timeout))
+        }
+        (None, Some(h), _) => Target::Http(h),
+        (None, None, Some(cmd)) => {
+            // One process per handler that may run at once, over every queue.
+            let per_queue = args
+                .concurrency
+                .map(|c| c as usize)
+                .unwrap_or(cfg.rabbitmq.prefetch_count as usize);
+            Target::Pipe(pipe::PipeHandler::new(
+                cmd.clone(),
+                args.handler_timeout,
+                per_queue * args.queues.len(),
+                broker.clone(),
+            ))
+        }
+        (None, None, None) => anyhow::bail!("give --exec CMD, --pipe CMD or --http URL"),
+    });
     if !args.no_declare {
         broker
             .declare(&topology)
