@@ -55,7 +55,7 @@ impl MetricsServer {
         let server = helixmq::http::serve(addr, router, stop.clone())
             .await
             .with_context(|| format!("cannot serve metrics on {addr} (--metrics-addr)"))?;
-        tracing::info!(addr = %server.local_addr(), "serving /metrics and /health");
+        // helixmq::http::serve logs the address it listens on: not again here.
         Ok(MetricsServer { server, stop })
     }
 

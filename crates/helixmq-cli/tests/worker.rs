@@ -415,6 +415,13 @@ fn worker_serves_metrics_and_health() {
     assert!(health.text().unwrap().contains(&q));
     let run = w.terminate(Duration::from_secs(10));
     assert_eq!(run.code, 0, "{}", run.stderr);
+    // Each start-up line once (the library's server already says where it listens).
+    assert_eq!(
+        run.stderr.matches("serving /metrics and /health").count(),
+        1,
+        "{}",
+        run.stderr
+    );
 }
 
 #[test]
