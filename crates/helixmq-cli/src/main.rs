@@ -6,7 +6,7 @@
 //! - [`common`]: configuration loading, connecting, the topology a command works on.
 //! - [`mgmt`]: a small client of RabbitMQ's management HTTP API (`stats`, `topology diff`).
 //! - `cmd/`: one file per command — `config`, `topology`, `publish`, `worker/`
-//!   (`exec`, `http` handlers), `dlq`, `stats`, `demo`.
+//!   (`exec`, `pipe`, `http` handlers), `dlq`, `stats`, `demo`.
 //!
 //! # Exit codes
 //! - 0: success.

@@ -1,5 +1,6 @@
 //! `helixmq worker`: consume queues with the library's retry and DLQ policy,
-//! handing each message to a command ([`exec`]) or an HTTP endpoint ([`http`]).
+//! handing each message to a command per message ([`exec`]), long-lived handler
+//! processes ([`pipe`]) or an HTTP endpoint ([`http`]).
 //!
 //! The worker declares the spec topology under the configured prefix on start
 //! (idempotent), and the retry tier its `--retry-delay` needs. SIGTERM or
