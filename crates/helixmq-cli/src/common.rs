@@ -55,7 +55,7 @@ impl MetricsServer {
         let server = helixmq::http::serve(addr, router, stop.clone())
             .await
             .with_context(|| format!("cannot serve metrics on {addr} (--metrics-addr)"))?;
-        tracing::info!(addr = %server.local_addr(), "serving /metrics and /health");
+        // helixmq::http::serve logs the address it listens on: not again here.
         Ok(MetricsServer { server, stop })
     }
 
@@ -78,6 +78,51 @@ pub fn spec_topology(cfg: &Config) -> Topology {
     t.with_queue_type(cfg.helixmq.queue_type)
 }
 
+/// A queue name as the user typed it, made full: `tasks.llm` is short for
+/// `<prefix>.tasks.llm` when that is a queue of the topology. A name that is
+/// already full, or names no queue of the topology, is returned unchanged (a
+/// queue declared by someone else may have any name).
+pub fn full_queue_name(topology: &Topology, name: &str) -> String {
+    if topology.queues.iter().any(|q| q.name == name) {
+        return name.to_string();
+    }
+    let full = format!("{}.{name}", topology.names.prefix());
+    if topology.queues.iter().any(|q| q.name == full) {
+        full
+    } else {
+        name.to_string()
+    }
+}
+
+/// Colour on stderr only when it is a terminal and `NO_COLOR` is unset or empty
+/// (<https://no-color.org>).
+pub fn stderr_colour() -> bool {
+    use std::io::IsTerminal as _;
+    std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()) && std::io::stderr().is_terminal()
+}
+
+/// A progress bar on stderr, drawn only when stderr is a terminal (hidden when
+/// piped or captured, so logs and scripts never see its escape codes).
+pub fn progress_bar(len: u64, what: &str) -> indicatif::ProgressBar {
+    use std::io::IsTerminal as _;
+    if !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let template = if stderr_colour() {
+        "{msg} [{bar:40.cyan/blue}] {pos}/{len} {per_sec} {eta}"
+    } else {
+        "{msg} [{bar:40}] {pos}/{len} {per_sec} {eta}"
+    };
+    let b = indicatif::ProgressBar::new(len).with_style(
+        indicatif::ProgressStyle::with_template(template)
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    b.set_message(what.to_string());
+    b.enable_steady_tick(std::time::Duration::from_millis(200));
+    b
+}
+
 /// Parse a human duration (`500ms`, `30s`, `5m`) for clap.
 pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     humantime::parse_duration(s)
@@ -95,6 +140,19 @@ pub fn tail(s: &str, max: usize) -> String {
         start += 1;
     }
     format!("…{}", &s[start..])
+}
+
+/// The first `max` bytes of `s`, cut on a character boundary, trimmed; `…` marks a cut.
+pub fn head(s: &str, max: usize) -> String {
+    let s = s.trim();
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", s[..end].trim_end())
 }
 
 /// Write one line to stdout; a closed pipe ends the process with status 0, as

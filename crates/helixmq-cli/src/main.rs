@@ -6,7 +6,7 @@
 //! - [`common`]: configuration loading, connecting, the topology a command works on.
 //! - [`mgmt`]: a small client of RabbitMQ's management HTTP API (`stats`, `topology diff`).
 //! - `cmd/`: one file per command — `config`, `topology`, `publish`, `worker/`
-//!   (`exec`, `http` handlers), `dlq`, `stats`, `demo`.
+//!   (`exec`, `pipe`, `http` handlers), `dlq`, `stats`, `demo`.
 //!
 //! # Exit codes
 //! - 0: success.
@@ -196,13 +196,20 @@ fn render_error(e: &anyhow::Error) -> String {
 }
 
 fn init_logging(format: LogFormat, default_level: &str) {
+    // lapin logs every returned message, and an ERROR for each channel still
+    // closing when its connection closes — on every clean stop. helixmq reports
+    // what matters itself (lost connections, failed acks), so lapin stays quiet
+    // unless RUST_LOG names it (`RUST_LOG=info,lapin=debug`).
     let filter = match std::env::var("RUST_LOG") {
-        Ok(v) if !v.trim().is_empty() => EnvFilter::new(v),
-        // lapin logs every returned message and channel close; helixmq reports what matters itself.
+        Ok(v) if !v.trim().is_empty() && v.contains("lapin") => EnvFilter::new(v),
+        Ok(v) if !v.trim().is_empty() => EnvFilter::new(format!("{v},lapin=off")),
         _ => EnvFilter::new(format!("{default_level},lapin=off")),
     };
+    // Escape codes only for a human at a terminal: never in a pipe, a file, a
+    // journal, or with NO_COLOR set.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(common::stderr_colour())
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Text => builder.try_init(),

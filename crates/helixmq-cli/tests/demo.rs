@@ -137,3 +137,58 @@ fn log_format_json_writes_one_json_object_per_line() {
         assert!(v.get("level").is_some() && v.get("fields").is_some(), "{l}");
     }
 }
+
+#[test]
+fn demo_whose_login_is_refused_says_so_with_the_fix() {
+    let b = common::Broker::new();
+    // Reachable broker, refused login: an error with the fix, not a quiet fallback.
+    let mut c = b.cmd();
+    c.args(["demo", "--jobs", "40"])
+        .env("RABBITMQ_USER", "helixagent")
+        .env("RABBITMQ_PASSWORD", "not-the-password");
+    let out = run(c, b"").expect_code(1);
+    println!("captured stderr:\n{}", out.stderr);
+    // The permission pattern is the configured prefix's (`^helixagent\..*` by default).
+    let perm = format!(
+        "set_permissions -p / helixagent '^{}\\..*'",
+        b.prefix.replace('.', "\\.")
+    );
+    for fix in [
+        "REFUSED THE LOGIN of user 'helixagent'",
+        "rabbitmqctl add_user helixagent",
+        perm.as_str(),
+        "set_user_tags helixagent management",
+        "scripts/provision",
+        "RABBITMQ_USER=guest RABBITMQ_PASSWORD=guest",
+        "--broker auto",
+    ] {
+        assert!(out.stderr.contains(fix), "{fix}: {}", out.stderr);
+    }
+    assert!(!out.stderr.contains("not-the-password"), "no secret");
+    assert!(
+        !out.stdout.contains("accounted for"),
+        "did not run: {}",
+        out.stdout
+    );
+
+    // `--broker auto` given explicitly: falls back, and says why.
+    let mut c = b.cmd();
+    c.args(["demo", "--broker", "auto", "--jobs", "40"])
+        .env("RABBITMQ_USER", "helixagent")
+        .env("RABBITMQ_PASSWORD", "not-the-password");
+    let out = run(c, b"").ok();
+    println!("captured stdout:\n{}", out.stdout);
+    assert!(
+        out.stdout
+            .contains("embedded (in-process): RabbitMQ at 127.0.0.1:5672")
+            && out.stdout.contains("REFUSED THE LOGIN"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stderr.contains("rabbitmqctl add_user"),
+        "{}",
+        out.stderr
+    );
+    assert!(out.stdout.contains("✓ every message accounted for"));
+}

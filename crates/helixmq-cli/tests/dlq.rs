@@ -104,8 +104,9 @@ fn dlq_list_show_replay_purge() {
         out.stderr
     );
 
-    // replay: a selector is required; a dry run changes nothing.
-    let out = b.run(&["dlq", "replay"]).expect_code(1);
+    // replay: a selector is required (a usage error); a dry run changes nothing.
+    let out = b.run(&["dlq", "replay"]).expect_code(64);
+    println!("captured stderr of `dlq replay`:\n{}", out.stderr);
     assert!(
         out.stderr.contains("--id") && out.stderr.contains("--all"),
         "{}",
@@ -256,4 +257,98 @@ fn expired_messages_are_listed_with_the_brokers_reason_and_replayed_without_thei
     assert_eq!(peek.len(), 1, "{peek:?}");
     assert_eq!(peek[0]["properties"]["message_id"], id.as_str());
     assert!(list(&b, &[]).is_empty());
+}
+
+/// Publish to `exchange` through the management API with explicit AMQP
+/// properties (the CLI always gives a fresh id; copies of one id need this).
+fn mgmt_publish(exchange: &str, key: &str, properties: serde_json::Value, payload: &str) {
+    let r = reqwest::blocking::Client::new()
+        .post(format!(
+            "http://127.0.0.1:15672/api/exchanges/%2F/{exchange}/publish"
+        ))
+        .basic_auth("guest", Some("guest"))
+        .json(&serde_json::json!({
+            "properties": properties,
+            "routing_key": key,
+            "payload": payload,
+            "payload_encoding": "string",
+        }))
+        .send()
+        .unwrap();
+    let v: serde_json::Value = r.json().unwrap();
+    assert_eq!(v["routed"], true, "{v}");
+}
+
+#[test]
+fn dlq_show_every_copy_list_cuts_reasons_at_the_end_and_replay_by_short_name() {
+    let b = Broker::new();
+    b.run(&["topology", "apply"]).ok();
+    // A fanned-out notification that failed in two queues: two copies, one id.
+    let id = "0000-fanned-out";
+    for q in ["notifications.websocket", "notifications.sse"] {
+        let origin = b.name(q);
+        mgmt_publish(
+            &b.name("dlx"),
+            &origin,
+            serde_json::json!({
+                "message_id": id,
+                "delivery_mode": 2,
+                "headers": {
+                    "x-helixmq-origin-queue": origin,
+                    "x-helixmq-dead-letter-reason": format!("{q} endpoint gone"),
+                    "x-helixmq-attempt": 3,
+                },
+            }),
+            "{}",
+        );
+    }
+    let long = format!("START of a long reason {} END", "x".repeat(200));
+    dead_letter(&b, "tasks.llm", &long, "p");
+
+    let show = b.run(&["dlq", "show", id]).ok();
+    println!("captured `dlq show`:\n{}", show.stdout);
+    assert!(
+        show.stdout.contains("2 copies of 0000-fanned-out")
+            && show.stdout.contains("--- copy 1 of 2 ---")
+            && show.stdout.contains("--- copy 2 of 2 ---")
+            && show.stdout.contains(&b.name("notifications.websocket"))
+            && show.stdout.contains(&b.name("notifications.sse")),
+        "{}",
+        show.stdout
+    );
+    let json: Vec<serde_json::Value> =
+        serde_json::from_str(&b.run(&["dlq", "show", id, "--json"]).ok().stdout).unwrap();
+    assert_eq!(json.len(), 2);
+
+    let text = b.run(&["dlq", "list", "--queue", "tasks.llm"]).ok();
+    println!("captured `dlq list`:\n{}", text.stdout);
+    let row = text
+        .stdout
+        .lines()
+        .find(|l| l.contains("START"))
+        .unwrap_or_else(|| panic!("{}", text.stdout));
+    assert!(row.ends_with('…') && !row.contains("END"), "{row}");
+
+    // Short origin names select and target like full ones.
+    let out = b
+        .run(&[
+            "dlq",
+            "replay",
+            "--queue",
+            "notifications.sse",
+            "--to",
+            "tasks.background",
+        ])
+        .ok();
+    println!("captured `dlq replay`:\n{}{}", out.stdout, out.stderr);
+    assert!(
+        out.stdout
+            .contains(&format!("replayed {id} -> {}", b.name("tasks.background"))),
+        "{}",
+        out.stdout
+    );
+    assert!(!out.stderr.contains('\u{1b}'), "no bar off a terminal");
+    assert_eq!(list(&b, &[]).len(), 2);
+    let out = b.run(&["dlq", "purge", "--yes"]).ok();
+    assert!(out.stdout.contains("purged 2 message(s)"), "{}", out.stdout);
 }

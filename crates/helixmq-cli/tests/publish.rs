@@ -201,3 +201,150 @@ fn bad_publish_inputs_are_refused_with_clear_messages() {
     );
     assert!(started.elapsed() < Duration::from_secs(10));
 }
+
+/// The spec's least-privilege user (`scripts/provision`): configure/write/read
+/// `^helixagent\..*` only.
+fn least_privilege(b: &Broker) -> std::process::Command {
+    let mut c = b.cmd();
+    c.env("RABBITMQ_USER", "helixagent")
+        .env("RABBITMQ_PASSWORD", "helixagent123");
+    c
+}
+
+#[test]
+fn publish_to_a_queue_under_least_privilege_names_the_exchange_to_use() {
+    let b = Broker::new();
+    b.run(&["topology", "apply"]).ok();
+    let mut c = least_privilege(&b);
+    c.args(["publish", "--queue", "tasks.background", "--payload", "x"]);
+    let out = run(c, b"").expect_code(1);
+    println!("captured stderr:\n{}", out.stderr);
+    let want = format!(
+        "publishing straight to a queue uses the default exchange, which the spec's permissions refuse: use `-e {} -k background`",
+        b.name("tasks")
+    );
+    assert!(out.stderr.contains(&want), "{}", out.stderr);
+    assert!(
+        !out.stderr.contains("RABBITMQ_PASSWORD"),
+        "not blamed on the password: {}",
+        out.stderr
+    );
+    // What it suggests works for the same user.
+    let mut c = least_privilege(&b);
+    c.args([
+        "publish",
+        "-e",
+        &b.name("tasks"),
+        "-k",
+        "background",
+        "--payload",
+        "x",
+    ]);
+    run(c, b"").ok();
+    b.eventually(Duration::from_secs(20), "the message arrived", || {
+        b.ready(&b.name("tasks.background")) == 1
+    });
+}
+
+#[test]
+fn publish_json_content_type_short_queue_names_and_json_output() {
+    let b = Broker::new();
+    b.run(&["topology", "apply"]).ok();
+    let q = b.name("tasks.debate");
+    // `-q tasks.debate` is short for `<prefix>.tasks.debate`; --json prints objects.
+    let out = b
+        .run(&[
+            "publish",
+            "-q",
+            "tasks.debate",
+            "--payload",
+            r#"{"a":1}"#,
+            "--json",
+        ])
+        .ok();
+    println!("captured stdout:\n{}", out.stdout);
+    let v: serde_json::Value = serde_json::from_str(out.lines()[0].as_str()).unwrap();
+    assert_eq!(v["routing_key"], q.as_str());
+    assert_eq!(v["confirmed"], true);
+    assert!(uuid::Uuid::parse_str(v["id"].as_str().unwrap()).is_ok());
+    b.run(&["publish", "-q", &q, "--payload", "plain text"])
+        .ok();
+    b.run(&[
+        "publish",
+        "-q",
+        &q,
+        "--payload",
+        "[1,2]",
+        "--content-type",
+        "text/x-list",
+    ])
+    .ok();
+    b.eventually(Duration::from_secs(20), "three messages", || {
+        b.ready(&q) == 3
+    });
+    let types: Vec<Option<String>> = common::mgmt_peek(&q, 3)
+        .iter()
+        .map(|m| m["properties"]["content_type"].as_str().map(str::to_string))
+        .collect();
+    println!("content types: {types:?}");
+    assert_eq!(
+        types,
+        vec![
+            Some("application/json".to_string()),
+            None,
+            Some("text/x-list".to_string())
+        ]
+    );
+
+    // --count with --json: one object per confirmed message; no progress bar
+    // escape codes when stderr is not a terminal.
+    let many = b
+        .run(&[
+            "publish",
+            "-q",
+            "tasks.debate",
+            "--payload",
+            "x",
+            "--count",
+            "700",
+            "--json",
+        ])
+        .ok();
+    assert_eq!(many.lines().len(), 700);
+    assert!(
+        many.lines().iter().all(|l| l.starts_with("{\"")),
+        "{}",
+        many.stdout
+    );
+    assert!(
+        !many.stderr.contains('\u{1b}') && !many.stderr.contains("=>"),
+        "no bar off a terminal: {:?}",
+        many.stderr
+    );
+}
+
+#[test]
+fn an_unknown_priority_lists_the_names_that_exist() {
+    let b = Broker::new();
+    let out = b
+        .run(&[
+            "publish",
+            "-q",
+            "tasks.llm",
+            "--priority",
+            "urgent",
+            "--payload",
+            "x",
+        ])
+        .expect_code(64);
+    println!("captured stderr:\n{}", out.stderr);
+    for name in [
+        "low (1)",
+        "normal (5)",
+        "high (8)",
+        "critical (10)",
+        "0 to 10",
+    ] {
+        assert!(out.stderr.contains(name), "{name}: {}", out.stderr);
+    }
+}

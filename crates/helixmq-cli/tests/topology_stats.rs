@@ -166,3 +166,52 @@ fn stats_without_the_management_api_says_how_to_enable_it() {
         out.stderr
     );
 }
+
+#[test]
+fn stats_shows_real_publish_rates_and_diff_speaks_json() {
+    let b = Broker::new();
+    let out = b.run(&["topology", "diff", "--json"]).expect_code(2);
+    println!("captured `topology diff --json`:\n{}", out.stdout);
+    let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(v["in_sync"], false);
+    assert!(
+        v["differences"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|d| d["kind"] == "missing"
+                && d["object"] == format!("queue {}", b.name("tasks.llm")))
+    );
+    b.run(&["topology", "apply"]).ok();
+    let out = b.run(&["topology", "diff", "--json"]).ok();
+    let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(v["in_sync"], true, "{v}");
+    assert_eq!(v["differences"], json!([]));
+
+    // A burst: the counters and the minute's average show it, long after the
+    // last 5-second sample has gone back to 0.
+    let q = b.name("tasks.debate");
+    b.run(&["publish", "-q", &q, "--payload", "x", "--count", "3000"])
+        .ok();
+    let mut last = String::new();
+    b.eventually(
+        Duration::from_secs(30),
+        "a publish rate for the burst",
+        || {
+            let out = b.run(&["stats", "--json"]);
+            last = out.stdout.clone();
+            let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap_or_default();
+            v["queues"].as_array().into_iter().flatten().any(|r| {
+                r["name"] == q.as_str()
+                    && r["published_total"] == 3000
+                    && r["publish_rate_1m"].as_f64().unwrap_or(0.0) > 0.0
+            })
+        },
+    );
+    println!("captured `stats --json`:\n{last}");
+    let text = b.run(&["stats"]);
+    println!("captured `stats`:\n{}", text.stdout);
+    let row = text.stdout.lines().find(|l| l.starts_with(&q)).unwrap();
+    assert!(row.trim_end().ends_with("3000"), "{row}");
+    assert!(text.stdout.contains("PUBLISH/s 5s|1m"), "{}", text.stdout);
+}

@@ -415,4 +415,386 @@ fn worker_serves_metrics_and_health() {
     assert!(health.text().unwrap().contains(&q));
     let run = w.terminate(Duration::from_secs(10));
     assert_eq!(run.code, 0, "{}", run.stderr);
+    // Each start-up line once (the library's server already says where it listens).
+    assert_eq!(
+        run.stderr.matches("serving /metrics and /health").count(),
+        1,
+        "{}",
+        run.stderr
+    );
+}
+
+#[test]
+fn exec_worker_refuses_a_command_that_cannot_run_before_taking_a_message() {
+    let b = Broker::new();
+    b.run(&["topology", "apply"]).ok();
+    let q = b.name("tasks.background");
+    b.run(&["publish", "-q", &q, "--payload", "x"]).ok();
+    let missing = temp_path("missing.sh");
+    let missing = missing.display().to_string();
+    let out = b
+        .run(&[
+            "worker",
+            "-q",
+            "tasks.background",
+            "--exec",
+            &format!("{missing} --flag"),
+        ])
+        .expect_code(1);
+    println!("captured stderr:\n{}", out.stderr);
+    assert!(
+        out.stderr.contains(&format!("'{missing}' does not exist")),
+        "{}",
+        out.stderr
+    );
+    let out = b
+        .run(&[
+            "worker",
+            "-q",
+            "tasks.background",
+            "--exec",
+            "no-such-program-hx arg",
+        ])
+        .expect_code(1);
+    println!("captured stderr:\n{}", out.stderr);
+    assert!(
+        out.stderr.contains("'no-such-program-hx' is not a command") && out.stderr.contains("PATH"),
+        "{}",
+        out.stderr
+    );
+    let script = temp_path("not-executable.sh");
+    std::fs::write(&script, "exit 0\n").unwrap();
+    let out = b
+        .run(&[
+            "worker",
+            "-q",
+            "tasks.background",
+            "--exec",
+            &script.display().to_string(),
+        ])
+        .expect_code(1);
+    println!("captured stderr:\n{}", out.stderr);
+    assert!(out.stderr.contains("is not executable") && out.stderr.contains("chmod +x"));
+    // Nothing was taken: the message is still there, the DLQ is empty.
+    b.eventually(Duration::from_secs(10), "message still queued", || {
+        b.ready(&q) == 1
+    });
+    assert!(dlq_entries(&b).is_empty());
+}
+
+#[test]
+fn worker_exits_non_zero_when_it_abandons_work_at_the_shutdown_deadline() {
+    let b = Broker::new();
+    b.run(&["topology", "apply"]).ok();
+    let q = b.name("tasks.verification");
+    let started = temp_path("started");
+    b.run(&["publish", "-q", &q, "--payload", "x"]).ok();
+    let mut c = b.cmd();
+    c.args([
+        "worker",
+        "-q",
+        "tasks.verification",
+        "--exec",
+        &format!("touch {}; sleep 60", started.display()),
+        "--shutdown-timeout",
+        "1s",
+    ]);
+    let mut w = Background::spawn(c);
+    b.eventually(Duration::from_secs(15), "handler started", || {
+        started.exists()
+    });
+    let run = w.terminate(Duration::from_secs(20));
+    println!("captured stderr:\n{}", run.stderr);
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert!(
+        run.stderr
+            .contains("1 message(s) were still being handled at the shutdown deadline"),
+        "{}",
+        run.stderr
+    );
+    // Abandoned, not lost: back in its queue.
+    b.eventually(Duration::from_secs(15), "message back in the queue", || {
+        b.ready(&q) == 1
+    });
+}
+
+#[test]
+fn a_clean_shutdown_logs_each_start_up_line_once_and_no_error() {
+    let b = Broker::new();
+    b.run(&["topology", "apply"]).ok();
+    let q = b.name("tasks.debate");
+    let done = temp_path("done");
+    b.run(&["publish", "-q", &q, "--payload", "x"]).ok();
+    for rust_log in [None, Some("info")] {
+        let mut c = b.cmd();
+        if let Some(l) = rust_log {
+            c.env("RUST_LOG", l);
+        }
+        c.args([
+            "worker",
+            "-q",
+            "tasks.debate",
+            "-q",
+            "tasks.llm",
+            "--exec",
+            &format!("touch {}", done.display()),
+        ]);
+        let mut w = Background::spawn(c);
+        b.eventually(Duration::from_secs(15), "message handled", || done.exists());
+        // The ack is coalesced: give it its flush before stopping.
+        b.eventually(Duration::from_secs(15), "queue drained", || {
+            common::mgmt_get(&format!("queues/%2F/{}", q.replace('/', "%2F")))
+                ["messages_unacknowledged"]
+                .as_u64()
+                == Some(0)
+        });
+        let run = w.terminate(Duration::from_secs(15));
+        println!("captured stderr (RUST_LOG={rust_log:?}):\n{}", run.stderr);
+        assert_eq!(run.code, 0, "{}", run.stderr);
+        assert!(!run.stderr.contains("ERROR"), "{}", run.stderr);
+        assert!(!run.stderr.contains('\u{1b}'), "no colour off a terminal");
+        for line in ["connected to RabbitMQ", "worker consuming"] {
+            assert_eq!(
+                run.stderr.matches(line).count(),
+                1,
+                "{line} once: {}",
+                run.stderr
+            );
+        }
+        let _ = std::fs::remove_file(&done);
+        b.run(&["publish", "-q", &q, "--payload", "x"]).ok();
+    }
+}
+
+#[test]
+fn json_logs_have_typed_fields() {
+    let b = Broker::new();
+    let mut c = b.cmd();
+    c.args([
+        "--log-format",
+        "json",
+        "worker",
+        "-q",
+        "tasks.nope",
+        "--exec",
+        "true",
+    ]);
+    let out = common::run(c, b"").expect_code(1);
+    println!("captured stderr:\n{}", out.stderr);
+    let connected: serde_json::Value = out
+        .stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["fields"]["message"] == "connected to RabbitMQ")
+        .expect("a connected line");
+    let version = connected["fields"]["version"].as_str().unwrap();
+    assert!(
+        version.chars().next().unwrap().is_ascii_digit() && !version.contains("Some"),
+        "{connected}"
+    );
+    assert_eq!(connected["fields"]["port"], 5672);
+}
+
+/// Run `c` on a pseudo-terminal (`script`), so its stderr is a terminal.
+fn on_a_terminal(c: &std::process::Command) -> String {
+    // `env -u NAME …` first, then `NAME=value …`: env(1) takes them in that order.
+    let mut unset = String::new();
+    let mut set = String::new();
+    for (k, v) in c.get_envs() {
+        match v {
+            Some(v) => set.push_str(&format!(
+                "{}='{}' ",
+                k.to_string_lossy(),
+                v.to_string_lossy()
+            )),
+            None => unset.push_str(&format!("-u {} ", k.to_string_lossy())),
+        }
+    }
+    let line = format!("{unset}{set}");
+    let args: Vec<String> = c
+        .get_args()
+        .map(|a| format!("'{}'", a.to_string_lossy()))
+        .collect();
+    let cmdline = format!(
+        "env {line}'{}' {} 2>&1",
+        c.get_program().to_string_lossy(),
+        args.join(" ")
+    );
+    let out = std::process::Command::new("script")
+        .args(["-qec", &cmdline, "/dev/null"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("script(1) from util-linux");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn colour_only_on_a_terminal_and_never_with_no_color() {
+    let b = Broker::new();
+    let mut c = b.cmd();
+    c.args(["worker", "-q", "tasks.nope", "--exec", "true"]);
+    c.env_remove("NO_COLOR");
+    let tty = on_a_terminal(&c);
+    println!("captured terminal output:\n{tty:?}");
+    assert!(tty.contains("connected to RabbitMQ"), "{tty}");
+    assert!(tty.contains("\u{1b}["), "colour on a terminal: {tty:?}");
+    c.env("NO_COLOR", "1");
+    let plain = on_a_terminal(&c);
+    println!("captured terminal output with NO_COLOR:\n{plain:?}");
+    assert!(plain.contains("connected to RabbitMQ"), "{plain}");
+    assert!(!plain.contains('\u{1b}'), "NO_COLOR: {plain:?}");
+    // Off a terminal: never.
+    let mut c = b.cmd();
+    c.args(["worker", "-q", "tasks.nope", "--exec", "true"]);
+    let out = common::run(c, b"").expect_code(1);
+    assert!(!out.stderr.contains('\u{1b}'), "{:?}", out.stderr);
+}
+
+fn repo_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn acked(queue: &str) -> u64 {
+    common::mgmt_get(&format!("queues/%2F/{}", queue.replace('/', "%2F")))["message_stats"]["ack"]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+#[test]
+fn pipe_worker_runs_the_python_and_node_examples_in_long_lived_processes() {
+    for handler in ["examples/pipe/handler.py", "examples/pipe/handler.js"] {
+        let b = Broker::new();
+        b.run(&["topology", "apply"]).ok();
+        let q = b.name("tasks.background");
+        b.run(&[
+            "publish",
+            "-q",
+            &q,
+            "--payload",
+            r#"{"n":1}"#,
+            "--count",
+            "40",
+        ])
+        .ok();
+        b.run(&["publish", "-q", &q, "--payload", r#"{"flaky":true}"#])
+            .ok();
+        let poison = b
+            .run(&["publish", "-q", &q, "--payload", "not json"])
+            .ok()
+            .lines()[0]
+            .clone();
+        let mut c = b.cmd();
+        c.current_dir(repo_root()).args([
+            "worker",
+            "-q",
+            "tasks.background",
+            "--pipe",
+            handler,
+            "--concurrency",
+            "2",
+            "--retry-delay",
+            "1s",
+        ]);
+        let mut w = Background::spawn(c);
+        // 40 + the flaky one after its retry; the poison one in the DLQ.
+        b.eventually(Duration::from_secs(40), "every message settled", || {
+            acked(&q) >= 41 && dlq_entries(&b).len() == 1
+        });
+        let run = w.terminate(Duration::from_secs(15));
+        println!("captured stderr ({handler}):\n{}", run.stderr);
+        assert_eq!(run.code, 0, "{}", run.stderr);
+        let dlq = dlq_entries(&b);
+        assert_eq!(dlq[0]["id"], poison.as_str());
+        assert!(
+            dlq[0]["reason"]
+                .as_str()
+                .unwrap()
+                .contains("payload is not JSON"),
+            "{dlq:?}"
+        );
+        let started = run.stderr.matches("handler process started").count();
+        assert!(
+            (1..=2).contains(&started),
+            "42 messages, at most 2 processes: {started}"
+        );
+        assert!(!run.stderr.contains("ERROR"), "{}", run.stderr);
+    }
+}
+
+#[test]
+fn pipe_worker_replaces_a_process_that_dies_overstays_or_answers_garbage() {
+    let b = Broker::new();
+    b.run(&["topology", "apply"]).ok();
+    let q = b.name("tasks.debate");
+    let script = temp_path("pipe.sh");
+    std::fs::write(
+        &script,
+        r#"#!/bin/sh
+echo "ready" >&2
+while read -r line; do
+  case "$line" in
+    *'"payload":"die"'*) exit 3;;
+    *'"payload":"slow"'*) sleep 30;;
+    *'"payload":"garbage"'*) echo 'not an answer';;
+    *) echo '{"outcome":"ack"}';;
+  esac
+done
+"#,
+    )
+    .unwrap();
+    std::process::Command::new("chmod")
+        .args(["+x", &script.display().to_string()])
+        .status()
+        .unwrap();
+    let mut ids = std::collections::BTreeMap::new();
+    for p in ["ok", "die", "ok", "slow", "garbage", "ok"] {
+        let id = b.run(&["publish", "-q", &q, "--payload", p]).ok().lines()[0].clone();
+        ids.insert(id, p);
+    }
+    let mut c = b.cmd();
+    c.args([
+        "worker",
+        "-q",
+        "tasks.debate",
+        "--pipe",
+        &script.display().to_string(),
+        "--concurrency",
+        "1",
+        "--max-attempts",
+        "1",
+        "--handler-timeout",
+        "1s",
+    ]);
+    let mut w = Background::spawn(c);
+    b.eventually(Duration::from_secs(40), "three acked, three dead", || {
+        acked(&q) >= 3 && dlq_entries(&b).len() == 3
+    });
+    let run = w.terminate(Duration::from_secs(15));
+    println!("captured stderr:\n{}", run.stderr);
+    assert_eq!(run.code, 0);
+    let reasons: std::collections::BTreeMap<String, String> = dlq_entries(&b)
+        .iter()
+        .map(|e| {
+            (
+                ids[e["id"].as_str().unwrap()].to_string(),
+                e["reason"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    println!("reasons: {reasons:#?}");
+    assert!(
+        reasons["die"].contains("ended without answering"),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons["slow"].contains("did not answer within 1s"),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons["garbage"].contains("not an answer line"),
+        "{reasons:?}"
+    );
+    // stderr of the handler is in the log; each failure started a fresh process.
+    assert!(run.stderr.contains("ready"), "{}", run.stderr);
+    assert_eq!(run.stderr.matches("handler process started").count(), 4);
 }

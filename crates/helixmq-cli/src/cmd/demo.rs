@@ -56,9 +56,11 @@ pub enum BrokerChoice {
 /// `helixmq demo`
 #[derive(Debug, Args)]
 pub struct DemoArgs {
-    /// Which broker to use.
-    #[arg(long, value_enum, default_value_t = BrokerChoice::Auto)]
-    pub broker: BrokerChoice,
+    /// Which broker to use (default: auto). Without --broker, a RabbitMQ that
+    /// refuses the login is an error (exit 1) with the fix; `--broker auto` given
+    /// explicitly falls back to the embedded broker instead, and says why.
+    #[arg(long, value_enum)]
+    pub broker: Option<BrokerChoice>,
     /// Background jobs to publish (the other flows scale with it).
     #[arg(long, default_value_t = 400, value_parser = clap::value_parser!(u32).range(20..=100_000))]
     pub jobs: u32,
@@ -211,11 +213,39 @@ pub async fn run(global: &Global, args: DemoArgs) -> anyhow::Result<ExitCode> {
     res
 }
 
+/// What a user whose login RabbitMQ refused must do, shown prominently (stderr).
+fn login_refused_help(cfg: &Config, at: &str, e: &helixmq::Error) -> String {
+    let user = &cfg.rabbitmq.username;
+    // The demo runs under `<prefix>.demo-<random>`; the permission is the user's prefix.
+    let prefix = cfg
+        .helixmq
+        .prefix
+        .rsplit_once(".demo-")
+        .map_or(cfg.helixmq.prefix.as_str(), |(p, _)| p);
+    let perm = format!("'^{}\\..*'", prefix.replace('.', "\\."));
+    let bar = "=".repeat(78);
+    format!(
+        "{bar}\n\
+         RabbitMQ at {at} is running but REFUSED THE LOGIN of user '{user}':\n  {e}\n\
+         \n\
+         The spec's user must exist on the broker with its permissions. Fix, one of:\n\
+         \x20 sudo rabbitmqctl add_user {user} '<password>'   # then RABBITMQ_PASSWORD=<password>\n\
+         \x20 sudo rabbitmqctl set_permissions -p {vhost} {user} {perm} {perm} {perm}\n\
+         \x20 sudo rabbitmqctl set_user_tags {user} management   # for `stats` and `topology diff`\n\
+         or  scripts/provision        (creates {user} with the test password)\n\
+         or  RABBITMQ_USER=guest RABBITMQ_PASSWORD=guest helixmq demo   (a local broker's guest)\n\
+         {bar}",
+        vhost = cfg.rabbitmq.vhost,
+    )
+}
+
 async fn choose_broker(
     cfg: &Config,
-    choice: BrokerChoice,
+    choice: Option<BrokerChoice>,
     metrics: helixmq::Metrics,
 ) -> anyhow::Result<(Broker, String)> {
+    let explicit = choice.is_some();
+    let choice = choice.unwrap_or(BrokerChoice::Auto);
     let embedded = |m: helixmq::Metrics| {
         Broker::with_backend(
             Arc::new(helixmq::backend::memory::MemoryBroker::new()),
@@ -259,6 +289,26 @@ async fn choose_broker(
             .await
             {
                 Ok(Ok(b)) => Ok((b, format!("RabbitMQ at {at}"))),
+                // Reachable but the login is refused: a set-up problem the user must
+                // see, not a reason to quietly run somewhere else.
+                Ok(Err(e @ helixmq::Error::AccessRefused { .. })) => {
+                    eprintln!("{}", login_refused_help(cfg, &at, &e));
+                    if !explicit {
+                        anyhow::bail!(
+                            "RabbitMQ at {at} refused the login of user '{}' (see above); \
+                             fix the user, or run `helixmq demo --broker auto` to fall back to \
+                             the embedded broker (or `--broker memory`)",
+                            cfg.rabbitmq.username
+                        );
+                    }
+                    Ok((
+                        embedded(metrics.clone()),
+                        format!(
+                            "embedded (in-process): RabbitMQ at {at} REFUSED THE LOGIN of user '{}' (fix on stderr); --broker auto falls back",
+                            cfg.rabbitmq.username
+                        ),
+                    ))
+                }
                 Ok(Err(e)) => Ok((
                     embedded(metrics.clone()),
                     format!("embedded (in-process): RabbitMQ at {at} refused the connection: {e}"),

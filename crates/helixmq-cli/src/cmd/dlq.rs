@@ -22,7 +22,7 @@ use helixmq::{Broker, Message, PublishOptions};
 use serde::Serialize;
 
 use crate::cmd::worker::header_text;
-use crate::common::{connect, load_config, tail};
+use crate::common::{connect, full_queue_name, head, load_config, progress_bar, spec_topology};
 use crate::Global;
 
 /// At most this many messages are read from the DLQ at once (the AMQP prefetch is a u16).
@@ -44,15 +44,24 @@ pub enum DlqCmd {
         #[arg(long)]
         json: bool,
     },
-    /// Show one message: metadata, failure headers, payload. Nothing is removed.
+    /// Show one message: metadata, failure headers, payload; every copy when the
+    /// id is in the DLQ more than once (a fanned-out message that failed in several
+    /// queues). Nothing is removed.
     Show {
         /// Message id.
         id: String,
-        /// JSON output.
+        /// JSON output: an array with one object per copy.
         #[arg(long)]
         json: bool,
     },
     /// Re-publish messages to their origin queue (confirmed), then remove them from the DLQ.
+    /// Needs a selector: --id, --all, --queue or --reason.
+    #[command(group(
+        clap::ArgGroup::new("selector")
+            .required(true)
+            .multiple(true)
+            .args(["ids", "all", "queue", "reason"])
+    ))]
     Replay {
         /// Replay this message; repeatable.
         #[arg(long = "id", value_name = "ID")]
@@ -62,7 +71,8 @@ pub enum DlqCmd {
         all: bool,
         #[command(flatten)]
         filter: Filter,
-        /// Send to this queue instead of the origin (a work queue of the topology).
+        /// Send to this queue instead of the origin (a work queue of the topology;
+        /// `tasks.llm` is short for `<prefix>.tasks.llm`).
         #[arg(long, value_name = "QUEUE")]
         to: Option<String>,
         /// Replay at most this many.
@@ -83,7 +93,7 @@ pub enum DlqCmd {
 /// Which dead letters a command applies to.
 #[derive(Debug, Clone, Default, Args)]
 pub struct Filter {
-    /// Only messages that failed in this queue (full name).
+    /// Only messages that failed in this queue (`tasks.llm` is short for `<prefix>.tasks.llm`).
     #[arg(long = "queue", value_name = "ORIGIN")]
     pub queue: Option<String>,
     /// Only messages whose reason contains this text (case-insensitive).
@@ -92,9 +102,6 @@ pub struct Filter {
 }
 
 impl Filter {
-    fn is_empty(&self) -> bool {
-        self.queue.is_none() && self.reason.is_none()
-    }
     fn matches(&self, e: &Entry) -> bool {
         self.queue
             .as_ref()
@@ -266,6 +273,11 @@ impl Scan {
 /// Run a `dlq` subcommand.
 pub async fn run(global: &Global, cmd: DlqCmd) -> anyhow::Result<ExitCode> {
     let cfg = load_config(global)?;
+    let topology = spec_topology(&cfg);
+    let full = |f: Filter| Filter {
+        queue: f.queue.map(|q| full_queue_name(&topology, &q)),
+        ..f
+    };
     let broker = connect(&cfg).await?;
     let dlq = broker.names().dlq();
     let res = match cmd {
@@ -273,7 +285,7 @@ pub async fn run(global: &Global, cmd: DlqCmd) -> anyhow::Result<ExitCode> {
             filter,
             limit,
             json,
-        } => list(&broker, &dlq, &filter, limit, json).await,
+        } => list(&broker, &dlq, &full(filter), limit, json).await,
         DlqCmd::Show { id, json } => show(&broker, &dlq, &id, json).await,
         DlqCmd::Replay {
             ids,
@@ -283,13 +295,19 @@ pub async fn run(global: &Global, cmd: DlqCmd) -> anyhow::Result<ExitCode> {
             limit,
             dry_run,
         } => {
-            if ids.is_empty() && !all && filter.is_empty() {
-                Err(anyhow::anyhow!(
-                    "say which messages to replay: --id ID (repeatable), --all, or a filter (--queue ORIGIN, --reason TEXT)"
-                ))
-            } else {
-                replay(&broker, &dlq, &ids, &filter, to.as_deref(), limit, dry_run).await
-            }
+            // clap requires a selector (usage error, 64); --all alone selects everything.
+            let _ = all;
+            let to = to.map(|q| full_queue_name(&topology, &q));
+            replay(
+                &broker,
+                &dlq,
+                &ids,
+                &full(filter),
+                to.as_deref(),
+                limit,
+                dry_run,
+            )
+            .await
         }
         DlqCmd::Purge { yes } => purge(&broker, &dlq, yes).await,
     };
@@ -336,7 +354,7 @@ async fn list(
             e.origin_queue.as_deref().unwrap_or("?"),
             e.attempts,
             short_age(e.age_secs),
-            tail(&e.reason.replace('\n', " "), 100)
+            head(&e.reason.replace('\n', " "), 100)
         );
     }
     eprintln!(
@@ -357,21 +375,45 @@ fn short_age(s: u64) -> String {
 
 async fn show(broker: &Broker, dlq: &str, id: &str, json: bool) -> anyhow::Result<ExitCode> {
     let mut scan = Scan::read(broker, dlq, MAX_SCAN).await?;
-    let found = scan
+    // A fanned-out message that failed in several queues is in the DLQ once per queue.
+    let found: Vec<Entry> = scan
         .deliveries
         .iter()
         .flatten()
-        .find(|d| d.message.id == id)
-        .map(|d| entry(d, true));
+        .filter(|d| d.message.id == id)
+        .map(|d| entry(d, true))
+        .collect();
     let total = scan.deliveries.len();
     scan.release().await;
-    let Some(e) = found else {
+    if found.is_empty() {
         bail!("no message with id '{id}' among the {total} message(s) in {dlq} (see `helixmq dlq list`)");
-    };
+    }
     if json {
-        outln!("{}", serde_json::to_string_pretty(&e)?);
+        outln!("{}", serde_json::to_string_pretty(&found)?);
         return Ok(ExitCode::SUCCESS);
     }
+    let n = found.len();
+    if n > 1 {
+        outln!(
+            "{n} copies of {id} in {dlq} (one per queue that dead-lettered it: {})",
+            found
+                .iter()
+                .map(|e| e.origin_queue.as_deref().unwrap_or("?"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    for (i, e) in found.into_iter().enumerate() {
+        if n > 1 {
+            outln!();
+            outln!("--- copy {} of {n} ---", i + 1);
+        }
+        show_one(e);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn show_one(e: Entry) {
     let opt = |o: &Option<String>| o.clone().unwrap_or_else(|| "-".into());
     outln!("id:                 {}", e.id);
     outln!("type:               {}", opt(&e.kind));
@@ -396,7 +438,6 @@ async fn show(broker: &Broker, dlq: &str, id: &str, json: bool) -> anyhow::Resul
     }
     outln!("payload:");
     outln!("{}", e.payload.unwrap_or_default());
-    Ok(ExitCode::SUCCESS)
 }
 
 /// The copy that goes back to work: attempt 1, failure headers cleared (the
@@ -449,25 +490,40 @@ async fn replay(
     let limit = limit.unwrap_or(usize::MAX);
     let (mut replayed, mut failed, mut skipped) = (0usize, 0usize, 0usize);
     let mut first_error: Option<anyhow::Error> = None;
+    let selected = |d: &Delivery| {
+        let e = entry(d, false);
+        (ids.is_empty() || ids.contains(&e.id)) && filter.matches(&e)
+    };
+    let todo = scan
+        .deliveries
+        .iter()
+        .flatten()
+        .filter(|d| selected(d))
+        .count()
+        .min(limit);
+    let bar = progress_bar(todo as u64, if dry_run { "checking" } else { "replaying" });
     for slot in scan.deliveries.iter_mut() {
-        if replayed + failed >= limit {
+        if replayed + failed + skipped >= limit {
             break;
         }
         let Some(d) = slot.as_ref() else { continue };
-        let e = entry(d, false);
-        if (!ids.is_empty() && !ids.contains(&e.id)) || !filter.matches(&e) {
+        if !selected(d) {
             continue;
         }
+        let e = entry(d, false);
+        bar.inc(1);
         let Some(target) = to.map(str::to_string).or(e.origin_queue.clone()) else {
-            eprintln!(
-                "skip {}: no origin queue recorded; replay it with --to QUEUE",
-                e.id
-            );
+            bar.suspend(|| {
+                eprintln!(
+                    "skip {}: no origin queue recorded; replay it with --to QUEUE",
+                    e.id
+                )
+            });
             skipped += 1;
             continue;
         };
         if dry_run {
-            outln!("would replay {} -> {target}", e.id);
+            bar.suspend(|| outln!("would replay {} -> {target}", e.id));
             replayed += 1;
             continue;
         }
@@ -486,11 +542,11 @@ async fn replay(
                         e.id
                     )
                 })?;
-                outln!("replayed {} -> {target}", e.id);
+                bar.suspend(|| outln!("replayed {} -> {target}", e.id));
                 replayed += 1;
             }
             Err(err) => {
-                eprintln!("failed {}: {err} (it stays in the DLQ)", e.id);
+                bar.suspend(|| eprintln!("failed {}: {err} (it stays in the DLQ)", e.id));
                 failed += 1;
                 if first_error.is_none() {
                     let hint = if matches!(err, helixmq::Error::Unroutable { .. }) {
@@ -508,6 +564,7 @@ async fn replay(
             }
         }
     }
+    bar.finish_and_clear();
     scan.release().await;
     if dry_run {
         eprintln!("dry run: {replayed} message(s) would be replayed; nothing changed");
@@ -528,18 +585,24 @@ async fn replay(
 
 async fn purge(broker: &Broker, dlq: &str, yes: bool) -> anyhow::Result<ExitCode> {
     let backend = broker.backend();
+    let ready = backend
+        .queue_stats(dlq)
+        .await
+        .with_context(|| format!("cannot read the DLQ '{dlq}'"))?
+        .messages;
     if !yes {
-        let n = backend
-            .queue_stats(dlq)
-            .await
-            .with_context(|| format!("cannot read the DLQ '{dlq}'"))?
-            .messages;
-        bail!("refusing to purge {n} message(s) from {dlq} without --yes (they would be lost for good)");
+        bail!("refusing to purge {ready} message(s) from {dlq} without --yes (they would be lost for good)");
     }
+    // One queue.purge: the broker empties the queue in one step, so the bar shows
+    // how many are going, then that they went.
+    let bar = progress_bar(ready, "purging");
     let n = backend
         .purge(dlq)
         .await
-        .with_context(|| format!("cannot purge {dlq}"))?;
+        .with_context(|| format!("cannot purge {dlq}"));
+    bar.set_position(ready);
+    bar.finish_and_clear();
+    let n = n?;
     outln!("purged {n} message(s) from {dlq}");
     Ok(ExitCode::SUCCESS)
 }

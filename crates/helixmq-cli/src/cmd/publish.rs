@@ -15,7 +15,7 @@ use clap::{ArgGroup, Args};
 use futures::StreamExt;
 use helixmq::{Message, Priority, PublishOptions};
 
-use crate::common::{connect, load_config};
+use crate::common::{connect, full_queue_name, load_config, progress_bar, spec_topology};
 use crate::Global;
 
 /// Messages per pipelined batch.
@@ -34,7 +34,9 @@ pub struct PublishArgs {
     /// Routing key (with --exchange).
     #[arg(long, short = 'k', requires = "exchange")]
     pub routing_key: Option<String>,
-    /// Publish straight to this queue through the default exchange.
+    /// Publish straight to this queue through the default exchange (`tasks.llm` is
+    /// short for `<prefix>.tasks.llm`). The spec's least-privilege user may not
+    /// use the default exchange: prefer --exchange/--routing-key.
     #[arg(long, short = 'q', conflicts_with_all = ["exchange", "routing_key"])]
     pub queue: Option<String>,
     /// Priority: 0-10 or low (1), normal (5), high (8), critical (10).
@@ -46,7 +48,7 @@ pub struct PublishArgs {
     /// Correlation id.
     #[arg(long)]
     pub correlation_id: Option<String>,
-    /// Content type (e.g. `application/json`).
+    /// Content type (default: `application/json` when the payload is valid JSON, else none).
     #[arg(long)]
     pub content_type: Option<String>,
     /// A header `KEY=VALUE`; repeatable.
@@ -65,13 +67,24 @@ pub struct PublishArgs {
     /// the broker (to the DLQ, reason `expired`).
     #[arg(long, value_parser = crate::common::parse_duration)]
     pub expiration: Option<std::time::Duration>,
+    /// Print each confirmed message as a JSON object (id, exchange, routing_key) per line.
+    #[arg(long)]
+    pub json: bool,
     /// Publish timeout per message (default: the configuration's publish_timeout).
     #[arg(long, value_parser = crate::common::parse_duration)]
     pub timeout: Option<std::time::Duration>,
 }
 
-fn parse_priority(s: &str) -> Result<Priority, String> {
-    s.parse::<Priority>().map_err(|e| e.to_string())
+/// A priority by number or name, refused with the names that exist.
+pub fn parse_priority(s: &str) -> Result<Priority, String> {
+    let names = "low (1), normal (5), high (8), critical (10)";
+    match s.trim().parse::<u8>() {
+        Ok(v) => Priority::new(v)
+            .map_err(|_| format!("priority {v} is out of range: use 0 to 10 or a name: {names}")),
+        Err(_) => s.parse::<Priority>().map_err(|_| {
+            format!("'{s}' is not a priority: use a number 0 to 10 or a name: {names}")
+        }),
+    }
 }
 
 /// `KEY=VALUE` → (KEY, VALUE); the key must not be empty.
@@ -88,8 +101,9 @@ pub fn parse_header(s: &str) -> Result<(String, String), String> {
 pub async fn run(global: &Global, args: PublishArgs) -> anyhow::Result<ExitCode> {
     let cfg = load_config(global)?;
     let payload = read_payload(&args)?;
+    let topology = spec_topology(&cfg);
     let (exchange, routing_key) = match (&args.queue, &args.exchange, &args.routing_key) {
-        (Some(q), _, _) => (String::new(), q.clone()),
+        (Some(q), _, _) => (String::new(), full_queue_name(&topology, q)),
         (None, Some(e), Some(k)) => (e.clone(), k.clone()),
         _ => bail!("give --exchange with --routing-key, or --queue"),
     };
@@ -98,7 +112,11 @@ pub async fn run(global: &Global, args: PublishArgs) -> anyhow::Result<ExitCode>
         m.kind = args.kind.clone();
         m.priority = args.priority;
         m.correlation_id = args.correlation_id.clone();
-        m.content_type = args.content_type.clone();
+        // Foreign consumers look at content_type before parsing: say what it is.
+        m.content_type = args
+            .content_type
+            .clone()
+            .or_else(|| json_content_type(&m.payload));
         m.expiration = args.expiration;
         for (k, v) in &args.headers {
             m.headers.insert(k.clone(), v.as_str().into());
@@ -116,6 +134,19 @@ pub async fn run(global: &Global, args: PublishArgs) -> anyhow::Result<ExitCode>
     } else {
         format!("exchange '{exchange}' with routing key '{routing_key}'")
     };
+    let printed = |id: &str| {
+        if args.json {
+            serde_json::json!({
+                "id": id,
+                "exchange": exchange,
+                "routing_key": routing_key,
+                "confirmed": true,
+            })
+            .to_string()
+        } else {
+            id.to_string()
+        }
+    };
 
     let mut first_error = None;
     let mut confirmed = 0u64;
@@ -127,12 +158,13 @@ pub async fn run(global: &Global, args: PublishArgs) -> anyhow::Result<ExitCode>
             .await
         {
             Ok(()) => {
-                outln!("{id}");
+                outln!("{}", printed(&id));
                 confirmed = 1;
             }
             Err(e) => first_error = Some(e),
         }
     } else {
+        let bar = progress_bar(args.count, "publishing");
         // Each batch is a slice of fresh copies; batches run concurrently but are
         // reported in order, so the ids come out in publish order.
         let batches = (0..args.count).step_by(BATCH).map(|start| {
@@ -157,11 +189,12 @@ pub async fn run(global: &Global, args: PublishArgs) -> anyhow::Result<ExitCode>
         });
         let mut results = futures::stream::iter(batches).buffered(BATCHES_IN_FLIGHT);
         while let Some(batch) = results.next().await {
+            let n = batch.len() as u64;
             let mut out = stdout.lock();
             for (id, r) in batch {
                 match r {
                     Ok(()) => {
-                        let _ = writeln!(out, "{id}");
+                        let _ = writeln!(out, "{}", printed(&id));
                         confirmed += 1;
                     }
                     Err(e) => {
@@ -172,9 +205,12 @@ pub async fn run(global: &Global, args: PublishArgs) -> anyhow::Result<ExitCode>
                 }
             }
             let _ = out.flush();
+            bar.inc(n);
         }
+        bar.finish_and_clear();
     }
     let _ = broker.close().await;
+    let first_error = first_error.map(|e| explain(e, &exchange, &routing_key, &topology));
     match first_error {
         None => {
             if args.count > 1 {
@@ -182,15 +218,59 @@ pub async fn run(global: &Global, args: PublishArgs) -> anyhow::Result<ExitCode>
             }
             Ok(ExitCode::SUCCESS)
         }
-        Some(e) if args.count == 1 => Err(e.into()),
+        Some(e) if args.count == 1 => Err(e),
         Some(e) => {
             let failed = args.count - confirmed;
-            Err(anyhow::Error::new(e).context(format!(
+            Err(e.context(format!(
                 "{failed} of {} message(s) to {target} not confirmed ({confirmed} confirmed, their ids printed)",
                 args.count
             )))
         }
     }
+}
+
+/// `application/json` when the payload parses as JSON (the spec's service always
+/// sent it, and foreign consumers check it); nothing otherwise.
+fn json_content_type(payload: &[u8]) -> Option<String> {
+    let text = std::str::from_utf8(payload).ok()?.trim();
+    if text.is_empty() {
+        return None;
+    }
+    serde_json::from_str::<serde::de::IgnoredAny>(text)
+        .ok()
+        .map(|_| "application/json".to_string())
+}
+
+/// A refused publish to the default exchange is a permission the spec's user
+/// never has (configure/write/read only `^<prefix>\..*`), not a bad password:
+/// say so, and name the exchange and key that reach the same queue.
+fn explain(
+    e: helixmq::Error,
+    exchange: &str,
+    queue: &str,
+    topology: &helixmq::Topology,
+) -> anyhow::Error {
+    let detail = match &e {
+        helixmq::Error::AccessRefused { detail, .. } if exchange.is_empty() => detail.clone(),
+        _ => return e.into(),
+    };
+    let requeue = topology.names.requeue_exchange();
+    let route = topology
+        .bindings
+        .iter()
+        .find(|b| b.queue == queue && b.exchange != requeue);
+    let suggestion = match route {
+        Some(b) if b.routing_key.contains(['#', '*']) => {
+            format!("-e {} -k <a key matching '{}'>", b.exchange, b.routing_key)
+        }
+        Some(b) if b.routing_key.is_empty() => format!("-e {} -k ''", b.exchange),
+        Some(b) => format!("-e {} -k {}", b.exchange, b.routing_key),
+        None => format!("-e {} -k background", topology.names.tasks_exchange()),
+    };
+    anyhow::anyhow!(
+        "publishing straight to a queue uses the default exchange, which the spec's \
+         permissions refuse: use `{suggestion}` (the broker said: {detail})"
+    )
 }
 
 fn read_payload(args: &PublishArgs) -> anyhow::Result<Bytes> {
@@ -221,5 +301,29 @@ mod tests {
             .unwrap_err()
             .contains("malformed header 'novalue'"));
         assert!(parse_header("=x").is_err());
+    }
+
+    #[test]
+    fn priorities() {
+        assert_eq!(parse_priority("high").unwrap(), Priority::HIGH);
+        assert_eq!(parse_priority("7").unwrap().value(), 7);
+        let e = parse_priority("urgent").unwrap_err();
+        assert!(e.contains("'urgent'") && e.contains("critical (10)"), "{e}");
+        assert!(parse_priority("11").unwrap_err().contains("out of range"));
+    }
+
+    #[test]
+    fn json_payloads_get_a_content_type() {
+        assert_eq!(
+            json_content_type(br#" {"a":1} "#).as_deref(),
+            Some("application/json")
+        );
+        assert_eq!(
+            json_content_type(b"42").as_deref(),
+            Some("application/json")
+        );
+        assert_eq!(json_content_type(b"hello"), None);
+        assert_eq!(json_content_type(b""), None);
+        assert_eq!(json_content_type(&[0xff, 0xfe]), None);
     }
 }

@@ -1,6 +1,10 @@
 //! `helixmq stats`: queue depths and rates, connections and channels, and the
 //! spec's alert thresholds — a monitoring check (exit 2 when one is crossed).
 //!
+//! Rates: the broker's last sample (5 s: reads 0.0 just after a burst) and the
+//! average over the last minute, from the management API's own samples; plus
+//! the counters they come from.
+//!
 //! Source: RabbitMQ's management HTTP API (`/api/overview`, `/api/queues/{vhost}`);
 //! AMQP cannot report rates, unacked counts or connection totals. The broker
 //! counts only what the configured user may see: a user with the `monitoring`
@@ -27,6 +31,10 @@ pub const MAX_CHANNELS: u64 = 100;
 /// Connections on the broker.
 pub const MAX_CONNECTIONS: u64 = 50;
 
+/// The window of the averaged rates, and the management API's sample step.
+const RATE_WINDOW_SECS: u64 = 60;
+const RATE_SAMPLE_SECS: u64 = 5;
+
 /// `helixmq stats`
 #[derive(Debug, Args)]
 pub struct StatsArgs {
@@ -50,8 +58,16 @@ struct QueueRow {
     ready: u64,
     unacked: u64,
     consumers: u64,
+    /// Messages/s over the broker's last sample (5 s by default): 0 between bursts.
     publish_rate: f64,
     deliver_rate: f64,
+    /// Messages/s averaged over the last minute (the management API's samples).
+    publish_rate_1m: f64,
+    deliver_rate_1m: f64,
+    /// Messages ever published to / delivered from the queue (since it was declared
+    /// or the broker restarted).
+    published_total: u64,
+    delivered_total: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -94,7 +110,13 @@ pub async fn run(global: &Global, args: StatsArgs) -> anyhow::Result<ExitCode> {
 async fn sample(mgmt: &Management, cfg: &helixmq::Config, all: bool) -> anyhow::Result<Sample> {
     let overview = mgmt.get("overview").await?;
     let vh = Management::vhost_segment(&cfg.rabbitmq.vhost);
-    let queues = mgmt.get(&format!("queues/{vh}")).await?;
+    // The `rate` of a queue is over the broker's last sample only, so a burst
+    // that ended a few seconds ago reads 0.0; ask for a minute of samples too.
+    let queues = mgmt
+        .get(&format!(
+            "queues/{vh}?msg_rates_age={RATE_WINDOW_SECS}&msg_rates_incr={RATE_SAMPLE_SECS}"
+        ))
+        .await?;
     let prefix = format!("{}.", cfg.helixmq.prefix);
     let n = |v: &Value, path: &[&str]| -> f64 {
         let mut cur = v;
@@ -118,6 +140,10 @@ async fn sample(mgmt: &Management, cfg: &helixmq::Config, all: bool) -> anyhow::
                 consumers: n(q, &["consumers"]) as u64,
                 publish_rate: n(q, &["message_stats", "publish_details", "rate"]),
                 deliver_rate: n(q, &["message_stats", "deliver_get_details", "rate"]),
+                publish_rate_1m: n(q, &["message_stats", "publish_details", "avg_rate"]),
+                deliver_rate_1m: n(q, &["message_stats", "deliver_get_details", "avg_rate"]),
+                published_total: n(q, &["message_stats", "publish"]) as u64,
+                delivered_total: n(q, &["message_stats", "deliver_get"]) as u64,
                 name,
             })
         })
@@ -170,13 +196,14 @@ fn print_text(s: &Sample, watch: bool) {
         .unwrap_or(5)
         .max(5);
     outln!(
-        "{:<w$}  {:>8}  {:>8}  {:>9}  {:>10}  {:>10}",
+        "{:<w$}  {:>8}  {:>8}  {:>9}  {:>15}  {:>15}  {:>10}",
         "QUEUE",
         "READY",
         "UNACKED",
         "CONSUMERS",
-        "PUBLISH/s",
-        "DELIVER/s"
+        "PUBLISH/s 5s|1m",
+        "DELIVER/s 5s|1m",
+        "PUBLISHED"
     );
     for q in &s.queues {
         let flag = if q.ready > MAX_READY || q.unacked > MAX_UNACKED {
@@ -185,13 +212,14 @@ fn print_text(s: &Sample, watch: bool) {
             ""
         };
         outln!(
-            "{:<w$}  {:>8}  {:>8}  {:>9}  {:>10.1}  {:>10.1}{flag}",
+            "{:<w$}  {:>8}  {:>8}  {:>9}  {:>15}  {:>15}  {:>10}{flag}",
             q.name,
             q.ready,
             q.unacked,
             q.consumers,
-            q.publish_rate,
-            q.deliver_rate
+            format!("{:.1}|{:.1}", q.publish_rate, q.publish_rate_1m),
+            format!("{:.1}|{:.1}", q.deliver_rate, q.deliver_rate_1m),
+            q.published_total
         );
     }
     if s.queues.is_empty() {

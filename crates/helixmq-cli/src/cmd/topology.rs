@@ -28,7 +28,11 @@ pub enum TopologyCmd {
     Apply,
     /// Compare the broker (management API) with the configuration: missing,
     /// extra (under the prefix) and different objects. Exit 2 when they differ.
-    Diff,
+    Diff {
+        /// JSON output: `{"in_sync", "differences": [{"kind", "object", "detail"}], "notes"}`.
+        #[arg(long)]
+        json: bool,
+    },
     /// Delete every exchange and queue of the topology, retry tiers included.
     /// Messages in them are lost: refuses without `--yes`.
     Delete {
@@ -63,7 +67,7 @@ pub async fn run(global: &Global, cmd: TopologyCmd) -> anyhow::Result<ExitCode> 
             );
             Ok(ExitCode::SUCCESS)
         }
-        TopologyCmd::Diff => diff(global, &cfg).await,
+        TopologyCmd::Diff { json } => diff(global, &cfg, json).await,
         TopologyCmd::Delete { yes } => delete(global, &cfg, yes).await,
     }
 }
@@ -86,7 +90,7 @@ enum Diff {
     Differs(String, String),
 }
 
-async fn diff(global: &Global, cfg: &helixmq::Config) -> anyhow::Result<ExitCode> {
+async fn diff(global: &Global, cfg: &helixmq::Config, json: bool) -> anyhow::Result<ExitCode> {
     let t = spec_topology(cfg);
     let want = definitions_json(&t, &cfg.rabbitmq.vhost, &cfg.rabbitmq.username);
     let mgmt = Management::from_config(cfg, global.management_url.as_deref())?;
@@ -216,6 +220,34 @@ async fn diff(global: &Global, cfg: &helixmq::Config) -> anyhow::Result<ExitCode
         diffs.push(Diff::Extra(format!("binding {s} -> {d} (key '{k}')")));
     }
 
+    diffs.sort();
+    if json {
+        let differences: Vec<Value> = diffs
+            .iter()
+            .map(|d| match d {
+                Diff::Missing(what) => serde_json::json!({"kind": "missing", "object": what}),
+                Diff::Extra(what) => serde_json::json!({"kind": "extra", "object": what}),
+                Diff::Differs(what, how) => {
+                    serde_json::json!({"kind": "differs", "object": what, "detail": how})
+                }
+            })
+            .collect();
+        outln!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "in_sync": diffs.is_empty(),
+                "prefix": cfg.helixmq.prefix,
+                "vhost": cfg.rabbitmq.vhost,
+                "differences": differences,
+                "notes": notes,
+            }))?
+        );
+        return Ok(if diffs.is_empty() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(2)
+        });
+    }
     for n in &notes {
         outln!("note     {n}");
     }
@@ -231,7 +263,6 @@ async fn diff(global: &Global, cfg: &helixmq::Config) -> anyhow::Result<ExitCode
         );
         return Ok(ExitCode::SUCCESS);
     }
-    diffs.sort();
     for d in &diffs {
         match d {
             Diff::Missing(what) => outln!("missing  {what}"),

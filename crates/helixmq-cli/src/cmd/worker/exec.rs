@@ -46,6 +46,113 @@ impl Drop for GroupGuard {
     }
 }
 
+/// Check, before any message is taken, that `sh -c cmd` can start what it names.
+///
+/// `sh` itself always exists, so a missing script would only show as a failed
+/// message each time (and, after the retries, a DLQ full of them). The first
+/// word of the command is what must exist: a path (it contains `/`) must be an
+/// executable file; a bare name must be something the shell can run (a builtin,
+/// a keyword or a program on `PATH`, asked with `command -v`). A command that
+/// starts with shell syntax (`(`, `{`, `$VAR`, …) cannot be checked statically and
+/// is accepted as it is.
+pub async fn check_runnable(cmd: &str) -> Result<(), String> {
+    let first = match first_word(cmd) {
+        FirstWord::Empty => {
+            return Err(
+                "--exec is empty: give the command to run per message, e.g. --exec ./handle.sh"
+                    .into(),
+            )
+        }
+        FirstWord::Dynamic => return Ok(()),
+        FirstWord::Word(w) => w,
+    };
+    if first.contains('/') {
+        return check_path(&first);
+    }
+    let found = Command::new("sh")
+        .arg("-c")
+        .arg(r#"command -v -- "$1" >/dev/null 2>&1"#)
+        .arg("sh")
+        .arg(&first)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .await
+        .map_err(|e| format!("cannot run `sh` to check the --exec command: {e}"))?;
+    if found.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "--exec: '{first}' is not a command: no shell builtin and no program of that name on PATH ({});              give its path (e.g. ./{first}) or install it",
+            std::env::var("PATH").unwrap_or_default()
+        ))
+    }
+}
+
+/// What a shell command line starts with.
+#[derive(Debug, PartialEq, Eq)]
+enum FirstWord {
+    /// Nothing at all.
+    Empty,
+    /// Shell syntax: what it runs is only known when it runs.
+    Dynamic,
+    /// The program (or builtin) it runs first.
+    Word(String),
+}
+
+/// The program a shell command line starts with, past `VAR=value` assignments
+/// and `exec`.
+fn first_word(cmd: &str) -> FirstWord {
+    let mut words = shlex::Shlex::new(cmd.trim_start());
+    loop {
+        // Nothing left after assignments, or quoting shlex cannot follow.
+        let Some(w) = words.next() else {
+            return if cmd.trim().is_empty() {
+                FirstWord::Empty
+            } else {
+                FirstWord::Dynamic
+            };
+        };
+        let assignment = w.split_once('=').is_some_and(|(k, _)| {
+            !k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        });
+        if assignment || w == "exec" {
+            continue;
+        }
+        if w.starts_with(['(', '{', '!', '~'])
+            || w.contains(['$', '`', '*', '?', '[', ';', '&', '|', '<', '>'])
+        {
+            return FirstWord::Dynamic;
+        }
+        return FirstWord::Word(w);
+    }
+}
+
+/// A path must be an existing, executable, regular file.
+fn check_path(path: &str) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let cwd = std::env::current_dir()
+        .map(|d| d.display().to_string())
+        .unwrap_or_else(|_| "?".into());
+    let where_ = if path.starts_with('/') {
+        String::new()
+    } else {
+        format!(" (relative to the working directory {cwd})")
+    };
+    match std::fs::metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(format!(
+            "--exec: '{path}' does not exist{where_}; no message was taken"
+        )),
+        Err(e) => Err(format!("--exec: cannot read '{path}'{where_}: {e}")),
+        Ok(m) if m.is_dir() => Err(format!("--exec: '{path}' is a directory, not a program{where_}")),
+        Ok(m) if m.permissions().mode() & 0o111 == 0 => Err(format!(
+            "--exec: '{path}' is not executable{where_}: `chmod +x {path}`, or run it through its interpreter (--exec 'sh {path}')"
+        )),
+        Ok(_) => Ok(()),
+    }
+}
+
 impl ExecHandler {
     /// A handler running `sh -c cmd`, killed after `timeout`.
     pub fn new(cmd: String, timeout: Duration) -> Self {
@@ -173,6 +280,38 @@ mod tests {
             h("exit 75").handle(m.clone(), ctx()).await,
             Outcome::Retry { .. }
         ));
+    }
+
+    #[tokio::test]
+    async fn runnable_commands_are_checked_before_start() {
+        assert!(check_runnable("cat").await.is_ok());
+        assert!(check_runnable("exit 0").await.is_ok());
+        assert!(check_runnable("FOO=1 exec cat").await.is_ok());
+        assert!(check_runnable("(sleep 1; true) & wait").await.is_ok());
+        assert!(check_runnable("$HANDLER").await.is_ok());
+        let e = check_runnable("./definitely-missing.sh arg")
+            .await
+            .unwrap_err();
+        assert!(
+            e.contains("'./definitely-missing.sh' does not exist"),
+            "{e}"
+        );
+        let e = check_runnable("no-such-program-hx --flag")
+            .await
+            .unwrap_err();
+        assert!(e.contains("'no-such-program-hx' is not a command"), "{e}");
+        let e = check_runnable("  ").await.unwrap_err();
+        assert!(e.contains("empty"), "{e}");
+        let dir = std::env::temp_dir().join(format!("hx-noexec-{}", uuid::Uuid::now_v7()));
+        std::fs::write(&dir, "true").unwrap();
+        let e = check_runnable(&dir.display().to_string())
+            .await
+            .unwrap_err();
+        assert!(
+            e.contains("is not executable") && e.contains("chmod +x"),
+            "{e}"
+        );
+        let _ = std::fs::remove_file(&dir);
     }
 
     #[tokio::test]

@@ -1,13 +1,16 @@
 //! `helixmq worker`: consume queues with the library's retry and DLQ policy,
-//! handing each message to a command ([`exec`]) or an HTTP endpoint ([`http`]).
+//! handing each message to a command per message ([`exec`]), long-lived handler
+//! processes ([`pipe`]) or an HTTP endpoint ([`http`]).
 //!
 //! The worker declares the spec topology under the configured prefix on start
 //! (idempotent), and the retry tier its `--retry-delay` needs. SIGTERM or
 //! SIGINT starts a graceful shutdown: every subscription stops taking messages,
-//! in-flight handlers finish within `--shutdown-timeout`, and the worker exits 0.
+//! in-flight handlers finish within `--shutdown-timeout`, and the worker exits 0
+//! (1 when handlers were still running at that deadline and were abandoned).
 
 pub mod exec;
 pub mod http;
+pub mod pipe;
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -22,7 +25,8 @@ use helixmq::{
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::common::{
-    connect_with_metrics, load_config, parse_duration, spec_topology, MetricsServer,
+    connect_with_metrics, full_queue_name, load_config, parse_duration, spec_topology,
+    MetricsServer,
 };
 use crate::Global;
 
@@ -32,15 +36,24 @@ const BACKSTOP: Duration = Duration::from_secs(5);
 
 /// `helixmq worker`
 #[derive(Debug, Args)]
-#[command(group(ArgGroup::new("handler").required(true).args(["exec", "http"])))]
+#[command(group(ArgGroup::new("handler").required(true).args(["exec", "http", "pipe"])))]
 pub struct WorkerArgs {
-    /// Full queue name to consume (e.g. `helixagent.tasks.llm`); repeatable.
+    /// Queue to consume (e.g. `helixagent.tasks.llm`, or `tasks.llm` for
+    /// `<prefix>.tasks.llm`); repeatable.
     #[arg(long = "queue", short = 'q', required = true, value_name = "NAME")]
     pub queues: Vec<String>,
     /// Run `sh -c CMD` per message: payload on stdin, metadata in HELIXMQ_* variables.
     /// Exit 0 → ack; 65 (EX_DATAERR) → DLQ with stderr's tail; other → retry.
     #[arg(long, value_name = "CMD")]
     pub exec: Option<String>,
+    /// Keep N processes of `sh -c CMD` (N = --concurrency × queues) and hand each
+    /// one message at a time as a JSON line on stdin; it answers one JSON line on
+    /// stdout: {"outcome":"ack"}, {"outcome":"retry","delay_ms":…,"reason":…},
+    /// {"outcome":"dead_letter","reason":…} or {"outcome":"reply","payload":…}.
+    /// A process that exits or overstays --handler-timeout is replaced and its
+    /// message retried; its stderr goes to the log. See examples/pipe/.
+    #[arg(long, value_name = "CMD")]
+    pub pipe: Option<String>,
     /// POST each message to URL (metadata as X-HelixMQ-* headers). 2xx → ack;
     /// 408, 429, 5xx, timeouts, connection errors → retry (honouring Retry-After);
     /// other 4xx → DLQ.
@@ -79,6 +92,7 @@ pub struct WorkerArgs {
 enum Target {
     Exec(exec::ExecHandler),
     Http(http::HttpHandler),
+    Pipe(pipe::PipeHandler),
 }
 
 impl Target {
@@ -86,30 +100,62 @@ impl Target {
         match self {
             Target::Exec(h) => h.handle(m, ctx).await,
             Target::Http(h) => h.handle(m, ctx).await,
+            Target::Pipe(h) => h.handle(m, ctx).await,
         }
     }
 }
 
 /// Run `worker`.
-pub async fn run(global: &Global, args: WorkerArgs) -> anyhow::Result<ExitCode> {
+pub async fn run(global: &Global, mut args: WorkerArgs) -> anyhow::Result<ExitCode> {
     let cfg = load_config(global)?;
+    let topology = spec_topology(&cfg);
+    args.queues = args
+        .queues
+        .iter()
+        .map(|q| full_queue_name(&topology, q))
+        .collect();
     // Install the signal handlers first: a SIGTERM during start-up must not kill us mid-declare.
     let mut sigterm =
         signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
     let mut sigint =
         signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
 
-    let target = Arc::new(match (&args.exec, &args.http) {
-        (Some(cmd), _) => Target::Exec(exec::ExecHandler::new(cmd.clone(), args.handler_timeout)),
-        (None, Some(url)) => Target::Http(http::HttpHandler::new(url, args.handler_timeout)?),
-        (None, None) => anyhow::bail!("give --exec CMD or --http URL"),
-    });
+    // A handler that cannot run would fail every message: refuse before taking one.
+    if let Some(cmd) = args.exec.as_ref().or(args.pipe.as_ref()) {
+        exec::check_runnable(cmd)
+            .await
+            .map_err(anyhow::Error::msg)?;
+    }
+    let http = match &args.http {
+        Some(url) => Some(http::HttpHandler::new(url, args.handler_timeout)?),
+        None => None,
+    };
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = helixmq::Metrics::new(&mut registry);
     let broker = connect_with_metrics(&cfg, metrics).await?;
+    let target = Arc::new(match (&args.exec, http, &args.pipe) {
+        (Some(cmd), _, _) => {
+            Target::Exec(exec::ExecHandler::new(cmd.clone(), args.handler_timeout))
+        }
+        (None, Some(h), _) => Target::Http(h),
+        (None, None, Some(cmd)) => {
+            // One process per handler that may run at once, over every queue.
+            let per_queue = args
+                .concurrency
+                .map(|c| c as usize)
+                .unwrap_or(cfg.rabbitmq.prefetch_count as usize);
+            Target::Pipe(pipe::PipeHandler::new(
+                cmd.clone(),
+                args.handler_timeout,
+                per_queue * args.queues.len(),
+                broker.clone(),
+            ))
+        }
+        (None, None, None) => anyhow::bail!("give --exec CMD, --pipe CMD or --http URL"),
+    });
     if !args.no_declare {
         broker
-            .declare(&spec_topology(&cfg))
+            .declare(&topology)
             .await
             .context("cannot declare the topology")?;
     }
@@ -149,9 +195,14 @@ pub async fn run(global: &Global, args: WorkerArgs) -> anyhow::Result<ExitCode> 
         None => None,
     };
     tracing::info!(
-        queues = ?args.queues,
+        queues = %args.queues.join(","),
         max_attempts = retry.max_attempts,
-        retry_delays = ?retry.delays,
+        retry_delays = %retry
+            .delays
+            .iter()
+            .map(|d| humantime::format_duration(*d).to_string())
+            .collect::<Vec<_>>()
+            .join(","),
         "worker consuming; SIGTERM or SIGINT to stop"
     );
 
@@ -181,17 +232,25 @@ pub async fn run(global: &Global, args: WorkerArgs) -> anyhow::Result<ExitCode> 
         async move { (q, s.shutdown(args.shutdown_timeout).await) }
     }))
     .await;
+    let mut abandoned = 0;
     for (q, r) in reports {
         tracing::info!(queue = %q, drained = r.drained, abandoned = r.abandoned, "subscription stopped");
         if r.abandoned > 0 {
             tracing::warn!(queue = %q, abandoned = r.abandoned, "handlers still running at the shutdown timeout were stopped; their messages go back to the queue");
         }
+        abandoned += r.abandoned;
     }
     if let Some(s) = server {
         s.stop().await;
     }
     let _ = broker.close().await;
     match failed {
+        // A supervisor must know the stop was not clean: work was cut off.
+        None if abandoned > 0 => anyhow::bail!(
+            "{abandoned} message(s) were still being handled at the shutdown deadline \
+             (--shutdown-timeout {}) and were abandoned; they go back to their queue",
+            humantime::format_duration(args.shutdown_timeout)
+        ),
         None => Ok(ExitCode::SUCCESS),
         Some((q, st)) => {
             let why = match st {

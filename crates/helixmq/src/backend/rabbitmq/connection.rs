@@ -196,7 +196,12 @@ pub(crate) async fn open(cfg: &RabbitMqConfig, connection_name: &str) -> Result<
             Ok(Ok(conn)) => {
                 let limit = cfg.connect_timeout.min(Duration::from_secs(5));
                 let server_version = version::server_version(&host, port, &tls, limit).await;
-                tracing::info!(host, port, version = ?server_version.as_ref().map(|v| v.to_string()), "connected to RabbitMQ");
+                tracing::info!(
+                    host,
+                    port,
+                    version = server_version.as_ref().map(tracing::field::display),
+                    "connected to RabbitMQ"
+                );
                 return Ok(Opened {
                     conn,
                     endpoint: format!("{host}:{port}"),
