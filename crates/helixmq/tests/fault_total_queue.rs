@@ -311,7 +311,8 @@ async fn every_id_accounted_for_under_a_random_fault_schedule() {
         elapsed.as_secs_f64()
     );
     eprintln!(
-        "checker: seed {seed}: published for {published_in:.1?}, all settled after {elapsed:.1?}; publish errors: nacked {nacked}, timed out {timed_out}, failed {failed} {errors:?}"
+        "checker: seed {seed}: published for {published_in:.1?}, all settled after {elapsed:.1?}; publish errors: nacked {nacked}, timed out {timed_out}, failed {failed} {errors:?}\nchecker: {}",
+        history.totals()
     );
 
     // Tear down before asserting, so a failure leaves nothing behind.

@@ -204,6 +204,12 @@ struct State {
     /// Confirmed ids not settled yet.
     outstanding: usize,
     runs: u64,
+    /// Handler runs by verdict (ack, fail, dead-letter) and DLQ arrivals.
+    verdicts: [u64; 3],
+    dlq_arrivals: u64,
+    /// Duplicate settles (a second ack, or a second DLQ copy of a poison id),
+    /// by the window (0: calm; k: window k-1) they happened in.
+    dup_in: HashMap<usize, u64>,
     unexpected: Vec<String>,
     unexpected_count: usize,
 }
@@ -236,7 +242,9 @@ pub struct Row {
     pub acknowledged: usize,
     /// Confirmed and not settled.
     pub lost: usize,
-    /// Handler acks (or DLQ arrivals for poison) beyond the first, summed.
+    /// Duplicate settles that happened during them (a handler ack of an id
+    /// already acked, a DLQ arrival of a poison id already there), whenever
+    /// the id was published: a fault's redeliveries and resends are charged to it.
     pub duplicated: u64,
     /// Faults after which a fresh probe was published and handled.
     pub recovered: usize,
@@ -304,11 +312,20 @@ impl History {
             let class = class.expect("published ids have a class");
             let before = r.settled(class);
             r.max_attempt = r.max_attempt.max(attempt);
-            match verdict {
-                Verdict::Ack => r.acked += 1,
-                Verdict::Fail => r.failed += 1,
-                Verdict::DeadLetter => r.dead += 1,
-            }
+            let dup = match verdict {
+                Verdict::Ack => {
+                    r.acked += 1;
+                    r.acked > 1
+                }
+                Verdict::Fail => {
+                    r.failed += 1;
+                    false
+                }
+                Verdict::DeadLetter => {
+                    r.dead += 1;
+                    false
+                }
+            };
             let now = r.settled(class);
             let confirmed = r.published == Some(Published::Confirmed);
             let bad = match class {
@@ -320,6 +337,11 @@ impl History {
             };
             if now && !before && confirmed {
                 s.outstanding -= 1;
+            }
+            s.verdicts[verdict as usize] += 1;
+            if dup {
+                let w = s.current;
+                *s.dup_in.entry(w).or_default() += 1;
             }
             if let Some(b) = bad {
                 Self::unexpected(&mut s, format!("{b}: {id} at attempt {attempt}"));
@@ -342,10 +364,16 @@ impl History {
             let class = class.expect("published ids have a class");
             let before = r.settled(class);
             r.dlq += 1;
+            let dup = r.dlq > 1;
             let now = r.settled(class);
             let confirmed = r.published == Some(Published::Confirmed);
             if now && !before && confirmed {
                 s.outstanding -= 1;
+            }
+            s.dlq_arrivals += 1;
+            if dup {
+                let w = s.current;
+                *s.dup_in.entry(w).or_default() += 1;
             }
             if class != Class::Poison {
                 Self::unexpected(
@@ -491,9 +519,10 @@ impl History {
         let s = self.state.lock().unwrap();
         let kind_of = |w: usize| (w > 0).then(|| s.windows[w - 1].kind);
         let mut rows: HashMap<Option<FaultKind>, Row> = HashMap::new();
-        for w in &s.windows {
+        for (i, w) in s.windows.iter().enumerate() {
             let row = rows.entry(Some(w.kind)).or_default();
             row.attempts += 1;
+            row.duplicated += s.dup_in.get(&(i + 1)).copied().unwrap_or(0);
             if let Some(t) = w.recovery {
                 row.recovered += 1;
                 row.recovery.push(t);
@@ -513,7 +542,6 @@ impl History {
             if settled {
                 row.acknowledged += 1;
             }
-            row.duplicated += u64::from(r.acked.saturating_sub(1) + r.dlq.saturating_sub(1));
             let bad = match class {
                 Class::Good => r.max_attempt > 1 || r.dlq > 0,
                 Class::FailOnce => r.max_attempt > 2 || r.dlq > 0,
@@ -527,7 +555,28 @@ impl History {
             .iter()
             .map(|k| (Some(*k), rows.remove(&Some(*k)).unwrap_or_default()))
             .collect();
-        out.push((None, rows.remove(&None).unwrap_or_default()));
+        let mut calm = rows.remove(&None).unwrap_or_default();
+        calm.duplicated = s.dup_in.get(&0).copied().unwrap_or(0);
+        out.push((None, calm));
         out
+    }
+
+    /// One line: ids per class, handler runs per verdict, DLQ arrivals.
+    pub fn totals(&self) -> String {
+        let s = self.state.lock().unwrap();
+        let mut classes = [0usize; 3];
+        for id in s.ids.keys() {
+            classes[class_of(id).unwrap() as usize] += 1;
+        }
+        format!(
+            "ids: good {} fail-once {} poison {}; handler runs: ack {} fail {} dead-letter {}; DLQ arrivals {}",
+            classes[0],
+            classes[1],
+            classes[2],
+            s.verdicts[0],
+            s.verdicts[1],
+            s.verdicts[2],
+            s.dlq_arrivals
+        )
     }
 }
