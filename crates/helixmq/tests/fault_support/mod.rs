@@ -4,6 +4,7 @@
 //! - [`proxy`]: a TCP proxy that cuts, black-holes and resumes this test's sockets.
 //! - [`ledger`]: what each publish answered and how often each id was consumed.
 //! - [`node`]: the dedicated broker node and `rabbitmqctl` faults with undo guards.
+//! - [`history`]: the total-queue checker's per-id history and per-fault table.
 //!
 //! Every scenario publishes a known set of ids while a fault happens, consumes
 //! them with the library's reliable consumer, and ends with [`summary`]: one
@@ -15,6 +16,7 @@
 
 #![allow(dead_code)]
 
+pub mod history;
 pub mod ledger;
 pub mod node;
 pub mod proxy;

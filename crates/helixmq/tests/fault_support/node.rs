@@ -101,6 +101,29 @@ pub fn close_connections_named(node: Option<&str>, name: &str) -> usize {
     n
 }
 
+/// `name ready unacked consumers` of every queue under `prefix` on `node`
+/// (the shared node when None), one per line: where messages are when a wait
+/// times out.
+pub fn queue_depths(node: Option<&str>, prefix: &str) -> String {
+    match ctl(
+        node,
+        &[
+            "list_queues",
+            "name",
+            "messages_ready",
+            "messages_unacknowledged",
+            "consumers",
+        ],
+    ) {
+        Ok(list) => list
+            .lines()
+            .filter(|l| l.starts_with(prefix))
+            .collect::<Vec<_>>()
+            .join("\n"),
+        Err(e) => e,
+    }
+}
+
 /// Raises the memory alarm on the dedicated node; clears it when dropped
 /// (also on panic), so the node is never left alarmed.
 pub struct MemoryAlarm {

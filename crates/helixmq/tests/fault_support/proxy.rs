@@ -1,11 +1,13 @@
 //! A TCP proxy between the client and RabbitMQ that can cut every socket,
 //! black-hole them (stop forwarding without closing anything, like a network
-//! partition) and resume. Only the connections of the test that owns the
-//! proxy go through it, so faults never touch other tests.
+//! partition), slow them down (added latency, a bandwidth cap) and resume.
+//! Only the connections of the test that owns the proxy go through it, so
+//! faults never touch other tests.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -22,10 +24,20 @@ pub enum Mode {
     BlackHole,
 }
 
+/// How forwarded bytes are slowed down (both directions, every connection).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Shape {
+    /// Held this long before each chunk is passed on (per direction).
+    pub latency: Duration,
+    /// At most this many bytes per second per direction (a slow link); None = no cap.
+    pub bytes_per_sec: Option<u64>,
+}
+
 /// A running proxy; dropping it stops it and closes every socket it holds.
 pub struct Proxy {
     addr: SocketAddr,
     mode: watch::Sender<Mode>,
+    shape: watch::Sender<Shape>,
     /// Bumped by [`Proxy::cut`]: every connection open at that moment ends.
     cut_epoch: watch::Sender<u64>,
     live: Arc<AtomicUsize>,
@@ -38,6 +50,7 @@ impl Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
         let addr = listener.local_addr().expect("proxy address");
         let (mode, _) = watch::channel(Mode::Forward);
+        let (shape, _) = watch::channel(Shape::default());
         let (cut_epoch, _) = watch::channel(0u64);
         let live = Arc::new(AtomicUsize::new(0));
         let stop = CancellationToken::new();
@@ -45,6 +58,7 @@ impl Proxy {
             listener,
             upstream,
             mode.clone(),
+            shape.clone(),
             cut_epoch.clone(),
             live.clone(),
             stop.clone(),
@@ -52,6 +66,7 @@ impl Proxy {
         Proxy {
             addr,
             mode,
+            shape,
             cut_epoch,
             live,
             stop,
@@ -82,6 +97,11 @@ impl Proxy {
         self.mode.send_replace(Mode::Forward);
     }
 
+    /// Slow every connection down as `shape` says (`Shape::default()`: full speed).
+    pub fn shape(&self, shape: Shape) {
+        self.shape.send_replace(shape);
+    }
+
     /// Connections open through the proxy now.
     pub fn connections(&self) -> usize {
         self.live.load(Ordering::SeqCst)
@@ -100,6 +120,7 @@ async fn accept_loop(
     listener: TcpListener,
     upstream: SocketAddr,
     mode: watch::Sender<Mode>,
+    shape: watch::Sender<Shape>,
     cut_epoch: watch::Sender<u64>,
     live: Arc<AtomicUsize>,
     stop: CancellationToken,
@@ -112,11 +133,12 @@ async fn accept_loop(
             accepted = listener.accept() => {
                 let Ok((client, _)) = accepted else { continue };
                 let mode = mode.subscribe();
+                let shape = shape.subscribe();
                 let cut = cut_epoch.subscribe();
                 let live = live.clone();
                 conns.spawn(async move {
                     live.fetch_add(1, Ordering::SeqCst);
-                    serve(client, upstream, mode, cut).await;
+                    serve(client, upstream, mode, shape, cut).await;
                     live.fetch_sub(1, Ordering::SeqCst);
                 });
             }
@@ -130,6 +152,7 @@ async fn serve(
     client: TcpStream,
     upstream: SocketAddr,
     mode: watch::Receiver<Mode>,
+    shape: watch::Receiver<Shape>,
     mut cut: watch::Receiver<u64>,
 ) {
     cut.borrow_and_update();
@@ -142,33 +165,47 @@ async fn serve(
     let (cr, cw) = client.into_split();
     let (sr, sw) = server.into_split();
     tokio::select! {
-        _ = pump(cr, sw, mode.clone()) => {}
-        _ = pump(sr, cw, mode) => {}
+        _ = pump(cr, sw, mode.clone(), shape.clone()) => {}
+        _ = pump(sr, cw, mode, shape) => {}
         _ = cut.changed() => {}
     }
 }
 
 /// Copy one direction; while black-holed, bytes already read are held (not
-/// written) and nothing more is read.
+/// written) and nothing more is read. While shaped, each chunk waits out the
+/// latency before it is written, and the time its size takes at the capped
+/// rate after (the sleeps are the fault itself: a slow network).
 async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     mut mode: watch::Receiver<Mode>,
+    shape: watch::Receiver<Shape>,
 ) {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         if mode.wait_for(|m| *m == Mode::Forward).await.is_err() {
             return;
         }
-        let n = match from.read(&mut buf).await {
+        let now = *shape.borrow();
+        // Under a bandwidth cap, small chunks: the pause after each stays ~100 ms.
+        let chunk = now
+            .bytes_per_sec
+            .map_or(buf.len(), |r| (r as usize / 10).clamp(512, buf.len()));
+        let n = match from.read(&mut buf[..chunk]).await {
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
+        if !now.latency.is_zero() {
+            tokio::time::sleep(now.latency).await;
+        }
         if mode.wait_for(|m| *m == Mode::Forward).await.is_err() {
             return;
         }
         if to.write_all(&buf[..n]).await.is_err() {
             return;
+        }
+        if let Some(rate) = now.bytes_per_sec.filter(|r| *r > 0) {
+            tokio::time::sleep(Duration::from_secs_f64(n as f64 / rate as f64)).await;
         }
     }
 }
