@@ -138,7 +138,10 @@ pub trait DeliveryStream: Send {
     async fn cancel(&mut self) -> Result<()>;
 }
 
-/// Settles one delivery.
+/// Settles one delivery. `Ok` means the settlement reached the broker's side of
+/// the wire (on RabbitMQ: the frame carrying it, possibly a multiple-ack, was
+/// written to the socket); an error means it did not, or that the delivery
+/// cannot be settled (already settled), and nothing was sent for it.
 #[async_trait]
 pub trait Acker: Send + Sync {
     /// Positive acknowledgement: the broker forgets the message.

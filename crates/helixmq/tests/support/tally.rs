@@ -42,11 +42,15 @@ impl Tally {
     ) {
         let deadline = Instant::now() + within;
         loop {
-            let missing = {
+            let missing: Vec<String> = {
                 let c = self.consumed.lock().unwrap();
-                confirmed.iter().filter(|id| !c.contains_key(*id)).count()
+                confirmed
+                    .iter()
+                    .filter(|id| !c.contains_key(*id))
+                    .cloned()
+                    .collect()
             };
-            if missing == 0 {
+            if missing.is_empty() {
                 return;
             }
             if Instant::now() >= deadline {
@@ -54,9 +58,12 @@ impl Tally {
                 let stats = tokio::task::spawn_blocking(move || queue_line(&q))
                     .await
                     .unwrap_or_default();
+                // The ids let a frame capture tell where each one went.
                 panic!(
-                    "{missing} of {} confirmed messages not consumed within {within:?}; queue (name ready unacked consumers): {stats}",
-                    confirmed.len()
+                    "{} of {} confirmed messages not consumed within {within:?} (e.g. {:?}); queue (name ready unacked consumers): {stats}",
+                    missing.len(),
+                    confirmed.len(),
+                    &missing[..missing.len().min(5)]
                 );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;

@@ -4,9 +4,12 @@
 //! no flush is running becomes the flusher and sends, in delivery order, one
 //! `basic.ack(multiple)` for the longest run of finished deliveries at the head
 //! of the channel's window, then individual frames for the finished ones behind
-//! a delivery still in its handler. Settlements that arrive while a flush is on
-//! the wire wait for the next round of the same flusher (group commit: no
-//! timer, batches form only under load).
+//! a delivery still in its handler. Settlements that arrive while that round is
+//! on the wire wait; when the round is written, the flusher hands the flush to
+//! one of them, which sends everything decided meanwhile as the next round
+//! (group commit: no timer, batches form only under load). A flusher sends one
+//! round and returns: under steady load the flush moves from handler to
+//! handler instead of keeping one of them busy sending the others' frames.
 //!
 //! Why: every `basic.ack` is a frame the broker must process and a hop into
 //! lapin's I/O thread and back. The broker shares this machine's two cores, so
@@ -14,19 +17,30 @@
 //! delivery behind it is acked on its own in the next round, so prefetch never
 //! fills with finished work.
 //!
+//! What `Ok` means: the frame carrying this decision (its own, or a multiple-ack
+//! covering it) was written to the socket. Every settlement awaits the write of
+//! its frame, whoever queued it, so a failed write reaches every delivery it
+//! covered as an error (RabbitMQ then redelivers them when the channel closes).
+//! Settling a tag this channel never delivered, or settling twice, is an error
+//! and sends nothing (RabbitMQ would close the channel with 406).
+//!
 //! Safety of `multiple`: a multiple-ack covers every unsettled tag up to its
 //! own. It is only sent for a run in which every delivery is finished with an
-//! ack, and every frame of a channel is sent by the one flusher, in order, so
-//! a nack or single ack of an earlier tag always precedes a multiple-ack over
-//! it. Tags are those of this channel's single consumer, increasing by one; a
-//! gap (tags the broker used that never reached the stream) is recorded as an
-//! entry that is never settled, so no multiple-ack reaches over it.
+//! ack, and frames are queued to lapin in tag order by one flusher at a time
+//! (a round is queued whole, under the window's lock, before the next flusher
+//! exists), so a nack or single ack of an earlier tag always precedes a
+//! multiple-ack over it. Tags are those of this channel's single consumer,
+//! increasing by one; a gap (tags the broker used that never reached the
+//! stream) is recorded as an entry that is never settled, so no multiple-ack
+//! reaches over it.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
 
 use async_trait::async_trait;
+use futures::future::{BoxFuture, FutureExt, Shared};
 use lapin::options::{BasicAckOptions, BasicNackOptions};
+use tokio::sync::oneshot;
 
 use super::errors;
 use crate::backend::Acker;
@@ -48,16 +62,96 @@ enum Settle {
 }
 
 /// One frame to send.
-#[derive(Debug, PartialEq, Eq)]
-enum Frame {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Frame {
     Ack { tag: u64, multiple: bool },
     Nack { tag: u64, requeue: bool },
 }
 
+/// The write of one frame, shared by every settlement it carries: each of
+/// them awaits it, so its outcome does not depend on the flusher living on
+/// (a flusher's caller may drop it mid-round, e.g. on a timeout).
+type Written = Shared<BoxFuture<'static, std::result::Result<(), lapin::Error>>>;
+
+/// Where a consumer channel's frames go: its lapin channel (a recorder in the
+/// unit tests).
+pub(crate) trait FrameSink: Send + Sync + 'static {
+    /// The write of `frame`. Queued when the future is first polled, resolved
+    /// once written to the socket (or failed), as lapin's `basic_ack` does.
+    fn send(&self, frame: Frame) -> BoxFuture<'static, std::result::Result<(), lapin::Error>>;
+}
+
+impl FrameSink for lapin::Channel {
+    fn send(&self, frame: Frame) -> BoxFuture<'static, std::result::Result<(), lapin::Error>> {
+        let chan = self.clone();
+        async move {
+            match frame {
+                Frame::Ack { tag, multiple } => {
+                    chan.basic_ack(tag, BasicAckOptions { multiple }).await
+                }
+                Frame::Nack { tag, requeue } => {
+                    chan.basic_nack(
+                        tag,
+                        BasicNackOptions {
+                            multiple: false,
+                            requeue,
+                        },
+                    )
+                    .await
+                }
+            }
+        }
+        .boxed()
+    }
+}
+
+/// What a waiting settlement is told.
+enum Turn {
+    /// Your decision is in this frame: await its write.
+    Written(Written),
+    /// The flush is yours: send what is decided, as the next round.
+    Flush,
+}
+
+/// One delivery of the channel's window.
+struct Entry {
+    tag: u64,
+    settle: Settle,
+    /// The settlement waiting for its frame while another flush runs.
+    waiter: Option<oneshot::Sender<Turn>>,
+}
+
+impl Entry {
+    fn new(tag: u64, settle: Settle) -> Self {
+        Entry {
+            tag,
+            settle,
+            waiter: None,
+        }
+    }
+}
+
+/// Why a settlement failed.
+#[derive(Debug)]
+enum SettleError {
+    /// The tag is not in this channel's window: never delivered on it, or its
+    /// frame was already taken by a flush (settled before).
+    NotInWindow,
+    /// Settled before; the first decision stands.
+    AlreadySettled,
+    /// The frame carrying the decision could not be written (channel closed,
+    /// connection lost).
+    Write(lapin::Error),
+    /// The settlement lost track of its frame. Never expected: every decision
+    /// is either taken by a flush (which hands out its write) or handed the
+    /// flush itself.
+    Abandoned,
+}
+
 #[derive(Default)]
 struct Window {
-    /// Delivered, not yet handed to a flush: (tag, decision), tags increasing.
-    pending: VecDeque<(u64, Settle)>,
+    /// Delivered, not yet handed to a flush, tags increasing.
+    pending: VecDeque<Entry>,
     flushing: bool,
     /// The highest tag recorded (RabbitMQ numbers a channel's deliveries 1, 2, 3, …).
     last_tag: u64,
@@ -71,70 +165,118 @@ impl Window {
                 last = tag - 1,
                 "delivery tags skipped on a consumer channel: those messages stay unacked until the channel closes, and acks on it go one by one"
             );
-            self.pending.push_back((tag - 1, Settle::Unseen));
+            self.pending.push_back(Entry::new(tag - 1, Settle::Unseen));
         }
         self.last_tag = self.last_tag.max(tag);
-        self.pending.push_back((tag, Settle::Open));
+        self.pending.push_back(Entry::new(tag, Settle::Open));
     }
 
-    /// Take every decided delivery as frames, in tag order. From the head up
-    /// to the first delivery still open, each run of acks becomes one
-    /// multiple-ack (a nack between runs goes on its own, before the run after
-    /// it); behind the first open delivery every decision is a frame of its own,
-    /// since a multiple-ack there would also settle the open one.
-    fn take_frames(&mut self) -> Vec<Frame> {
+    /// Record the decision for `tag`, still open in the window.
+    fn decide(&mut self, tag: u64, how: Settle) -> std::result::Result<&mut Entry, SettleError> {
+        let i = self
+            .pending
+            .binary_search_by_key(&tag, |e| e.tag)
+            .map_err(|_| SettleError::NotInWindow)?;
+        let e = &mut self.pending[i];
+        match e.settle {
+            Settle::Open => {
+                e.settle = how;
+                Ok(e)
+            }
+            Settle::Unseen => Err(SettleError::NotInWindow),
+            Settle::Ack | Settle::Nack { .. } => Err(SettleError::AlreadySettled),
+        }
+    }
+
+    /// Take every decided delivery as frames, in tag order, each with the
+    /// entries it settles. From the head up to the first delivery still open,
+    /// each run of acks becomes one multiple-ack (a nack between runs goes on
+    /// its own, before the run after it); behind the first open delivery every
+    /// decision is a frame of its own, since a multiple-ack there would also
+    /// settle the open one.
+    fn take_frames(&mut self) -> Vec<(Frame, Vec<Entry>)> {
         let mut frames = Vec::new();
-        let mut run: Option<(u64, usize)> = None;
-        let flush_run = |run: &mut Option<(u64, usize)>, frames: &mut Vec<Frame>| {
-            if let Some((tag, n)) = run.take() {
-                frames.push(Frame::Ack {
-                    tag,
-                    multiple: n > 1,
-                });
+        let mut run: Vec<Entry> = Vec::new();
+        let flush_run = |run: &mut Vec<Entry>, frames: &mut Vec<(Frame, Vec<Entry>)>| {
+            if let Some(last) = run.last() {
+                let frame = Frame::Ack {
+                    tag: last.tag,
+                    multiple: run.len() > 1,
+                };
+                frames.push((frame, std::mem::take(run)));
             }
         };
-        let mut head = 0;
-        while let Some(&(tag, s)) = self.pending.get(head) {
-            match s {
+        while let Some(e) = self.pending.front() {
+            match e.settle {
                 Settle::Open | Settle::Unseen => break,
-                Settle::Ack => run = Some((tag, run.map_or(1, |(_, n)| n + 1))),
+                Settle::Ack => run.push(self.pending.pop_front().expect("front")),
                 Settle::Nack { requeue } => {
                     flush_run(&mut run, &mut frames);
-                    frames.push(Frame::Nack { tag, requeue });
+                    let e = self.pending.pop_front().expect("front");
+                    frames.push((
+                        Frame::Nack {
+                            tag: e.tag,
+                            requeue,
+                        },
+                        vec![e],
+                    ));
                 }
             }
-            head += 1;
         }
         flush_run(&mut run, &mut frames);
-        self.pending.drain(..head);
-        self.pending.retain(|&(tag, s)| match s {
-            Settle::Open | Settle::Unseen => true,
-            Settle::Ack => {
-                frames.push(Frame::Ack {
-                    tag,
-                    multiple: false,
-                });
-                false
+        let mut kept = VecDeque::with_capacity(self.pending.len());
+        for e in self.pending.drain(..) {
+            match e.settle {
+                Settle::Open | Settle::Unseen => kept.push_back(e),
+                Settle::Ack => frames.push((
+                    Frame::Ack {
+                        tag: e.tag,
+                        multiple: false,
+                    },
+                    vec![e],
+                )),
+                Settle::Nack { requeue } => frames.push((
+                    Frame::Nack {
+                        tag: e.tag,
+                        requeue,
+                    },
+                    vec![e],
+                )),
             }
-            Settle::Nack { requeue } => {
-                frames.push(Frame::Nack { tag, requeue });
-                false
-            }
-        });
+        }
+        self.pending = kept;
         frames
+    }
+
+    /// The running flush ends: give it to a settlement that is waiting with a
+    /// decision not sent yet (the lowest tag first), or clear `flushing` if
+    /// there is none. A waiter that went away (its future dropped) is skipped;
+    /// its decision stays for the next flush.
+    fn hand_off(&mut self) {
+        for e in self.pending.iter_mut() {
+            if matches!(e.settle, Settle::Open | Settle::Unseen) {
+                continue;
+            }
+            if let Some(tx) = e.waiter.take() {
+                if tx.send(Turn::Flush).is_ok() {
+                    return;
+                }
+            }
+        }
+        self.flushing = false;
     }
 }
 
 /// The settlement window of one consumer channel.
-pub(crate) struct AckBatcher {
-    chan: lapin::Channel,
+pub(crate) struct AckBatcher<S: FrameSink = lapin::Channel> {
+    sink: S,
     window: Mutex<Window>,
 }
 
-impl AckBatcher {
-    pub(crate) fn new(chan: lapin::Channel) -> Self {
+impl<S: FrameSink> AckBatcher<S> {
+    pub(crate) fn new(sink: S) -> Self {
         AckBatcher {
-            chan,
+            sink,
             window: Mutex::new(Window::default()),
         }
     }
@@ -144,91 +286,91 @@ impl AckBatcher {
         self.window.lock().unwrap().delivered(tag);
     }
 
-    /// Decide `tag`, then flush unless a flush is already running (it will
-    /// take this decision in its next round).
-    async fn settle(&self, tag: u64, how: Settle) -> std::result::Result<(), lapin::Error> {
-        {
+    /// Decide `tag`, then flush one round unless a flush is already running;
+    /// in that case wait to be handed either the write of the frame carrying
+    /// the decision or the flush itself. Resolves when that frame is written.
+    async fn settle(&self, tag: u64, how: Settle) -> std::result::Result<(), SettleError> {
+        let waiting = {
             let mut w = self.window.lock().unwrap();
-            if let Ok(i) = w.pending.binary_search_by_key(&tag, |&(t, _)| t) {
-                w.pending[i].1 = how;
+            let flushing = w.flushing;
+            let e = w.decide(tag, how)?;
+            if flushing {
+                let (tx, rx) = oneshot::channel();
+                e.waiter = Some(tx);
+                Some(rx)
+            } else {
+                w.flushing = true;
+                None
             }
-            if w.flushing {
-                return Ok(());
-            }
-            w.flushing = true;
-        }
-        // Hands the flush back on every way out, also if this future is dropped
-        // mid-flush (a caller's timeout): the next settlement flushes again, and
-        // frames taken but never sent only leave their deliveries unacked until
-        // the channel closes and RabbitMQ redelivers them.
-        let mut guard = FlushGuard {
-            window: &self.window,
-            armed: true,
         };
-        loop {
-            let frames = {
-                let mut w = self.window.lock().unwrap();
-                let frames = w.take_frames();
-                if frames.is_empty() {
-                    // Under the same lock as the look: a settlement that saw
-                    // `flushing` a moment ago is in the frames we just sent.
-                    w.flushing = false;
-                    guard.armed = false;
-                    return Ok(());
-                }
-                frames
-            };
-            // Sent in order: lapin queues each frame when its future is first
-            // polled, and join_all polls them first in this order.
-            let sent = futures::future::join_all(frames.iter().map(|f| async move {
-                match *f {
-                    Frame::Ack { tag, multiple } => {
-                        self.chan.basic_ack(tag, BasicAckOptions { multiple }).await
-                    }
-                    Frame::Nack { tag, requeue } => {
-                        self.chan
-                            .basic_nack(
-                                tag,
-                                BasicNackOptions {
-                                    multiple: false,
-                                    requeue,
-                                },
-                            )
-                            .await
-                    }
-                }
-            }))
-            .await;
-            if let Some(e) = sent.into_iter().find_map(|r| r.err()) {
-                // The channel is gone: RabbitMQ requeues everything unsettled on
-                // it. Leave the window to be dropped with the channel.
-                return Err(e);
+        if let Some(rx) = waiting {
+            match rx.await {
+                Ok(Turn::Written(written)) => return written.await.map_err(SettleError::Write),
+                Ok(Turn::Flush) => {}
+                Err(_) => return Err(SettleError::Abandoned),
             }
+        }
+        self.flush(tag).await
+    }
+
+    /// One round, by the holder of the flush: take every decision, queue its
+    /// frames in tag order, hand each waiting settlement the write of its
+    /// frame, wait until the round is written, then hand the flush on.
+    async fn flush(&self, own: u64) -> std::result::Result<(), SettleError> {
+        // Hands the flush on also if this future is dropped mid-round: the
+        // frames are queued by then and their waiters hold their writes.
+        let guard = FlushGuard {
+            window: &self.window,
+        };
+        let (mine, round) = {
+            let mut w = self.window.lock().unwrap();
+            let mut mine = None;
+            let mut round = Vec::new();
+            for (frame, entries) in w.take_frames() {
+                let written = self.sink.send(frame).shared();
+                // lapin queues a frame when its future is first polled: do it
+                // now, in tag order, before anyone else can take a frame.
+                let _ = written.clone().now_or_never();
+                for e in entries {
+                    if e.tag == own {
+                        mine = Some(written.clone());
+                    } else if let Some(tx) = e.waiter {
+                        // A waiter that went away has nothing left to learn.
+                        let _ = tx.send(Turn::Written(written.clone()));
+                    }
+                }
+                round.push(written);
+            }
+            (mine, round)
+        };
+        // Settlements coming in meanwhile wait for the next round: that is
+        // what makes their acks one frame.
+        futures::future::join_all(round).await;
+        drop(guard);
+        match mine {
+            Some(written) => written.await.map_err(SettleError::Write),
+            None => Err(SettleError::Abandoned),
         }
     }
 }
 
-/// Clears [`Window::flushing`] when a flush ends other than by finding nothing
-/// left to send (an error, or its future dropped).
+/// Ends a flush: hands it to a waiting settlement or clears
+/// [`Window::flushing`], on every way out of [`AckBatcher::flush`].
 struct FlushGuard<'a> {
     window: &'a Mutex<Window>,
-    armed: bool,
 }
 
 impl Drop for FlushGuard<'_> {
     fn drop(&mut self) {
-        if self.armed {
-            if let Ok(mut w) = self.window.lock() {
-                w.flushing = false;
-            }
-        }
+        let mut w = self.window.lock().unwrap_or_else(|e| e.into_inner());
+        w.hand_off();
     }
 }
 
 /// Settles a consumer delivery through its channel's [`AckBatcher`]. `Ok`
-/// means the decision is taken and its frame sent or about to be sent by the
-/// running flush; if the channel dies first, RabbitMQ redelivers the message
-/// (as it would for an ack lost in flight).
+/// means the frame carrying the decision was written to the socket; an error
+/// means it was not (RabbitMQ redelivers the message when the channel closes)
+/// or that this delivery cannot be settled here (already settled).
 pub(crate) struct BatchedAcker {
     pub(crate) batcher: std::sync::Arc<AckBatcher>,
     pub(crate) tag: u64,
@@ -237,13 +379,25 @@ pub(crate) struct BatchedAcker {
 }
 
 impl BatchedAcker {
-    fn outcome(&self, what: &str, r: std::result::Result<(), lapin::Error>) -> Result<()> {
-        r.map_err(|e| Error::Amqp {
-            context: format!(
-                "{what} message {} from queue '{}' (its channel is closed, connection lost?; RabbitMQ will redeliver it)",
-                self.id, self.queue
-            ),
-            source: errors::boxed(e),
+    fn outcome(&self, what: &str, r: std::result::Result<(), SettleError>) -> Result<()> {
+        let (id, queue, tag) = (&self.id, &self.queue, self.tag);
+        r.map_err(|e| match e {
+            SettleError::Write(e) => Error::Amqp {
+                context: format!(
+                    "{what} message {id} from queue '{queue}': the frame was not written (its channel is closed, connection lost?); RabbitMQ will redeliver it"
+                ),
+                source: errors::boxed(e),
+            },
+            SettleError::NotInWindow => Error::InvalidMessage(format!(
+                "cannot {what} message {id} from queue '{queue}': delivery tag {tag} is not open on its channel (already settled?); nothing was sent"
+            )),
+            SettleError::AlreadySettled => Error::InvalidMessage(format!(
+                "cannot {what} message {id} from queue '{queue}': it was already settled; the first decision stands"
+            )),
+            SettleError::Abandoned => Error::Amqp {
+                context: format!("{what} message {id} from queue '{queue}'"),
+                source: "the settlement lost track of its frame; RabbitMQ redelivers the message if it was not written".into(),
+            },
         })
     }
 }
@@ -312,13 +466,27 @@ impl Acker for SingleAcker {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
+    use std::task::Poll;
 
     fn window(states: &[(u64, Settle)]) -> Window {
         Window {
-            pending: states.iter().copied().collect(),
+            pending: states.iter().map(|&(t, s)| Entry::new(t, s)).collect(),
             flushing: false,
             last_tag: states.last().map_or(0, |&(t, _)| t),
         }
+    }
+
+    fn frames(w: &mut Window) -> Vec<Frame> {
+        w.take_frames().into_iter().map(|(f, _)| f).collect()
+    }
+
+    fn left(w: &Window) -> Vec<(u64, Settle)> {
+        w.pending.iter().map(|e| (e.tag, e.settle)).collect()
+    }
+
+    fn ack(tag: u64, multiple: bool) -> Frame {
+        Frame::Ack { tag, multiple }
     }
 
     #[test]
@@ -327,56 +495,34 @@ mod tests {
         for t in [1, 2, 5, 6] {
             w.delivered(t);
         }
-        for e in w.pending.iter_mut() {
-            if e.1 == Settle::Open {
-                e.1 = Settle::Ack;
-            }
+        for t in [1, 2, 5, 6] {
+            w.decide(t, Settle::Ack).unwrap();
         }
         // 3 and 4 reached no handler: 5 and 6 are acked one by one.
         assert_eq!(
-            w.take_frames(),
-            vec![
-                Frame::Ack {
-                    tag: 2,
-                    multiple: true
-                },
-                Frame::Ack {
-                    tag: 5,
-                    multiple: false
-                },
-                Frame::Ack {
-                    tag: 6,
-                    multiple: false
-                },
-            ]
+            frames(&mut w),
+            vec![ack(2, true), ack(5, false), ack(6, false)]
         );
-        assert_eq!(w.pending, VecDeque::from([(4, Settle::Unseen)]));
+        assert_eq!(left(&w), vec![(4, Settle::Unseen)]);
     }
 
     #[test]
     fn a_finished_head_run_is_one_multiple_ack() {
         let mut w = window(&[(1, Settle::Ack), (2, Settle::Ack), (3, Settle::Ack)]);
-        assert_eq!(
-            w.take_frames(),
-            vec![Frame::Ack {
-                tag: 3,
-                multiple: true
-            }]
-        );
+        let taken = w.take_frames();
+        assert_eq!(taken.len(), 1);
+        assert_eq!(taken[0].0, ack(3, true));
+        // The one frame settles all three deliveries.
+        let tags: Vec<u64> = taken[0].1.iter().map(|e| e.tag).collect();
+        assert_eq!(tags, vec![1, 2, 3]);
         assert!(w.pending.is_empty());
     }
 
     #[test]
     fn a_single_finished_head_is_a_plain_ack() {
         let mut w = window(&[(7, Settle::Ack), (8, Settle::Open)]);
-        assert_eq!(
-            w.take_frames(),
-            vec![Frame::Ack {
-                tag: 7,
-                multiple: false
-            }]
-        );
-        assert_eq!(w.pending, VecDeque::from([(8, Settle::Open)]));
+        assert_eq!(frames(&mut w), vec![ack(7, false)]);
+        assert_eq!(left(&w), vec![(8, Settle::Open)]);
     }
 
     #[test]
@@ -390,37 +536,23 @@ mod tests {
             (6, Settle::Ack),
         ]);
         assert_eq!(
-            w.take_frames(),
+            frames(&mut w),
             vec![
-                Frame::Ack {
-                    tag: 2,
-                    multiple: true
-                },
-                Frame::Ack {
-                    tag: 4,
-                    multiple: false
-                },
+                ack(2, true),
+                ack(4, false),
                 Frame::Nack {
                     tag: 5,
                     requeue: true
                 },
-                Frame::Ack {
-                    tag: 6,
-                    multiple: false
-                },
+                ack(6, false),
             ]
         );
-        assert_eq!(w.pending, VecDeque::from([(3, Settle::Open)]));
+        assert_eq!(left(&w), vec![(3, Settle::Open)]);
         // Once 3 finishes it heads a run again, with what came since.
-        w.pending[0].1 = Settle::Ack;
-        w.pending.push_back((7, Settle::Ack));
-        assert_eq!(
-            w.take_frames(),
-            vec![Frame::Ack {
-                tag: 7,
-                multiple: true
-            }]
-        );
+        w.delivered(7);
+        w.decide(3, Settle::Ack).unwrap();
+        w.decide(7, Settle::Ack).unwrap();
+        assert_eq!(frames(&mut w), vec![ack(7, true)]);
     }
 
     #[test]
@@ -431,17 +563,241 @@ mod tests {
             (3, Settle::Ack),
         ]);
         assert_eq!(
-            w.take_frames(),
+            frames(&mut w),
             vec![
                 Frame::Nack {
                     tag: 1,
                     requeue: false
                 },
-                Frame::Ack {
-                    tag: 3,
-                    multiple: true
-                },
+                ack(3, true),
             ]
         );
+    }
+
+    #[test]
+    fn deciding_a_tag_twice_or_one_never_delivered_is_refused() {
+        let mut w = Window::default();
+        w.delivered(1);
+        w.delivered(3);
+        assert!(matches!(
+            w.decide(9, Settle::Ack),
+            Err(SettleError::NotInWindow)
+        ));
+        // 2 is the gap entry: never delivered, never settled.
+        assert!(matches!(
+            w.decide(2, Settle::Ack),
+            Err(SettleError::NotInWindow)
+        ));
+        w.decide(1, Settle::Ack).unwrap();
+        assert!(matches!(
+            w.decide(1, Settle::Nack { requeue: true }),
+            Err(SettleError::AlreadySettled)
+        ));
+        assert_eq!(frames(&mut w), vec![ack(1, false)]);
+        // Taken by a flush: no longer in the window.
+        assert!(matches!(
+            w.decide(1, Settle::Ack),
+            Err(SettleError::NotInWindow)
+        ));
+    }
+
+    /// A sink that records frames as they are queued and completes their
+    /// writes only when the test says so.
+    #[derive(Clone, Default)]
+    struct Wire(Arc<Mutex<WireState>>);
+
+    #[derive(Default)]
+    struct WireState {
+        queued: Vec<Frame>,
+        writes: VecDeque<oneshot::Sender<std::result::Result<(), lapin::Error>>>,
+    }
+
+    impl FrameSink for Wire {
+        fn send(&self, frame: Frame) -> BoxFuture<'static, std::result::Result<(), lapin::Error>> {
+            let wire = self.clone();
+            async move {
+                let rx = {
+                    let mut w = wire.0.lock().unwrap();
+                    w.queued.push(frame);
+                    let (tx, rx) = oneshot::channel();
+                    w.writes.push_back(tx);
+                    rx
+                };
+                rx.await.expect("the test completes every write")
+            }
+            .boxed()
+        }
+    }
+
+    impl Wire {
+        fn queued(&self) -> Vec<Frame> {
+            self.0.lock().unwrap().queued.clone()
+        }
+        /// Complete the writes queued so far, in order, with `ok` or a closed channel.
+        fn write_all(&self, ok: bool) {
+            let writes: Vec<_> = self.0.lock().unwrap().writes.drain(..).collect();
+            for tx in writes {
+                let r = if ok { Ok(()) } else { Err(closed()) };
+                let _ = tx.send(r);
+            }
+        }
+    }
+
+    fn closed() -> lapin::Error {
+        lapin::ErrorKind::InvalidChannelState(lapin::ChannelState::Closed, "test").into()
+    }
+
+    fn batcher(tags: u64) -> (Arc<AckBatcher<Wire>>, Wire) {
+        let wire = Wire::default();
+        let b = Arc::new(AckBatcher::new(wire.clone()));
+        for t in 1..=tags {
+            b.delivered(t);
+        }
+        (b, wire)
+    }
+
+    fn pending<F: std::future::Future + Unpin>(f: &mut F) -> bool {
+        matches!(f.poll_unpin(&mut noop_cx()), Poll::Pending)
+    }
+
+    fn noop_cx() -> std::task::Context<'static> {
+        std::task::Context::from_waker(futures::task::noop_waker_ref())
+    }
+
+    fn ready<F: std::future::Future + Unpin>(f: &mut F) -> F::Output {
+        match f.poll_unpin(&mut noop_cx()) {
+            Poll::Ready(v) => v,
+            Poll::Pending => panic!("still pending"),
+        }
+    }
+
+    #[test]
+    fn ok_only_once_the_frame_is_written() {
+        let (b, wire) = batcher(1);
+        let mut a = Box::pin(b.settle(1, Settle::Ack));
+        assert!(pending(&mut a), "queued, not written yet");
+        assert_eq!(wire.queued(), vec![ack(1, false)]);
+        assert!(pending(&mut a));
+        wire.write_all(true);
+        assert!(ready(&mut a).is_ok());
+    }
+
+    #[test]
+    fn settling_outside_the_window_is_an_error_and_sends_nothing() {
+        let (b, wire) = batcher(2);
+        let mut a = Box::pin(b.settle(7, Settle::Ack));
+        assert!(matches!(ready(&mut a), Err(SettleError::NotInWindow)));
+        let mut a = Box::pin(b.settle(1, Settle::Ack));
+        assert!(pending(&mut a));
+        wire.write_all(true);
+        assert!(ready(&mut a).is_ok());
+        let mut again = Box::pin(b.settle(1, Settle::Nack { requeue: true }));
+        assert!(matches!(ready(&mut again), Err(SettleError::NotInWindow)));
+        assert_eq!(wire.queued(), vec![ack(1, false)]);
+    }
+
+    #[test]
+    fn a_failed_write_reaches_every_settlement_it_carried() {
+        let (b, wire) = batcher(3);
+        let mut a = Box::pin(b.settle(1, Settle::Ack));
+        assert!(pending(&mut a));
+        // 2 and 3 finish while ack(1) is on the wire: they wait for the next round.
+        let mut c2 = Box::pin(b.settle(2, Settle::Ack));
+        let mut c3 = Box::pin(b.settle(3, Settle::Ack));
+        assert!(pending(&mut c2) && pending(&mut c3));
+        wire.write_all(true);
+        assert!(ready(&mut a).is_ok());
+        // 2 was handed the flush: one multiple-ack for both.
+        assert!(pending(&mut c2));
+        assert_eq!(wire.queued(), vec![ack(1, false), ack(3, true)]);
+        wire.write_all(false);
+        assert!(matches!(ready(&mut c2), Err(SettleError::Write(_))));
+        assert!(matches!(ready(&mut c3), Err(SettleError::Write(_))));
+    }
+
+    #[test]
+    fn a_flusher_sends_one_round_then_hands_the_flush_on() {
+        // Steady load: a new settlement arrives during every round. Each
+        // settler must be done after the round carrying its own frame, never
+        // kept sending the frames of those who came after it.
+        const N: u64 = 50;
+        let (b, wire) = batcher(N);
+        let mut current = Box::pin(b.settle(1, Settle::Ack));
+        assert!(pending(&mut current));
+        for t in 2..=N {
+            let mut next = Box::pin(b.settle(t, Settle::Ack));
+            assert!(pending(&mut next), "{t} waits for the round on the wire");
+            wire.write_all(true);
+            assert!(
+                ready(&mut current).is_ok(),
+                "the flusher before {t} finished after one round"
+            );
+            // The next one holds the flush and sends its own frame.
+            assert!(pending(&mut next));
+            assert_eq!(wire.queued().last(), Some(&ack(t, false)));
+            current = next;
+        }
+        wire.write_all(true);
+        assert!(ready(&mut current).is_ok());
+        assert_eq!(wire.queued().len() as u64, N);
+        assert!(!b.window.lock().unwrap().flushing);
+    }
+
+    #[test]
+    fn a_flusher_dropped_mid_round_leaves_nothing_taken_and_unsent() {
+        let (b, wire) = batcher(3);
+        // A requeue-nack: if its frame were taken and not sent, a later
+        // multiple-ack would ack the message instead of requeueing it.
+        let mut a = Box::pin(b.settle(1, Settle::Nack { requeue: true }));
+        assert!(pending(&mut a));
+        let mut c2 = Box::pin(b.settle(2, Settle::Ack));
+        assert!(pending(&mut c2));
+        drop(a); // e.g. the caller's timeout
+        assert_eq!(
+            wire.queued(),
+            vec![Frame::Nack {
+                tag: 1,
+                requeue: true
+            }],
+            "the nack was queued when it was taken"
+        );
+        // 2 was handed the flush by the dropped flusher.
+        assert!(pending(&mut c2));
+        let mut c3 = Box::pin(b.settle(3, Settle::Ack));
+        assert!(pending(&mut c3));
+        wire.write_all(true);
+        assert!(ready(&mut c2).is_ok());
+        assert!(pending(&mut c3));
+        wire.write_all(true);
+        assert!(ready(&mut c3).is_ok());
+        assert_eq!(
+            wire.queued(),
+            vec![
+                Frame::Nack {
+                    tag: 1,
+                    requeue: true
+                },
+                ack(2, false),
+                ack(3, false),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_waiter_learns_its_write_even_if_the_flusher_that_sent_it_is_dropped() {
+        let (b, wire) = batcher(3);
+        let mut a = Box::pin(b.settle(1, Settle::Ack));
+        assert!(pending(&mut a));
+        let mut c2 = Box::pin(b.settle(2, Settle::Ack));
+        let mut c3 = Box::pin(b.settle(3, Settle::Ack));
+        assert!(pending(&mut c2) && pending(&mut c3));
+        wire.write_all(true);
+        assert!(ready(&mut a).is_ok());
+        assert!(pending(&mut c2)); // flushes ack(3, multiple), carrying 3 too
+        drop(c2);
+        assert!(pending(&mut c3));
+        wire.write_all(true);
+        assert!(ready(&mut c3).is_ok());
+        assert!(!b.window.lock().unwrap().flushing);
     }
 }
