@@ -193,16 +193,16 @@ impl Metrics {
                 &self.dead_lettered,
                 &self.duplicates_skipped,
             ] {
-                f.get_or_create(&l);
+                let _ = f.get_or_create(&l);
             }
-            self.reroutes_blocked.get_or_create(&l);
+            let _ = self.reroutes_blocked.get_or_create(&l);
         }
         for e in &t.exchanges {
             let l = ExchangeLabel {
                 exchange: e.name.clone(),
             };
-            self.published.get_or_create(&l);
-            self.publish_failures.get_or_create(&l);
+            let _ = self.published.get_or_create(&l);
+            let _ = self.publish_failures.get_or_create(&l);
         }
     }
 
