@@ -6,16 +6,22 @@
 //! connection state reads `Blocked`; a consumer on its own connection keeps
 //! consuming; once the alarm clears every waiting publish is confirmed and
 //! nothing is lost.
+//!
+//! And the bound: while the blocked connection has stopped being read, a
+//! publish stuck in its send (lapin cannot write it) still returns within its
+//! `publish_timeout`.
 
 mod fault_support;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use fault_support::ledger::Ledger;
 use fault_support::node::{ensure_dedicated_node, node_port, MemoryAlarm};
 use fault_support::*;
+use futures::StreamExt;
 use helixmq::{ConnectionState, Error, Message, Names, PublishOptions};
+use tokio_util::sync::CancellationToken;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_alarm_blocks_publishes_until_cleared() {
@@ -170,6 +176,187 @@ async fn memory_alarm_blocks_publishes_until_cleared() {
     assert_eq!(r.timed_out, 1);
     assert_eq!(r.failed + r.nacked, 0, "{:?}", r.errors);
     assert_eq!(r.lost, 0);
+    cleanup(&publisher).await;
+    consumer.close().await.expect("close consumer");
+    publisher.close().await.expect("close publisher");
+}
+
+/// The memory alarm's node state, polled (it is not something to await).
+async fn wait_alarm_active() {
+    let raised = Instant::now();
+    while !tokio::task::spawn_blocking(MemoryAlarm::active)
+        .await
+        .unwrap()
+    {
+        assert!(
+            raised.elapsed() < Duration::from_secs(15),
+            "memory alarm did not go off"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// `Recv-Q`/`Send-Q` of the sockets to the dedicated node (diagnostic only).
+fn socket_queues() -> String {
+    std::process::Command::new("ss")
+        .args([
+            "-tnH",
+            "state",
+            "established",
+            &format!("dport = :{}", node_port()),
+        ])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|e| format!("(ss: {e})"))
+}
+
+/// One publish of the load: when it started (since the load began), how long
+/// it took, and its answer.
+struct Sample {
+    started: Duration,
+    took: Duration,
+    result: helixmq::Result<()>,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_timeout_bounds_a_send_stuck_behind_a_blocked_connection() {
+    init_logging();
+    const TIMEOUT: Duration = Duration::from_secs(2);
+    const SIZE: usize = 64 * 1024;
+    const WINDOW: usize = 64;
+    const AFTER: usize = 200;
+    ensure_dedicated_node().await;
+    let p = prefix();
+    let mut cfg = config(node_port(), &p);
+    cfg.rabbitmq.publish_timeout = TIMEOUT;
+    let publisher = connect(cfg.clone()).await;
+    let names = Names::new(&p);
+    let (t, queue) = topology(&names, |q| q);
+    publisher.declare(&t).await.expect("declare");
+    let ledger = Arc::new(Ledger::default());
+
+    // 64 KiB messages, WINDOW at a time, from before the alarm until well
+    // after the broker stopped reading this connection.
+    let stop = CancellationToken::new();
+    let samples = Arc::new(Mutex::new(Vec::<Sample>::new()));
+    let began = Instant::now();
+    let load = tokio::spawn({
+        let (b, l, s, stop) = (
+            publisher.clone(),
+            ledger.clone(),
+            samples.clone(),
+            stop.clone(),
+        );
+        let x = names.tasks_exchange();
+        futures::stream::iter(0..)
+            .take_until(stop.cancelled_owned())
+            .map(move |_| {
+                let (b, l, s, x) = (b.clone(), l.clone(), s.clone(), x.clone());
+                async move {
+                    let m = Message::new(vec![b'x'; SIZE]);
+                    let id = m.id.clone();
+                    let t0 = Instant::now();
+                    let result = b.publish(&x, WORK, m).await;
+                    let took = t0.elapsed();
+                    l.published(&id, &result);
+                    s.lock().unwrap().push(Sample {
+                        started: t0 - began,
+                        took,
+                        result,
+                    });
+                }
+            })
+            .buffer_unordered(WINDOW)
+            .collect::<()>()
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut alarm = tokio::task::spawn_blocking(MemoryAlarm::raise)
+        .await
+        .unwrap();
+    wait_alarm_active().await;
+    let active = began.elapsed();
+    // Three publish timeouts' worth of publishing into the blocked connection.
+    tokio::time::sleep(3 * TIMEOUT).await;
+    let queues = tokio::task::spawn_blocking(socket_queues).await.unwrap();
+    stop.cancel();
+    load.await.expect("load task");
+    let blocked_state = *publisher.state().borrow();
+
+    let samples = std::mem::take(&mut *samples.lock().unwrap());
+    let slowest = samples.iter().map(|s| s.took).max().unwrap_or_default();
+    let late: Vec<&Sample> = samples
+        .iter()
+        .filter(|s| s.started > active + Duration::from_secs(1))
+        .collect();
+    let late_timed_out = late
+        .iter()
+        .filter(|s| matches!(s.result, Err(Error::PublishTimeout { .. })))
+        .count();
+    let mut late_took: Vec<Duration> = late.iter().map(|s| s.took).collect();
+    late_took.sort();
+    eprintln!(
+        "blocked publishing: {} publishes of {SIZE} B, {} confirmed, slowest {slowest:.2?}; {} started 1 s after the alarm, {late_timed_out} timed out, took min {:.2?} median {:.2?} max {:.2?}; state {blocked_state:?}; sockets (state recv-q send-q local peer):\n{queues}",
+        samples.len(),
+        samples.iter().filter(|s| s.result.is_ok()).count(),
+        late.len(),
+        late_took.first().copied().unwrap_or_default(),
+        late_took.get(late_took.len() / 2).copied().unwrap_or_default(),
+        late_took.last().copied().unwrap_or_default(),
+    );
+    for s in &samples {
+        assert!(
+            s.took <= TIMEOUT + Duration::from_secs(1),
+            "a publish started at {:.2?} took {:.2?} (publish_timeout {TIMEOUT:?}): {:?}",
+            s.started,
+            s.took,
+            s.result
+        );
+        assert!(
+            matches!(s.result, Ok(()) | Err(Error::PublishTimeout { .. })),
+            "{:?}",
+            s.result
+        );
+    }
+    assert!(late.len() >= WINDOW, "too few publishes during the alarm");
+    assert_eq!(
+        late_timed_out,
+        late.len(),
+        "every publish into the blocked connection times out"
+    );
+
+    // Cleared: the broker takes publishes again and everything confirmed arrives.
+    tokio::task::spawn_blocking(move || {
+        alarm.clear();
+        alarm
+    })
+    .await
+    .unwrap();
+    let consumer = connect(cfg).await;
+    let sub = consume_into(&consumer, &queue, ledger.clone(), consumer_options()).await;
+    publish_all(
+        publisher.clone(),
+        ledger.clone(),
+        AFTER,
+        16,
+        PublishOptions {
+            timeout: Some(Duration::from_secs(60)),
+            ..Default::default()
+        },
+    )
+    .await;
+    ledger
+        .wait_drained(Duration::from_secs(60))
+        .await
+        .expect("every confirmed message consumed");
+    sub.shutdown(Duration::from_secs(10)).await;
+    let r = ledger.report();
+    eprintln!("blocked publishing: after the alarm {r:?}");
+    assert_eq!(r.failed + r.nacked, 0, "{:?}", r.errors);
+    assert_eq!(r.lost, 0);
+    assert_eq!(
+        r.confirmed,
+        samples.iter().filter(|s| s.result.is_ok()).count() + AFTER
+    );
     cleanup(&publisher).await;
     consumer.close().await.expect("close consumer");
     publisher.close().await.expect("close publisher");

@@ -377,3 +377,162 @@ async fn a_full_reject_publish_queue_nacks_and_nothing_is_silently_lost() {
     cleanup(&b, None).await;
     b.close().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_unroutable_under_load_each_publish_gets_its_own_answer() {
+    // lapin hands a basic.return to whichever confirm resolves next; with 4,096
+    // in flight and every second publish returned, multiple-acks resolve many
+    // confirms at once and most returns land in a sibling's confirmation.
+    const TOTAL: usize = 50_000;
+    const IN_FLIGHT: usize = 4_096;
+    let p = prefix();
+    let b = broker(config(GUEST, &p)).await.unwrap();
+    let names = Names::new(&p);
+    b.declare(&Topology::spec(&names)).await.unwrap();
+    let exchange = names.tasks_exchange();
+    let queue = names.task_queue("background");
+
+    let started = Instant::now();
+    let results: Vec<(bool, String, helixmq::Result<()>)> = futures::stream::iter(0..TOTAL)
+        .map(|i| {
+            let b = b.clone();
+            let exchange = exchange.clone();
+            async move {
+                let unroutable = i % 2 == 1;
+                let key = if unroutable { "nowhere" } else { "background" };
+                let m = Message::new(format!("{i}"));
+                let id = m.id.clone();
+                (unroutable, id, b.publish(&exchange, key, m).await)
+            }
+        })
+        .buffer_unordered(IN_FLIGHT)
+        .collect()
+        .await;
+    let elapsed = started.elapsed();
+
+    let mut confirmed = HashSet::new();
+    let (mut returned, mut wrong) = (0, Vec::new());
+    for (unroutable, id, r) in &results {
+        match (unroutable, r) {
+            (true, Err(Error::Unroutable { message_id, .. })) if message_id == id => returned += 1,
+            (false, Ok(())) => {
+                confirmed.insert(id.clone());
+            }
+            _ => wrong.push(format!("unroutable={unroutable} {id}: {r:?}")),
+        }
+    }
+    println!(
+        "{TOTAL} publishes ({IN_FLIGHT} in flight) in {elapsed:.2?} ({:.0} msg/s): {} confirmed, {returned} unroutable, {} wrong",
+        TOTAL as f64 / elapsed.as_secs_f64(),
+        confirmed.len(),
+        wrong.len()
+    );
+    assert!(
+        wrong.is_empty(),
+        "{} answers wrong, e.g. {:?}",
+        wrong.len(),
+        &wrong[..wrong.len().min(5)]
+    );
+    assert_eq!((confirmed.len(), returned), (TOTAL / 2, TOTAL / 2));
+
+    // Exactly the confirmed ones are in the queue.
+    assert_eq!(
+        b.backend().queue_stats(&queue).await.unwrap().messages,
+        (TOTAL / 2) as u64
+    );
+    let mut stream = b
+        .backend()
+        .consume(&queue, 1_000, "hxtest-returns")
+        .await
+        .unwrap();
+    let mut seen = HashSet::new();
+    while seen.len() < confirmed.len() {
+        let d = tokio::time::timeout(Duration::from_secs(30), stream.next())
+            .await
+            .expect("deliveries keep coming")
+            .expect("stream open")
+            .expect("delivery");
+        assert!(
+            confirmed.contains(&d.message.id),
+            "{} is in the queue but was not confirmed",
+            d.message.id
+        );
+        assert!(seen.insert(d.message.id.clone()), "{} twice", d.message.id);
+        d.acker.ack().await.unwrap();
+    }
+    stream.cancel().await.unwrap();
+    drop(stream);
+    cleanup(&b, None).await;
+    b.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_returned_id_never_makes_a_later_publish_of_it_unroutable() {
+    const IDS: usize = 2_000;
+    const IN_FLIGHT: usize = 512;
+    let p = prefix();
+    let b = broker(config(GUEST, &p)).await.unwrap();
+    let names = Names::new(&p);
+    let mut t = Topology::spec(&names);
+    // Bound only later, for the same-key case below.
+    let late = format!("{p}.tasks.late");
+    t.queues.push(Queue::durable(&late));
+    b.declare(&t).await.unwrap();
+    let exchange = names.tasks_exchange();
+
+    // Many ids at once, each published unroutable and then, the same message
+    // id, routable: the return of the first must not be taken for the second.
+    let results: Vec<(helixmq::Result<()>, helixmq::Result<()>)> = futures::stream::iter(0..IDS)
+        .map(|i| {
+            let b = b.clone();
+            let exchange = exchange.clone();
+            async move {
+                let m = Message::new(format!("{i}"));
+                let first = b.publish(&exchange, "nowhere", m.clone()).await;
+                let second = b.publish(&exchange, "verification", m).await;
+                (first, second)
+            }
+        })
+        .buffer_unordered(IN_FLIGHT)
+        .collect()
+        .await;
+    let bad: Vec<_> = results
+        .iter()
+        .filter(|(a, b)| !matches!(a, Err(Error::Unroutable { .. })) || b.is_err())
+        .collect();
+    assert!(
+        bad.is_empty(),
+        "{} of {IDS} wrong, e.g. {:?}",
+        bad.len(),
+        bad.first()
+    );
+    assert_eq!(
+        b.backend()
+            .queue_stats(&names.task_queue("verification"))
+            .await
+            .unwrap()
+            .messages,
+        IDS as u64
+    );
+
+    // The same id, exchange and routing key: returned, then routable once a
+    // queue is bound to that key.
+    let m = Message::new("same key");
+    let r = b.publish(&exchange, "late", m.clone()).await;
+    assert!(matches!(r, Err(Error::Unroutable { .. })), "{r:?}");
+    let bind = Topology {
+        names: names.clone(),
+        exchanges: vec![],
+        queues: vec![],
+        bindings: vec![helixmq::topology::Binding {
+            exchange: exchange.clone(),
+            queue: late.clone(),
+            routing_key: "late".into(),
+        }],
+    };
+    b.declare(&bind).await.unwrap();
+    b.publish(&exchange, "late", m).await.unwrap();
+    assert_eq!(b.backend().queue_stats(&late).await.unwrap().messages, 1);
+    cleanup(&b, Some(&t)).await;
+    b.close().await.unwrap();
+}

@@ -5,6 +5,8 @@
 //!   backoff, redeclares the topology and publishes each new generation.
 //! - [`publisher`]: a pool of confirm-mode channels; every publish awaits its
 //!   own confirm and is re-sent across connection losses until its timeout.
+//! - [`confirms`]: one driver per publisher channel that sends its publishes
+//!   and matches each confirm and `basic.return` to its own publish.
 //! - [`consumer`]: one channel per consumer, recovered inside `next()`.
 //! - [`acks`]: settling deliveries; a consumer's acks coalesced into
 //!   multiple-acks where that is safe.
@@ -16,6 +18,7 @@
 //! consumers go on), `Disconnected` (reconnecting), `Closed`.
 
 mod acks;
+mod confirms;
 mod connection;
 mod consumer;
 mod errors;

@@ -1,26 +1,34 @@
 //! Confirmed publishing over a small pool of confirm-mode channels.
 //!
-//! Each publish takes the next channel of the pool (round robin), sends, and
-//! awaits *its own* lapin `PublisherConfirm`: ack → Ok, nack →
-//! [`Error::PublishNacked`], returned → [`Error::Unroutable`]. Several channels
-//! keep concurrent publishers from queueing behind one channel's flow, and each
-//! channel has confirm mode enabled once, when it is opened.
+//! Each publish takes the next channel of the pool (round robin) and hands the
+//! message to that channel's confirm driver ([`super::confirms`]), which sends
+//! it and answers with the broker's verdict for *this* publish: ack → Ok, nack
+//! → [`Error::PublishNacked`], returned → [`Error::Unroutable`]. How a
+//! `basic.return` is matched to its own publish whatever lapin attaches it to,
+//! and why that does not depend on task scheduling, is the driver's module
+//! documentation. Several channels keep concurrent publishers from queueing
+//! behind one channel's flow; each channel has confirm mode enabled once, when
+//! it is opened.
 //!
 //! Loss handling: if the channel or connection dies before the confirm
 //! arrives, the publish is sent again (same message id) on a fresh channel of
-//! the next connection, until `timeout`. It returns Ok only after an ack, so a
-//! confirmed message may exist twice on the broker, never zero times.
+//! the next connection. It returns Ok only after an ack, so a confirmed
+//! message may exist twice on the broker, never zero times.
+//!
+//! Time: `timeout` bounds the whole publish — waiting for a connection and a
+//! channel, queueing for the driver, the send itself (which lapin does not
+//! finish while the broker blocks the connection during a resource alarm),
+//! the confirm, and every resend with its pause. A publish that gave up before
+//! the driver sent it is never sent; one already sent may still reach a queue.
 
-use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::types::ShortString;
-use lapin::{BasicProperties, Confirmation};
+use lapin::options::ConfirmSelectOptions;
 use tokio::time::{timeout_at, Instant};
 
+use super::confirms::{Confirms, Settled, Wire};
 use super::connection::{LinkState, Shared};
 use super::errors::{self, code};
 use crate::backend::Outgoing;
@@ -34,11 +42,15 @@ pub(crate) const POOL_SIZE: usize = 4;
 /// RabbitMQ's default `frame_max`, assumed while no connection says otherwise.
 const DEFAULT_FRAME_MAX: usize = 131_072;
 
-/// One confirm-mode channel and the connection generation it belongs to.
+/// One confirm-mode channel, the connection generation it belongs to, and
+/// its confirm driver.
 #[derive(Clone)]
 struct PubChannel {
+    /// For its status: a dead channel is replaced on next use.
     chan: lapin::Channel,
     generation: u64,
+    /// Sends on this channel and answers each publish.
+    confirms: Confirms,
 }
 
 /// The pool.
@@ -47,19 +59,12 @@ pub(crate) struct Publisher {
     /// Slot i holds channel i; a dead or stale one is replaced on next use.
     slots: Vec<tokio::sync::Mutex<Option<PubChannel>>>,
     next: AtomicUsize,
-    /// Message ids lapin handed to the wrong publish: lapin attaches a
-    /// basic.return to whichever confirm completes next, which under multiple
-    /// acks may be another publish of the same channel. Bounded (cleared past
-    /// 10,000 entries; only unroutable messages land here).
-    misrouted_returns: Mutex<HashSet<String>>,
 }
 
 /// A publish ready to send: everything encoded once, reused on every resend.
 struct Prepared<'a> {
     out: &'a Outgoing<'a>,
-    exchange: ShortString,
-    routing_key: ShortString,
-    properties: BasicProperties,
+    wire: Arc<Wire>,
 }
 
 /// What one attempt achieved.
@@ -77,7 +82,6 @@ impl Publisher {
                 .map(|_| tokio::sync::Mutex::new(None))
                 .collect(),
             next: AtomicUsize::new(0),
-            misrouted_returns: Mutex::new(HashSet::new()),
         }
     }
 
@@ -92,6 +96,8 @@ impl Publisher {
                     return Ok(c.clone());
                 }
             }
+            // Dropping the old handle lets its driver end once it has answered
+            // what it still holds (a dead channel fails all of it at once).
             *slot = None;
             let opened = async {
                 let chan = link.conn.create_channel().await?;
@@ -102,6 +108,7 @@ impl Publisher {
             match opened {
                 Ok(chan) => {
                     let c = PubChannel {
+                        confirms: Confirms::start(chan.clone()),
                         chan,
                         generation: link.generation,
                     };
@@ -141,80 +148,49 @@ impl Publisher {
         }
         Ok(Prepared {
             out,
-            exchange: short("exchange name", out.exchange)?,
-            routing_key: short("routing key", out.routing_key)?,
-            properties,
+            wire: Arc::new(Wire {
+                exchange: short("exchange name", out.exchange)?,
+                routing_key: short("routing key", out.routing_key)?,
+                mandatory: out.mandatory,
+                payload: out.message.payload.clone(),
+                properties,
+            }),
         })
     }
 
     /// Publish one message and await its confirm, resending across channel and
-    /// connection losses until `timeout`.
+    /// connection losses; all of it within `timeout`.
     pub(crate) async fn publish(&self, out: &Outgoing<'_>, timeout: Duration) -> Result<()> {
         let p = self.prepare(out)?;
         let deadline = Instant::now() + timeout;
         self.publish_prepared(&p, deadline, timeout).await
     }
 
+    /// [`Publisher::publish`] of a prepared message, until `deadline`.
     async fn publish_prepared(
         &self,
         p: &Prepared<'_>,
         deadline: Instant,
         timeout: Duration,
     ) -> Result<()> {
-        let timed_out = || Error::PublishTimeout {
-            message_id: p.out.message.id.clone(),
-            timeout,
-        };
-        loop {
-            let i = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len();
-            let pc = match timeout_at(deadline, self.channel(i)).await {
-                Err(_) => return Err(timed_out()),
-                Ok(r) => r?,
-            };
-            let confirm = match self.send(&pc, p).await {
-                Ok(c) => c,
-                Err(a) => match a {
+        let attempts = async {
+            loop {
+                let i = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len();
+                let pc = self.channel(i).await?;
+                let attempt = match pc.confirms.submit(p.wire.clone()).await {
+                    Some(answer) => self.settle(&pc, p, answer.await.ok()),
+                    None => self.settle(&pc, p, None),
+                };
+                match attempt {
                     Attempt::Done(r) => return r,
-                    Attempt::Resend => {
-                        pause().await;
-                        continue;
-                    }
-                },
-            };
-            match timeout_at(deadline, confirm).await {
-                Err(_) => return Err(timed_out()),
-                Ok(res) => match self.settle(&pc, p, res).await {
-                    Attempt::Done(r) => return r,
-                    Attempt::Resend => {
-                        if Instant::now() >= deadline {
-                            return Err(timed_out());
-                        }
-                        pause().await;
-                    }
-                },
+                    Attempt::Resend => pause().await,
+                }
             }
-        }
-    }
-
-    async fn send(
-        &self,
-        pc: &PubChannel,
-        p: &Prepared<'_>,
-    ) -> std::result::Result<lapin::PublisherConfirm, Attempt> {
-        let opts = BasicPublishOptions {
-            mandatory: p.out.mandatory,
-            immediate: false,
         };
-        pc.chan
-            .basic_publish(
-                p.exchange.clone(),
-                p.routing_key.clone(),
-                opts,
-                &p.out.message.payload,
-                p.properties.clone(),
-            )
-            .await
-            .map_err(|e| self.failed(pc, p, e))
+        match timeout_at(deadline, attempts).await {
+            Ok(r) => r,
+            Err(_) => Err(timed_out(p, timeout)),
+        }
     }
 
     /// Classify a failed send/confirm: the broker refusing *this* message is
@@ -270,101 +246,43 @@ impl Publisher {
         Attempt::Resend
     }
 
-    async fn settle(
-        &self,
-        pc: &PubChannel,
-        p: &Prepared<'_>,
-        res: lapin::Result<Confirmation>,
-    ) -> Attempt {
-        let id = &p.out.message.id;
-        let unroutable = || {
-            Attempt::Done(Err(Error::Unroutable {
-                message_id: id.clone(),
-                exchange: p.out.exchange.to_string(),
-                routing_key: p.out.routing_key.to_string(),
-            }))
-        };
-        let confirmation = match res {
-            Ok(c) => c,
-            Err(e) => return self.failed(pc, p, e),
-        };
-        let nacked = confirmation.is_nack();
-        if let Some(returned) = confirmation.take_message() {
-            let theirs = returned
-                .delivery
-                .properties
-                .message_id()
-                .as_ref()
-                .map(|s| s.as_str().to_string());
-            if theirs.as_deref() == Some(id.as_str()) {
-                return unroutable();
-            }
-            // Someone else's return, handed to us: file it for its owner.
-            if let Some(other) = theirs {
-                let mut set = self.misrouted_returns.lock().unwrap();
-                if set.len() > 10_000 {
-                    set.clear();
-                }
-                set.insert(other);
+    /// The driver's answer (`None`: it ended without one) as an attempt.
+    fn settle(&self, pc: &PubChannel, p: &Prepared<'_>, answer: Option<Settled>) -> Attempt {
+        let out = p.out;
+        match answer {
+            Some(Settled::Confirmed) => Attempt::Done(Ok(())),
+            Some(Settled::Returned) => Attempt::Done(Err(Error::Unroutable {
+                message_id: out.message.id.clone(),
+                exchange: out.exchange.to_string(),
+                routing_key: out.routing_key.to_string(),
+            })),
+            Some(Settled::Nacked) => Attempt::Done(Err(Error::PublishNacked {
+                message_id: out.message.id.clone(),
+                exchange: out.exchange.to_string(),
+                routing_key: out.routing_key.to_string(),
+            })),
+            Some(Settled::Failed(e)) => self.failed(pc, p, e),
+            Some(Settled::Unconfirmed) | None => {
+                tracing::debug!(message_id = %out.message.id, generation = pc.generation, "publish unconfirmed by its channel; sending again");
+                self.shared.report_failure();
+                Attempt::Resend
             }
         }
-        if nacked {
-            return Attempt::Done(Err(Error::PublishNacked {
-                message_id: id.clone(),
-                exchange: p.out.exchange.to_string(),
-                routing_key: p.out.routing_key.to_string(),
-            }));
-        }
-        self.check_misrouted(p, unroutable).await
     }
 
-    /// Our own return may have been attached to a sibling confirm resolved in
-    /// the same multiple-ack (lapin resolves them in hash order); that sibling
-    /// files it here when it runs. Only mandatory publishes can be returned;
-    /// they let the siblings woken with them run first. Best effort: a sibling
-    /// that runs later than two yields is not waited for.
-    async fn check_misrouted(&self, p: &Prepared<'_>, unroutable: impl Fn() -> Attempt) -> Attempt {
-        if p.out.mandatory {
-            for _ in 0..2 {
-                if self
-                    .misrouted_returns
-                    .lock()
-                    .unwrap()
-                    .remove(&p.out.message.id)
-                {
-                    return unroutable();
-                }
-                tokio::task::yield_now().await;
-            }
-            if self
-                .misrouted_returns
-                .lock()
-                .unwrap()
-                .remove(&p.out.message.id)
-            {
-                return unroutable();
-            }
-        }
-        Attempt::Done(Ok(()))
-    }
-
-    /// Publish many: all sent on one channel first (in order), then every
-    /// confirm awaited. Failures that mean "send again" fall back to
-    /// [`Publisher::publish`] one by one within the same deadline.
+    /// Publish many: all handed to one channel first (sent in order), then
+    /// every confirm awaited. Failures that mean "send again" fall back to
+    /// [`Publisher::publish_prepared`] one by one within the same deadline.
     pub(crate) async fn publish_batch(
         &self,
         outs: &[Outgoing<'_>],
         timeout: Duration,
     ) -> Vec<Result<()>> {
         let deadline = Instant::now() + timeout;
-        let timed_out = |o: &Outgoing<'_>| Error::PublishTimeout {
-            message_id: o.message.id.clone(),
-            timeout,
-        };
         let prepared: Vec<Result<Prepared<'_>>> = outs.iter().map(|o| self.prepare(o)).collect();
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len();
         let pc = match timeout_at(deadline, self.channel(i)).await {
-            Ok(Ok(pc)) => Some(pc),
+            Ok(Ok(pc)) => pc,
             Ok(Err(e)) => {
                 let msg = e.to_string();
                 return outs
@@ -377,20 +295,32 @@ impl Publisher {
                     })
                     .collect();
             }
-            Err(_) => return outs.iter().map(|o| Err(timed_out(o))).collect(),
-        };
-        let pc = pc.expect("set");
-        // Phase 1: send everything, keeping each confirm future.
-        let mut pending = Vec::with_capacity(prepared.len());
-        for p in &prepared {
-            match p {
-                Err(_) => pending.push(None),
-                Ok(p) => pending.push(Some(self.send(&pc, p).await)),
+            Err(_) => {
+                return outs
+                    .iter()
+                    .map(|o| {
+                        Err(Error::PublishTimeout {
+                            message_id: o.message.id.clone(),
+                            timeout,
+                        })
+                    })
+                    .collect()
             }
+        };
+        // Phase 1: hand everything to the channel's driver, in order. `None`:
+        // not handed over in time (a timeout, unless the driver ended).
+        let mut answers = Vec::with_capacity(prepared.len());
+        for p in &prepared {
+            answers.push(match p {
+                Err(_) => None,
+                Ok(p) => timeout_at(deadline, pc.confirms.submit(p.wire.clone()))
+                    .await
+                    .ok(),
+            });
         }
-        // Phase 2: await the confirms in order (they arrive about in order anyway).
+        // Phase 2: await the answers in order (they arrive about in order anyway).
         let mut results = Vec::with_capacity(prepared.len());
-        for (p, sent) in prepared.into_iter().zip(pending) {
+        for (p, answer) in prepared.into_iter().zip(answers) {
             let p = match p {
                 Err(e) => {
                     results.push(Err(e));
@@ -398,11 +328,12 @@ impl Publisher {
                 }
                 Ok(p) => p,
             };
-            let attempt = match sent.expect("sent when prepared") {
-                Err(a) => a,
-                Ok(confirm) => match timeout_at(deadline, confirm).await {
-                    Err(_) => Attempt::Done(Err(timed_out(p.out))),
-                    Ok(res) => self.settle(&pc, &p, res).await,
+            let attempt = match answer {
+                None => Attempt::Done(Err(timed_out(&p, timeout))),
+                Some(None) => self.settle(&pc, &p, None),
+                Some(Some(rx)) => match timeout_at(deadline, rx).await {
+                    Err(_) => Attempt::Done(Err(timed_out(&p, timeout))),
+                    Ok(answer) => self.settle(&pc, &p, answer.ok()),
                 },
             };
             results.push(match attempt {
@@ -413,17 +344,25 @@ impl Publisher {
         results
     }
 
-    /// Wait (up to `timeout`) until every channel has no confirm outstanding.
+    /// Wait (up to `timeout`) until every channel has answered every publish
+    /// it was handed.
     pub(crate) async fn drain(&self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         for slot in &self.slots {
             let c = slot.lock().await.clone();
             if let Some(c) = c {
                 if c.chan.status().connected() {
-                    let _ = timeout_at(deadline, c.chan.wait_for_confirms()).await;
+                    let _ = timeout_at(deadline, c.confirms.idle()).await;
                 }
             }
         }
+    }
+}
+
+fn timed_out(p: &Prepared<'_>, timeout: Duration) -> Error {
+    Error::PublishTimeout {
+        message_id: p.out.message.id.clone(),
+        timeout,
     }
 }
 
