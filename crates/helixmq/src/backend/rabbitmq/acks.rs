@@ -12,8 +12,8 @@
 //! handler instead of keeping one of them busy sending the others' frames.
 //!
 //! Why: every `basic.ack` is a frame the broker must process and a hop into
-//! lapin's I/O thread and back. The broker shares this machine's two cores, so
-//! halving the frames is throughput. Nothing waits for a slow handler: a
+//! lapin's I/O thread and back; where the broker shares the client's cores, fewer
+//! frames is throughput (measured in docs/BENCHMARKS.md). Nothing waits for a slow handler: a
 //! delivery behind it is acked on its own in the next round, so prefetch never
 //! fills with finished work.
 //!

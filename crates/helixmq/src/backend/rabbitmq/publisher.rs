@@ -35,8 +35,9 @@ use crate::backend::Outgoing;
 use crate::error::{Error, Result};
 use crate::message::amqp::{encoded_properties_len, short, to_properties};
 
-/// Publisher channels per connection. Two cores serve this machine; four
-/// channels keep both busy without wasting broker processes.
+/// Publisher channels per connection: each is a broker process, so a few
+/// spread publishes over the broker's cores without wasting processes (the
+/// choice and its figures: docs/BENCHMARKS.md).
 pub(crate) const POOL_SIZE: usize = 4;
 
 /// RabbitMQ's default `frame_max`, assumed while no connection says otherwise.
