@@ -232,7 +232,7 @@ fn login_refused_help(cfg: &Config, at: &str, e: &helixmq::Error) -> String {
          \x20 sudo rabbitmqctl add_user {user} '<password>'   # then RABBITMQ_PASSWORD=<password>\n\
          \x20 sudo rabbitmqctl set_permissions -p {vhost} {user} {perm} {perm} {perm}\n\
          \x20 sudo rabbitmqctl set_user_tags {user} management   # for `stats` and `topology diff`\n\
-         or  scripts/provision        (creates {user} with the test password)\n\
+         or  scripts/provision        (creates the spec's user helixagent with the configuration's default password)\n\
          or  RABBITMQ_USER=guest RABBITMQ_PASSWORD=guest helixmq demo   (a local broker's guest)\n\
          {bar}",
         vhost = cfg.rabbitmq.vhost,
