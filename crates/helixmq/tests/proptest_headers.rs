@@ -12,7 +12,7 @@ use helixmq::message::amqp::{
     from_amqp_value, from_field_table, from_properties, to_amqp_value, to_field_table,
     to_properties,
 };
-use helixmq::message::Delivery;
+use helixmq::message::DeliveryMode;
 use helixmq::{Error, HeaderValue, Message, Priority};
 use lapin::types::generation::gen_field_table;
 use lapin::types::parsing::parse_field_table;
@@ -319,7 +319,7 @@ proptest! {
         m.priority = priority.map(|p| Priority::new(p).unwrap());
         m.attempt = attempt;
         m.expiration = ttl.map(Duration::from_millis);
-        m.delivery = if transient { Delivery::Transient } else { Delivery::Persistent };
+        m.delivery_mode = if transient { DeliveryMode::Transient } else { DeliveryMode::Persistent };
         let fits = names_fit(&m.headers)
             && m.correlation_id.as_ref().map(|c| c.len() <= 255).unwrap_or(true);
         match to_properties(&m) {

@@ -225,7 +225,7 @@ async fn every_property_and_header_type_survives_the_broker() {
 
     // Transient messages keep their delivery mode.
     let mut t = Message::new("t");
-    t.delivery = helixmq::message::Delivery::Transient;
+    t.delivery_mode = helixmq::message::DeliveryMode::Transient;
     b.publish(&names.tasks_exchange(), "llm", t.clone())
         .await
         .unwrap();
@@ -235,7 +235,7 @@ async fn every_property_and_header_type_survives_the_broker() {
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(d.message.delivery, helixmq::message::Delivery::Transient);
+    assert_eq!(d.message.delivery_mode, helixmq::message::DeliveryMode::Transient);
     d.acker.ack().await.unwrap();
     cleanup(&b, None).await;
     b.close().await.unwrap();

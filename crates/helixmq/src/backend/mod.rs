@@ -18,6 +18,7 @@ use crate::topology::Topology;
 
 /// Which backend a broker runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum BackendKind {
     /// The in-process embedded broker.
     Memory,
@@ -27,6 +28,7 @@ pub enum BackendKind {
 
 /// Connection state, observable by callers and exported as a metric.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ConnectionState {
     /// No connection (value 0 of `rabbitmq_connection_state`).
     Disconnected,

@@ -32,7 +32,7 @@ use bytes::Bytes;
 use lapin::types::{AMQPValue, ByteArray, FieldArray, FieldTable, LongString, ShortString};
 use lapin::BasicProperties;
 
-use super::{header, Delivery, HeaderValue, Headers, Message, Priority};
+use super::{header, DeliveryMode, HeaderValue, Headers, Message, Priority};
 use crate::error::{Error, Result};
 
 /// A short string (≤ 255 bytes), refused clearly when longer; `what` names the field.
@@ -151,9 +151,9 @@ pub fn to_properties(m: &Message) -> Result<BasicProperties> {
     let mut p = BasicProperties::default()
         .with_message_id(short("message id", &m.id)?)
         .with_timestamp(m.timestamp)
-        .with_delivery_mode(match m.delivery {
-            Delivery::Persistent => 2,
-            Delivery::Transient => 1,
+        .with_delivery_mode(match m.delivery_mode {
+            DeliveryMode::Persistent => 2,
+            DeliveryMode::Transient => 1,
         })
         .with_headers(to_field_table(&headers)?);
     if let Some(k) = &m.kind {
@@ -234,9 +234,9 @@ pub fn from_properties(properties: &BasicProperties, body: impl Into<Bytes>) -> 
             .as_ref()
             .and_then(|e| e.as_str().parse::<u64>().ok())
             .map(Duration::from_millis),
-        delivery: match properties.delivery_mode() {
-            Some(2) => Delivery::Persistent,
-            _ => Delivery::Transient,
+        delivery_mode: match properties.delivery_mode() {
+            Some(2) => DeliveryMode::Persistent,
+            _ => DeliveryMode::Transient,
         },
         attempt,
         traceparent,
@@ -297,7 +297,7 @@ mod tests {
         let back = from_properties(&p, m.payload.clone());
         assert_eq!(back, m);
 
-        m.delivery = Delivery::Transient;
+        m.delivery_mode = DeliveryMode::Transient;
         m.priority = None;
         m.expiration = None;
         let p = to_properties(&m).unwrap();
@@ -369,7 +369,7 @@ mod tests {
         let m = from_properties(&p, Bytes::from_static(b"x"));
         assert_eq!(m.attempt, 1);
         assert_eq!(m.priority, Some(Priority::CRITICAL));
-        assert_eq!(m.delivery, Delivery::Transient);
+        assert_eq!(m.delivery_mode, DeliveryMode::Transient);
         assert!(!m.id.is_empty());
     }
 }

@@ -93,9 +93,12 @@ impl std::str::FromStr for Priority {
     }
 }
 
-/// Delivery mode.
+/// AMQP delivery mode: whether a durable queue writes the message to disk.
+///
+/// Not to be confused with [`backend::Delivery`](crate::backend::Delivery), a
+/// message as delivered from a queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Delivery {
+pub enum DeliveryMode {
     /// Written to disk by durable queues (AMQP delivery mode 2). The default.
     #[default]
     Persistent,
@@ -129,7 +132,7 @@ pub struct Message {
     /// Per-message TTL.
     pub expiration: Option<Duration>,
     /// Persistent or transient.
-    pub delivery: Delivery,
+    pub delivery_mode: DeliveryMode,
     /// Which attempt this delivery is (1 = first). Kept in [`header::ATTEMPT`].
     pub attempt: u32,
     /// The W3C trace context. Travels in the [`header::TRACEPARENT`] header on
@@ -154,7 +157,7 @@ impl Message {
             correlation_id: None,
             reply_to: None,
             expiration: None,
-            delivery: Delivery::Persistent,
+            delivery_mode: DeliveryMode::Persistent,
             attempt: 1,
             traceparent: None,
         }
