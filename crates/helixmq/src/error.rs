@@ -187,9 +187,145 @@ impl Error {
         )
     }
 
+    /// This error again, for each of several operations that one cause failed
+    /// at once (a batch whose channel could not be had): the same variant and
+    /// fields, so [`Error::is_retryable`] gives the same answer; a cause that
+    /// cannot be cloned is kept as its text (its own chain flattened).
+    pub(crate) fn replicate(&self) -> Error {
+        fn text(e: &BoxError) -> BoxError {
+            e.to_string().into()
+        }
+        match self {
+            Error::InvalidConfig { problems } => Error::InvalidConfig {
+                problems: problems.clone(),
+            },
+            Error::ConnectionRefused { host, port, source } => Error::ConnectionRefused {
+                host: host.clone(),
+                port: *port,
+                source: text(source),
+            },
+            Error::Connect {
+                endpoint,
+                reason,
+                source,
+            } => Error::Connect {
+                endpoint: endpoint.clone(),
+                reason: reason.clone(),
+                source: source.as_ref().map(text),
+            },
+            Error::AccessRefused { user, detail } => Error::AccessRefused {
+                user: user.clone(),
+                detail: detail.clone(),
+            },
+            Error::VhostNotAllowed { vhost } => Error::VhostNotAllowed {
+                vhost: vhost.clone(),
+            },
+            Error::PreconditionFailed { kind, name, detail } => Error::PreconditionFailed {
+                kind,
+                name: name.clone(),
+                detail: detail.clone(),
+            },
+            Error::PublishNacked {
+                message_id,
+                exchange,
+                routing_key,
+            } => Error::PublishNacked {
+                message_id: message_id.clone(),
+                exchange: exchange.clone(),
+                routing_key: routing_key.clone(),
+            },
+            Error::PublishTimeout {
+                message_id,
+                timeout,
+            } => Error::PublishTimeout {
+                message_id: message_id.clone(),
+                timeout: *timeout,
+            },
+            Error::Unroutable {
+                message_id,
+                exchange,
+                routing_key,
+            } => Error::Unroutable {
+                message_id: message_id.clone(),
+                exchange: exchange.clone(),
+                routing_key: routing_key.clone(),
+            },
+            Error::NotFound { kind, name } => Error::NotFound {
+                kind,
+                name: name.clone(),
+            },
+            Error::InvalidPriority { priority, reason } => Error::InvalidPriority {
+                priority: *priority,
+                reason: reason.clone(),
+            },
+            Error::InvalidMessage(m) => Error::InvalidMessage(m.clone()),
+            Error::NotConnected => Error::NotConnected,
+            Error::ReconnectExhausted { attempts, source } => Error::ReconnectExhausted {
+                attempts: *attempts,
+                source: source.as_ref().map(text),
+            },
+            Error::ConsumerCancelled { queue } => Error::ConsumerCancelled {
+                queue: queue.clone(),
+            },
+            Error::Closed => Error::Closed,
+            Error::Amqp { context, source } => Error::Amqp {
+                context: context.clone(),
+                source: text(source),
+            },
+            Error::Io { context, source } => Error::Io {
+                context: context.clone(),
+                source: std::io::Error::new(source.kind(), source.to_string()),
+            },
+        }
+    }
+
     pub(crate) fn invalid_config(problem: impl Into<String>) -> Self {
         Error::InvalidConfig {
             problems: vec![problem.into()],
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A batch failed by one cause reports it for every message with the same
+    /// variant, so callers decide retries the same way as for one publish.
+    #[test]
+    fn replicate_keeps_the_variant_and_the_retry_decision() {
+        let cases = [
+            Error::Closed,
+            Error::NotConnected,
+            Error::ReconnectExhausted {
+                attempts: 3,
+                source: Some("connection refused".into()),
+            },
+            Error::ConnectionRefused {
+                host: "h".into(),
+                port: 5672,
+                source: "refused".into(),
+            },
+            Error::Amqp {
+                context: "open a publisher channel".into(),
+                source: "channel_max reached".into(),
+            },
+            Error::Io {
+                context: "read".into(),
+                source: std::io::Error::other("boom"),
+            },
+        ];
+        for e in &cases {
+            let r = e.replicate();
+            assert_eq!(
+                std::mem::discriminant(e),
+                std::mem::discriminant(&r),
+                "{e:?}"
+            );
+            assert_eq!(e.to_string(), r.to_string());
+            assert_eq!(e.is_retryable(), r.is_retryable(), "{e:?}");
+        }
+        assert!(Error::NotConnected.replicate().is_retryable());
+        assert!(!Error::Closed.replicate().is_retryable());
     }
 }

@@ -235,7 +235,10 @@ async fn every_property_and_header_type_survives_the_broker() {
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(d.message.delivery_mode, helixmq::message::DeliveryMode::Transient);
+    assert_eq!(
+        d.message.delivery_mode,
+        helixmq::message::DeliveryMode::Transient
+    );
     d.acker.ack().await.unwrap();
     cleanup(&b, None).await;
     b.close().await.unwrap();
@@ -535,4 +538,33 @@ async fn a_returned_id_never_makes_a_later_publish_of_it_unroutable() {
     assert_eq!(b.backend().queue_stats(&late).await.unwrap().messages, 1);
     cleanup(&b, Some(&t)).await;
     b.close().await.unwrap();
+}
+
+/// A batch on a closed broker fails each message with the error a single
+/// publish gives (`Closed`, not an `Amqp` text), so callers match and decide
+/// retries the same way whichever they used.
+#[tokio::test]
+async fn a_batch_on_a_closed_broker_keeps_the_error_variant() {
+    let p = prefix();
+    let b = broker(config(GUEST, &p)).await.unwrap();
+    let names = Names::new(&p);
+    b.declare(&Topology::spec(&names)).await.unwrap();
+    cleanup(&b, None).await;
+    b.close().await.unwrap();
+    let exchange = names.tasks_exchange();
+    let single = b
+        .publish(&exchange, "background", Message::new("one"))
+        .await;
+    assert!(matches!(single, Err(Error::Closed)), "{single:?}");
+    let batch = [Message::new("a"), Message::new("b")];
+    let results = b
+        .publish_batch(&exchange, "background", &batch, &PublishOptions::default())
+        .await;
+    assert_eq!(results.len(), 2);
+    for r in results {
+        match r {
+            Err(e @ Error::Closed) => assert!(!e.is_retryable()),
+            other => panic!("expected Error::Closed, got {other:?}"),
+        }
+    }
 }

@@ -284,18 +284,9 @@ impl Publisher {
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len();
         let pc = match timeout_at(deadline, self.channel(i)).await {
             Ok(Ok(pc)) => pc,
-            Ok(Err(e)) => {
-                let msg = e.to_string();
-                return outs
-                    .iter()
-                    .map(|_| {
-                        Err(Error::Amqp {
-                            context: "publish batch".into(),
-                            source: msg.clone().into(),
-                        })
-                    })
-                    .collect();
-            }
+            // The same error for each message, variant kept (a closed broker
+            // is `Closed` here as it is for one publish, not an `Amqp` text).
+            Ok(Err(e)) => return outs.iter().map(|_| Err(e.replicate())).collect(),
             Err(_) => {
                 return outs
                     .iter()
