@@ -32,7 +32,9 @@ pub async fn connect_with_metrics(
         endpoint(cfg),
         cfg.rabbitmq.vhost
     );
-    Broker::connect_with_metrics(cfg.clone(), metrics)
+    Broker::builder(cfg.clone())
+        .metrics(metrics)
+        .connect()
         .await
         .context(what)
 }

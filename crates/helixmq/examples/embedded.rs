@@ -15,8 +15,9 @@ use tokio::sync::mpsc;
 async fn main() -> helixmq::Result<()> {
     let mut registry = Registry::default();
     let metrics = Metrics::new(&mut registry);
-    let backend = std::sync::Arc::new(helixmq::backend::memory::MemoryBroker::new());
-    let broker = Broker::with_backend(backend, Config::default(), metrics);
+    let broker = Broker::builder(Config::default())
+        .metrics(metrics)
+        .embedded();
     let names = broker.names().clone();
     broker.declare(&Topology::spec(&names)).await?;
 

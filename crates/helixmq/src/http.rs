@@ -14,8 +14,7 @@
 //!
 //! let mut registry = Registry::default();
 //! let metrics = Metrics::new(&mut registry);
-//! let broker = Broker::with_backend(
-//!     Arc::new(helixmq::backend::memory::MemoryBroker::new()), Config::default(), metrics);
+//! let broker = Broker::builder(Config::default()).metrics(metrics).embedded();
 //! let router = http::router(http::HealthSource::new(&broker), Arc::new(registry));
 //! let shutdown = tokio_util::sync::CancellationToken::new();
 //! let server = http::serve("127.0.0.1:0".parse().unwrap(), router, shutdown.clone()).await?;
@@ -188,6 +187,7 @@ impl HealthSource {
             backend: match self.backend {
                 BackendKind::Memory => "memory",
                 BackendKind::RabbitMq => "rabbitmq",
+                BackendKind::Custom => "custom",
             },
             connection: match state {
                 ConnectionState::Connected => "connected",

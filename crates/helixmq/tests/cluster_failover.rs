@@ -142,7 +142,9 @@ async fn quorum_queues_survive_the_connected_node_killed_and_restarted() {
             .expect("connects to the cluster"),
     );
     let version = backend.server_version().expect("version read at connect");
-    let b = Broker::with_backend(backend.clone(), cfg.clone(), metrics.clone());
+    let b = Broker::builder(cfg.clone())
+        .metrics(metrics.clone())
+        .custom_backend(backend.clone());
     let names = Names::new(&p);
     let topology = Topology::spec(&names).with_queue_type(cfg.helixmq.queue_type);
     b.declare(&topology).await.unwrap();

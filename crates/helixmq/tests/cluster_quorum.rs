@@ -45,7 +45,9 @@ async fn connect(prefix: &str) -> (Arc<RabbitBackend>, Broker) {
             .await
             .unwrap(),
     );
-    let b = Broker::with_backend(backend.clone(), cfg, metrics);
+    let b = Broker::builder(cfg)
+        .metrics(metrics)
+        .custom_backend(backend.clone());
     (backend, b)
 }
 

@@ -139,7 +139,9 @@ async fn deployment_config_boots_and_serves_the_topology() {
         RabbitBackend::connect_named(&config.rabbitmq, metrics.clone(), "hxtest-deploy-boot")
             .await
             .expect("the user written by the entrypoint logs in");
-    let broker = Broker::with_backend(Arc::new(backend), config, metrics);
+    let broker = Broker::builder(config)
+        .metrics(metrics)
+        .custom_backend(Arc::new(backend));
 
     // Imported at boot: every queue of the spec exists before anyone declared it.
     let spec = Topology::spec(&names);

@@ -119,7 +119,9 @@ async fn health_and_connection_state_follow_a_network_cut() {
     )
     .await
     .unwrap();
-    let broker = Broker::with_backend(Arc::new(backend), config, metrics);
+    let broker = Broker::builder(config)
+        .metrics(metrics)
+        .custom_backend(Arc::new(backend));
     let queue = format!("{prefix}.health");
     let mut t = Topology::system(broker.names());
     t.queues.push(Queue::durable(queue.clone()));

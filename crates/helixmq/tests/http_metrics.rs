@@ -40,7 +40,9 @@ fn setup() -> Setup {
     backend.add_queue(IDLE);
     let mut registry = Registry::default();
     let metrics = Metrics::new(&mut registry);
-    let broker = Broker::with_backend(backend.clone(), config, metrics);
+    let broker = Broker::builder(config)
+        .metrics(metrics)
+        .custom_backend(backend.clone());
     Setup {
         broker,
         backend,
@@ -373,7 +375,9 @@ async fn counters_after_a_known_run_on_the_embedded_broker() {
     let mut registry = Registry::default();
     let metrics = Metrics::new(&mut registry);
     let backend = Arc::new(helixmq::backend::memory::MemoryBroker::new());
-    let broker = Broker::with_backend(backend, config, metrics.clone());
+    let broker = Broker::builder(config)
+        .metrics(metrics.clone())
+        .custom_backend(backend);
     broker
         .declare(&helixmq::Topology::spec(&names))
         .await

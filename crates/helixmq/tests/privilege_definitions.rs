@@ -111,7 +111,9 @@ async fn import_and_run(source: &str, defs: Value) {
         RabbitBackend::connect_named(&cfg.rabbitmq, metrics.clone(), &format!("hxtest-{vhost}"))
             .await
             .unwrap_or_else(|e| panic!("{source}: helixagent connects to {vhost}: {e}"));
-    let b = Broker::with_backend(std::sync::Arc::new(backend), cfg, metrics);
+    let b = Broker::builder(cfg)
+        .metrics(metrics)
+        .custom_backend(std::sync::Arc::new(backend));
     // Before anything is declared by the client, the imported topology alone routes.
     b.backend()
         .queue_stats("helixagent.tasks.llm")

@@ -88,7 +88,9 @@ async fn connect(cfg: &Config) -> helixmq::Result<(Broker, String)> {
     let metrics = Metrics::default();
     let backend = RabbitBackend::connect_named(&cfg.rabbitmq, metrics.clone(), &name).await?;
     Ok((
-        Broker::with_backend(Arc::new(backend), cfg.clone(), metrics),
+        Broker::builder(cfg.clone())
+            .metrics(metrics)
+            .custom_backend(Arc::new(backend)),
         name,
     ))
 }

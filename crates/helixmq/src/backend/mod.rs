@@ -5,6 +5,12 @@
 //! letters, concurrency, shutdown, metrics) is written once in
 //! [`crate::consumer`] and [`crate::broker`], so the embedded broker and
 //! RabbitMQ behave the same by construction.
+//!
+//! [`Backend`] is a public extension point: the two backends here
+//! ([`memory`], [`rabbitmq`]) implement it, and so can an application (a test
+//! double, another transport), passing it to
+//! [`BrokerBuilder::custom_backend`](crate::broker::BrokerBuilder::custom_backend).
+//! The trait's documentation is the contract such a backend must keep.
 
 pub mod memory;
 pub mod rabbitmq;
@@ -24,6 +30,9 @@ pub enum BackendKind {
     Memory,
     /// A RabbitMQ server or cluster.
     RabbitMq,
+    /// A backend supplied by the application
+    /// ([`BrokerBuilder::custom_backend`](crate::broker::BrokerBuilder::custom_backend)).
+    Custom,
 }
 
 /// Connection state, observable by callers and exported as a metric.
@@ -74,7 +83,49 @@ pub struct QueueStats {
     pub consumers: u32,
 }
 
-/// A broker backend.
+/// A broker backend: the AMQP verbs helixmq's broker and consumer are built on.
+///
+/// This trait is an extension point rather than sealed: the conformance suite
+/// and the `/health` tests drive the consumer through backends of their own,
+/// and a service may want one (a test double, another transport). What makes
+/// helixmq reliable is written once above this trait, so a backend only has
+/// to keep the AMQP promises below; the conformance suite
+/// (`crates/helixmq/tests/common/conformance.rs`) is how the two backends here
+/// show that they do.
+///
+/// # Contract
+///
+/// A backend **must**:
+/// - **Confirm.** [`publish`](Backend::publish) resolves `Ok` only once the
+///   message is safely in every queue it routes to (a publisher confirm on
+///   RabbitMQ). A refusal is [`Error::PublishNacked`](crate::Error::PublishNacked);
+///   no answer within `timeout` is [`Error::PublishTimeout`](crate::Error::PublishTimeout)
+///   ("unknown", not "lost"). It may send a message again (same id) across a
+///   connection loss, never drop one it answered `Ok` for.
+/// - **Return.** A `mandatory` publish that reaches no queue fails with
+///   [`Error::Unroutable`](crate::Error::Unroutable), not `Ok`.
+/// - **Declare what the topology says**, idempotently: queue TTLs and
+///   dead-letter exchanges (the retry tiers are TTL queues that dead-letter
+///   back to the origin queue), max length and overflow, priorities.
+/// - **Settle as told.** A delivery stays unacked until its [`Acker`] is used;
+///   at most `prefetch` unacked deliveries per consumer; `nack(requeue)`
+///   redelivers with `redelivered = true`; dropping a [`DeliveryStream`]
+///   requeues what it had not settled.
+/// - **Recover by itself.** Connection loss is handled inside the backend:
+///   publishes wait (within their timeout) and are resent, delivery streams
+///   resume inside [`DeliveryStream::next`], [`state`](Backend::state) reports
+///   `Disconnected` meanwhile. Only [`close`](Backend::close) (or reconnects
+///   given up) makes it `Closed`, after which every operation fails with
+///   [`Error::Closed`](crate::Error::Closed) — the consumer stops re-routing on it.
+/// - **Keep errors typed**: the variants of [`Error`](crate::Error) that fit,
+///   so [`Error::is_retryable`](crate::Error::is_retryable) stays right.
+///
+/// A backend **must not**:
+/// - know of retries, attempts, failure headers or the DLQ — it moves messages
+///   as it is told, the consumer decides where they go;
+/// - ack, nack or requeue a delivery on its own (except requeueing what a
+///   dropped stream or a lost connection left unsettled);
+/// - block the runtime: every method is called from async code.
 #[async_trait]
 pub trait Backend: Send + Sync + 'static {
     /// Which backend this is.

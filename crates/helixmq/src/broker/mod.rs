@@ -4,11 +4,16 @@
 //! topology it declared, so it can refuse a priority a queue would ignore and
 //! route retries back to the queue a message came from.
 
+mod builder;
 pub(crate) mod options;
 pub(crate) use options as options_resolved;
+mod route;
 
+pub use builder::BrokerBuilder;
 pub use options::{DedupOptions, PublishOptions, RetryPolicy, SubscribeOptions};
+pub(crate) use route::RouteHandle;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -24,6 +29,10 @@ use crate::metrics::Metrics;
 use crate::topology::{Names, QueueType, Topology};
 
 /// A handle to a broker (embedded or RabbitMQ).
+///
+/// Made by [`Broker::connect`] (RabbitMQ), [`Broker::embedded`] (in process),
+/// or [`Broker::builder`] for anything optional: metrics, connection name, a
+/// backend of your own.
 #[derive(Clone)]
 pub struct Broker {
     pub(crate) inner: Arc<Inner>,
@@ -31,17 +40,20 @@ pub struct Broker {
 
 pub(crate) struct Inner {
     /// The transport; everything else here is shared policy.
-    pub(crate) backend: Arc<dyn Backend>,
+    backend: Arc<dyn Backend>,
     /// Loaded configuration (defaults for publish/subscribe options).
-    pub(crate) config: Config,
+    config: Config,
     /// Names under the configured prefix.
-    pub(crate) names: Names,
+    names: Names,
     /// What has been declared, for priority checks and retry tiers.
-    pub(crate) topology: Mutex<Topology>,
+    topology: Mutex<Topology>,
     /// Counters; registered by the caller or private.
-    pub(crate) metrics: Metrics,
+    metrics: Metrics,
     /// Deliveries held by this broker's subscriptions (see `consumer::hold`).
     pub(crate) holds: Arc<crate::consumer::Holds>,
+    /// Whether the task mirroring the connection state into the gauge runs:
+    /// a broker made outside a Tokio runtime starts it on first use inside one.
+    mirroring: AtomicBool,
 }
 
 impl std::fmt::Debug for Broker {
@@ -54,7 +66,16 @@ impl std::fmt::Debug for Broker {
 }
 
 impl Broker {
-    /// An embedded (in-process) broker with `config`'s policies. Nothing is declared yet.
+    /// Everything optional about making a broker: metrics, connection name,
+    /// a backend of your own. [`Broker::connect`] and [`Broker::embedded`]
+    /// are its one-line shortcuts.
+    pub fn builder(config: Config) -> BrokerBuilder {
+        BrokerBuilder::new(config)
+    }
+
+    /// An embedded (in-process) broker with `config`'s policies. Nothing is
+    /// declared yet. Short for `Broker::builder(config).embedded()`; it may be
+    /// made outside a Tokio runtime and used inside one later.
     ///
     /// ```
     /// # tokio_test_block(async {
@@ -72,45 +93,37 @@ impl Broker {
     /// #     tokio::runtime::Runtime::new().unwrap().block_on(f).unwrap() }
     /// ```
     pub fn embedded(config: Config) -> Broker {
-        let backend = Arc::new(crate::backend::memory::MemoryBroker::new());
-        Broker::with_backend(backend, config, Metrics::default())
+        Broker::builder(config).embedded()
     }
 
-    /// Connect to RabbitMQ as configured and declare nothing yet.
+    /// Connect to RabbitMQ as configured and declare nothing yet. Short for
+    /// `Broker::builder(config).connect().await`.
     pub async fn connect(config: Config) -> Result<Broker> {
-        Broker::connect_with_metrics(config, Metrics::default()).await
+        Broker::builder(config).connect().await
     }
 
-    /// Connect to RabbitMQ, counting into `metrics` (see [`Metrics::new`]).
+    // Kept, hidden, only while `helixmq demo` (being reorganised on another
+    // branch) still calls them; they go once it uses the builder.
+    #[doc(hidden)]
     pub async fn connect_with_metrics(config: Config, metrics: Metrics) -> Result<Broker> {
-        if !config.rabbitmq.publisher_confirm {
-            // Publish returns Ok only after a confirm: that is the product, not an option.
-            tracing::warn!(
-                "rabbitmq.publisher_confirm is false, but helixmq always uses publisher \
-                 confirms (publish returns Ok only once the broker confirmed); the setting is ignored"
-            );
-        }
-        let backend =
-            crate::backend::rabbitmq::RabbitBackend::connect(&config.rabbitmq, metrics.clone())
-                .await?;
-        Ok(Broker::with_backend(Arc::new(backend), config, metrics))
+        Broker::builder(config).metrics(metrics).connect().await
     }
 
-    /// A broker over any backend.
+    #[doc(hidden)]
     pub fn with_backend(backend: Arc<dyn Backend>, config: Config, metrics: Metrics) -> Broker {
+        Broker::builder(config)
+            .metrics(metrics)
+            .custom_backend(backend)
+    }
+
+    /// A broker over `backend`, whatever made it (see [`BrokerBuilder`]).
+    fn assemble(backend: Arc<dyn Backend>, config: Config, metrics: Metrics) -> Broker {
         let names = Names::new(config.helixmq.prefix.clone());
         let topology = Topology::system(&names);
-        let mut state = backend.state();
-        // Mirror the connection state into the gauge; the task ends when the backend drops its sender.
-        let gauge = metrics.connection_state.clone();
-        gauge.set(state.borrow().gauge());
-        tokio::spawn(async move {
-            while state.changed().await.is_ok() {
-                let s = *state.borrow();
-                gauge.set(s.gauge());
-            }
-        });
-        Broker {
+        metrics
+            .connection_state
+            .set(backend.state().borrow().gauge());
+        let broker = Broker {
             inner: Arc::new(Inner {
                 backend,
                 config,
@@ -120,8 +133,55 @@ impl Broker {
                     metrics.reroutes_blocked.clone(),
                 )),
                 metrics,
+                mirroring: AtomicBool::new(false),
             }),
+        };
+        broker.start_mirroring();
+        broker
+    }
+
+    /// Mirror the connection state into the gauge, once, if a Tokio runtime is
+    /// at hand (else on a later call: every async method calls this). The task
+    /// ends when the backend drops its sender.
+    fn start_mirroring(&self) {
+        if self.inner.mirroring.load(Ordering::Relaxed) {
+            return;
         }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        if self.inner.mirroring.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let mut state = self.inner.backend.state();
+        let gauge = self.inner.metrics.connection_state.clone();
+        gauge.set(state.borrow_and_update().gauge());
+        rt.spawn(async move {
+            while state.changed().await.is_ok() {
+                let s = *state.borrow();
+                gauge.set(s.gauge());
+            }
+        });
+    }
+
+    /// The topology declared so far. A panic while it was held (none is
+    /// expected: merging is plain pushes) leaves it usable, not poisoned.
+    fn declared(&self) -> std::sync::MutexGuard<'_, Topology> {
+        self.inner
+            .topology
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// What a subscription may use of this broker.
+    pub(crate) fn route_handle(&self) -> RouteHandle {
+        RouteHandle::new(
+            self.inner.backend.clone(),
+            self.inner.names.clone(),
+            self.inner.metrics.clone(),
+            self.publish_timeout(),
+            self.inner.holds.clone(),
+        )
     }
 
     /// Which backend this broker runs on.
@@ -164,16 +224,17 @@ impl Broker {
 
     /// Declare `topology` (idempotent) and remember it.
     pub async fn declare(&self, topology: &Topology) -> Result<()> {
+        self.start_mirroring();
         self.inner.backend.declare(topology).await?;
         self.inner.metrics.touch(topology);
-        let mut t = self.inner.topology.lock().unwrap();
+        let mut t = self.declared();
         merge(&mut t, topology);
         Ok(())
     }
 
     /// A snapshot of the topology declared through this handle.
     pub fn topology(&self) -> Topology {
-        self.inner.topology.lock().unwrap().clone()
+        self.declared().clone()
     }
 
     /// Publish with default options (mandatory, the configured timeout).
@@ -190,6 +251,7 @@ impl Broker {
         mut message: Message,
         opts: &PublishOptions,
     ) -> Result<()> {
+        self.start_mirroring();
         if let Some(p) = opts.priority {
             message.priority = Some(p);
         }
@@ -223,7 +285,7 @@ impl Broker {
             .instrument(span)
             .await;
         self.inner.metrics.confirms_pending.dec();
-        self.count_publish(exchange, &res, started);
+        self.inner.metrics.count_publish(exchange, &res, started);
         res
     }
 
@@ -235,6 +297,7 @@ impl Broker {
         messages: &[Message],
         opts: &PublishOptions,
     ) -> Vec<Result<()>> {
+        self.start_mirroring();
         let timeout = opts
             .timeout
             .unwrap_or(self.inner.config.rabbitmq.publish_timeout);
@@ -279,22 +342,11 @@ impl Broker {
                 Err(e) => Err(e),
                 Ok(()) => {
                     let r = sent.next().unwrap_or(Err(Error::Closed));
-                    self.count_publish(exchange, &r, started);
+                    self.inner.metrics.count_publish(exchange, &r, started);
                     r
                 }
             })
             .collect()
-    }
-
-    pub(crate) fn count_publish(&self, exchange: &str, res: &Result<()>, started: Instant) {
-        let m = &self.inner.metrics;
-        match res {
-            Ok(()) => {
-                m.exchange(&m.published, exchange);
-                m.publish_latency.observe(started.elapsed().as_secs_f64());
-            }
-            Err(_) => m.exchange(&m.publish_failures, exchange),
-        }
     }
 
     /// Refuse a priority above the maximum of a queue the message would reach.
@@ -302,7 +354,7 @@ impl Broker {
         let Some(p) = message.priority else {
             return Ok(());
         };
-        let t = self.inner.topology.lock().unwrap();
+        let t = self.declared();
         for q in t.route(exchange, routing_key) {
             if let Some(max) = q.max_priority {
                 if p.value() > max {
@@ -346,12 +398,19 @@ impl Broker {
             }
         }
         self.declare(&tiers).await?;
-        consumer::start(self.clone(), queue.to_string(), Arc::new(handler), opts).await
+        consumer::start(
+            self.route_handle(),
+            queue.to_string(),
+            Arc::new(handler),
+            opts,
+        )
+        .await
     }
 
     /// Close: wait for outstanding confirms, then close channels and connection.
     /// Subscriptions should be shut down first to drain their handlers.
     pub async fn close(&self) -> Result<()> {
+        self.start_mirroring();
         self.inner.backend.close().await
     }
 

@@ -5,7 +5,7 @@
 //! outcome is safe: Ack after success; Retry and DeadLetter only after the
 //! re-routed copy is confirmed by the broker. If that publish fails the
 //! original is *held*: kept unacked while its copy is published again with a
-//! capped, jittered backoff, its handler not run again ([`hold`]). Only a
+//! capped, jittered backoff, its handler not run again (`hold.rs`). Only a
 //! shutdown gives a held delivery back to its queue (nack with requeue).
 
 mod dedup;
@@ -29,8 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::backend::{Delivery, Outgoing};
-use crate::broker::Broker;
-use crate::broker::RetryPolicy;
+use crate::broker::{RetryPolicy, RouteHandle};
 use crate::error::{Error, Result};
 use crate::message::{header, now_unix_millis, HeaderValue, Message};
 use crate::metrics::QueueLabel;
@@ -143,7 +142,8 @@ impl Drop for Subscription {
 
 /// Shared by every worker of one subscription.
 struct Runner {
-    broker: Broker,
+    /// The broker's backend, names, metrics and holds, as far as a subscription needs them.
+    route: RouteHandle,
     queue: String,
     /// This queue's counters, resolved once: a label lookup per message is measurable.
     counters: QueueCounters,
@@ -154,7 +154,7 @@ struct Runner {
 }
 
 pub(crate) async fn start(
-    broker: Broker,
+    route: RouteHandle,
     queue: String,
     handler: Arc<dyn Handler>,
     opts: crate::broker::options_resolved::Resolved,
@@ -163,17 +163,13 @@ pub(crate) async fn start(
         .consumer_tag
         .clone()
         .unwrap_or_else(|| format!("helixmq-{queue}-{}", uuid::Uuid::now_v7().simple()));
-    let stream = broker
-        .inner
-        .backend
-        .consume(&queue, opts.prefetch, &tag)
-        .await?;
+    let stream = route.consume(&queue, opts.prefetch, &tag).await?;
     let status = Arc::new(watch::channel(SubscriptionStatus::Active).0);
     let stop = CancellationToken::new();
     let drain = Arc::new(Mutex::new(Duration::from_secs(30)));
-    let counters = QueueCounters::new(broker.metrics(), &queue);
+    let counters = QueueCounters::new(&route.metrics, &queue);
     let runner = Arc::new(Runner {
-        broker,
+        route,
         queue: queue.clone(),
         counters,
         handler,
@@ -339,7 +335,7 @@ impl Runner {
     }
 
     async fn run_handler(&self, d: &Delivery) -> Outcome {
-        let m = self.broker.metrics();
+        let m = &self.route.metrics;
         let ctx = Context {
             queue: self.queue.clone(),
             exchange: d.exchange.clone(),
@@ -397,7 +393,7 @@ impl Runner {
             Outcome::Ack => true,
             Outcome::Retry { delay, reason } => {
                 let wait = self.retry.delay_after(attempt, *delay);
-                let tier = self.broker.names().retry_tier(wait);
+                let tier = self.route.names.retry_tier(wait);
                 let mut copy = failed_copy(&d, reason);
                 copy.attempt = attempt + 1;
                 tracing::info!(reason = %reason, delay = ?wait, "retrying");
@@ -414,7 +410,7 @@ impl Runner {
                 copy.headers
                     .insert(header::DEAD_LETTER_REASON.into(), reason.clone().into());
                 tracing::warn!(reason = %reason, "dead-lettering");
-                let names = self.broker.names();
+                let names = &self.route.names;
                 let (dlx, dlq) = (names.dead_letter_exchange(), names.dlq());
                 let route = Route::DeadLetter {
                     dlx: &dlx,
@@ -478,7 +474,7 @@ impl Runner {
             };
             let reason = route.why(&err);
             match &held {
-                None => held = Some(self.broker.inner.holds.hold(&self.queue, reason)),
+                None => held = Some(self.route.holds.hold(&self.queue, reason)),
                 Some(h) => {
                     tracing::debug!(reason = %reason, attempt, "copy still not placed");
                     h.update(reason)
@@ -497,20 +493,14 @@ impl Runner {
 
     /// One confirmed publish of a copy, counted like any publish.
     async fn republish(&self, exchange: &str, routing_key: &str, copy: &Message) -> Result<()> {
-        let timeout = self.broker.publish_timeout();
-        let out = Outgoing {
-            exchange,
-            routing_key,
-            mandatory: true,
-            message: std::borrow::Cow::Borrowed(copy),
-        };
-        let m = self.broker.metrics();
-        let started = Instant::now();
-        m.confirms_pending.inc();
-        let res = self.broker.inner.backend.publish(out, timeout).await;
-        m.confirms_pending.dec();
-        self.broker.count_publish(exchange, &res, started);
-        res
+        self.route
+            .publish(Outgoing {
+                exchange,
+                routing_key,
+                mandatory: true,
+                message: std::borrow::Cow::Borrowed(copy),
+            })
+            .await
     }
 }
 

@@ -206,6 +206,24 @@ impl Metrics {
         }
     }
 
+    /// Count one publish to `exchange`: confirmed (with its latency since
+    /// `started`) or failed.
+    pub(crate) fn count_publish(
+        &self,
+        exchange: &str,
+        res: &crate::error::Result<()>,
+        started: std::time::Instant,
+    ) {
+        match res {
+            Ok(()) => {
+                self.exchange(&self.published, exchange);
+                self.publish_latency
+                    .observe(started.elapsed().as_secs_f64());
+            }
+            Err(_) => self.exchange(&self.publish_failures, exchange),
+        }
+    }
+
     pub(crate) fn exchange(&self, f: &Family<ExchangeLabel, Counter>, exchange: &str) {
         f.get_or_create(&ExchangeLabel {
             exchange: exchange.to_string(),

@@ -14,7 +14,7 @@
 //! `HELIXMQ_FAULT_DEBUG=1` prints every duplicate delivery with its
 //! redelivered flag (false: a resent publish; true: a lost ack).
 
-#![allow(dead_code)]
+#![allow(dead_code, unreachable_pub)] // helpers of test binaries: `pub` for their test files, never exported
 
 pub mod history;
 pub mod ledger;
@@ -77,7 +77,9 @@ pub async fn connect(config: Config) -> Broker {
     let backend = RabbitBackend::connect_named(&config.rabbitmq, metrics.clone(), &name)
         .await
         .unwrap_or_else(|e| panic!("connect to port {}: {e}", config.rabbitmq.port));
-    Broker::with_backend(Arc::new(backend), config, metrics)
+    Broker::builder(config)
+        .metrics(metrics)
+        .custom_backend(Arc::new(backend))
 }
 
 /// The system queues plus the tasks exchange and one work queue `{p}.tasks.work`

@@ -2,7 +2,7 @@
 //! unique prefixes under `helixagent.` (so the least-privilege user may use
 //! them), named connections (so a test can close only its own), and cleanup.
 
-#![allow(dead_code)]
+#![allow(dead_code, unreachable_pub)] // helpers of test binaries: `pub` for their test files, never exported
 
 pub mod proxy;
 pub mod tally;
@@ -46,7 +46,9 @@ pub async fn broker(config: Config) -> helixmq::Result<Broker> {
     let name = format!("hxtest-{}", config.helixmq.prefix);
     let metrics = Metrics::default();
     let backend = RabbitBackend::connect_named(&config.rabbitmq, metrics.clone(), &name).await?;
-    Ok(Broker::with_backend(Arc::new(backend), config, metrics))
+    Ok(Broker::builder(config)
+        .metrics(metrics)
+        .custom_backend(Arc::new(backend)))
 }
 
 /// Delete every queue and exchange of `t` and of what `broker` declared (ignoring errors).

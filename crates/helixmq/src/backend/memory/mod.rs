@@ -17,7 +17,8 @@
 //! Memory is bounded by the queues' max lengths and the consumers' prefetch;
 //! there is no channel at all. One timer task, owned by the broker and stopped
 //! on [`Backend::close`] or drop, wakes at the earliest expiry; expired heads
-//! are also dropped lazily when met, so TTLs hold even without a runtime.
+//! are also dropped lazily when met. A broker made outside a Tokio runtime
+//! starts its timer with its first operation inside one.
 //!
 //! [`Message`]: crate::message::Message
 
@@ -80,6 +81,8 @@ pub struct MemoryBroker {
     state: watch::Sender<ConnectionState>,
     /// Stops the expiry timer.
     stop: CancellationToken,
+    /// Whether the expiry timer was started (it needs a Tokio runtime).
+    timer_started: std::sync::atomic::AtomicBool,
     next_consumer: std::sync::atomic::AtomicU64,
 }
 
@@ -99,29 +102,44 @@ impl std::fmt::Debug for MemoryBroker {
 
 impl MemoryBroker {
     /// A new, empty broker. Inside a Tokio runtime it starts its expiry timer;
-    /// outside one, TTLs are enforced lazily when a queue is read.
+    /// outside one, the timer starts with the first operation made inside a
+    /// runtime (until then TTLs are enforced lazily, when a queue is read).
     pub fn new() -> Self {
-        let shared = Arc::new(Shared {
-            state: Mutex::new(State::default()),
-            timer: Arc::new(Notify::new()),
-        });
-        let stop = CancellationToken::new();
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(expiry_timer(
-                Arc::downgrade(&shared),
-                shared.timer.clone(),
-                stop.clone(),
-            ));
-        }
-        MemoryBroker {
-            shared,
+        let broker = MemoryBroker {
+            shared: Arc::new(Shared {
+                state: Mutex::new(State::default()),
+                timer: Arc::new(Notify::new()),
+            }),
             state: watch::channel(ConnectionState::Connected).0,
-            stop,
+            stop: CancellationToken::new(),
+            timer_started: std::sync::atomic::AtomicBool::new(false),
             next_consumer: std::sync::atomic::AtomicU64::new(1),
+        };
+        broker.start_timer();
+        broker
+    }
+
+    /// Start the expiry timer once, if a Tokio runtime is at hand.
+    fn start_timer(&self) {
+        use std::sync::atomic::Ordering;
+        if self.timer_started.load(Ordering::Relaxed) {
+            return;
         }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        if self.timer_started.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        rt.spawn(expiry_timer(
+            Arc::downgrade(&self.shared),
+            self.shared.timer.clone(),
+            self.stop.clone(),
+        ));
     }
 
     fn open<R>(&self, f: impl FnOnce(&mut State, &mut Effects) -> Result<R>) -> Result<R> {
+        self.start_timer();
         self.shared.with(|st, fx| {
             if st.closed {
                 Err(Error::Closed)
@@ -188,6 +206,7 @@ impl Backend for MemoryBroker {
     }
 
     async fn publish_batch(&self, outs: &[Outgoing<'_>], _timeout: Duration) -> Vec<Result<()>> {
+        self.start_timer();
         self.shared.with(|st, fx| {
             outs.iter()
                 .map(|o| {
