@@ -15,6 +15,9 @@
 //!   `topology diff` found differences.
 //! - 64: the command line itself is wrong (unknown option, missing argument).
 
+// A binary has no public API: nothing to document for users, nothing `pub` to reach.
+#![allow(missing_docs, unreachable_pub)]
+
 /// `println!` that ends the process quietly when stdout is a closed pipe
 /// (`helixmq dlq list | head`) instead of panicking.
 macro_rules! outln {

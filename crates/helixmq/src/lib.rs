@@ -19,8 +19,6 @@
 //! - [`metrics`]: Prometheus counters; [`http`]: `/metrics` and `/health` router.
 //! - [`error`]: the one [`Error`] enum.
 
-#![warn(missing_docs)]
-
 pub mod backend;
 mod backoff;
 pub mod broker;
@@ -33,15 +31,20 @@ pub mod metrics;
 pub mod topology;
 
 pub use backend::{Backend, BackendKind, ConnectionState};
-pub use broker::{Broker, DedupOptions, PublishOptions, RetryPolicy, SubscribeOptions};
+pub use broker::{
+    Broker, BrokerBuilder, DedupOptions, PublishOptions, RetryPolicy, SubscribeOptions,
+};
 pub use config::{Config, Secret};
 pub use consumer::{Context, Handler, Outcome, ShutdownReport, Subscription, SubscriptionStatus};
 pub use error::{BoxError, Error, Result};
-pub use message::{HeaderValue, Message, Priority};
+pub use message::{DeliveryMode, HeaderValue, Message, Priority};
 pub use metrics::Metrics;
 pub use topology::{Names, Topology};
 
-// The README's Rust example is compiled with the doc tests, so it cannot rot.
+// The READMEs' Rust examples are compiled with the doc tests, so they cannot rot.
 #[cfg(doctest)]
 #[doc = include_str!("../../../README.md")]
 struct ReadmeDoctests;
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct CrateReadmeDoctests;

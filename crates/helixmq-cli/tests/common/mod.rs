@@ -1,6 +1,6 @@
 //! Shared helpers of the CLI tests: run the built `helixmq` binary against the
 //! local RabbitMQ under a unique prefix, and clean that prefix up afterwards.
-#![allow(dead_code)]
+#![allow(dead_code, unreachable_pub)] // helpers of test binaries: `pub` for their test files, never exported
 
 use std::io::Write;
 use std::process::{Command, Output, Stdio};

@@ -20,7 +20,7 @@ use std::fmt;
 
 /// Why a value could not be interpolated.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum InterpolateError {
+pub(super) enum InterpolateError {
     /// A `${` with no closing `}`.
     Unterminated,
     /// `${...}` whose name is not a valid variable name.
@@ -60,7 +60,7 @@ fn valid_name(name: &str) -> bool {
 ///
 /// Every error of the value is returned, so one bad reference does not hide
 /// another one in the same value.
-pub fn interpolate(
+pub(super) fn interpolate(
     input: &str,
     lookup: impl Fn(&str) -> Option<String>,
 ) -> Result<String, Vec<InterpolateError>> {

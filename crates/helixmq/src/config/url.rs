@@ -14,7 +14,7 @@ use std::time::Duration;
 
 /// One parsed AMQP URI.
 #[derive(Clone, PartialEq, Eq)]
-pub struct AmqpUrl {
+pub(super) struct AmqpUrl {
     /// `amqps` was used.
     pub tls: bool,
     /// Host name or address (IPv6 without brackets).
@@ -54,7 +54,7 @@ impl std::fmt::Debug for AmqpUrl {
 /// last `@` is hidden (a password may hold an unescaped `@` or `/`). Without
 /// `@` only the scheme is kept, because `amqp://user:secret` (host forgotten)
 /// would otherwise print the secret as a "port".
-pub fn redact(text: &str) -> String {
+pub(super) fn redact(text: &str) -> String {
     let text = text.trim();
     match text.split_once("://") {
         Some((scheme, rest)) => match rest.rfind('@') {
@@ -81,7 +81,7 @@ fn decode(part: &str, what: &str) -> Result<String, String> {
 }
 
 /// Parse one AMQP URI. The error text never contains the password.
-pub fn parse(text: &str) -> Result<AmqpUrl, String> {
+pub(super) fn parse(text: &str) -> Result<AmqpUrl, String> {
     let text = text.trim();
     let shown = redact(text);
     let usage = "expected amqp://user:password@host:port/vhost or amqps://… (percent-encode special characters in the user, password and vhost, e.g. `/` as %2F)";
@@ -170,7 +170,7 @@ pub fn parse(text: &str) -> Result<AmqpUrl, String> {
 }
 
 /// Parse a comma-separated list of URLs; each error is prefixed with the entry's position.
-pub fn parse_list(text: &str) -> (Vec<AmqpUrl>, Vec<String>) {
+pub(super) fn parse_list(text: &str) -> (Vec<AmqpUrl>, Vec<String>) {
     let mut urls = Vec::new();
     let mut errors = Vec::new();
     let entries: Vec<&str> = text.split(',').collect();

@@ -1,5 +1,5 @@
 //! Helpers shared by the `config_*` integration tests.
-#![allow(dead_code)]
+#![allow(dead_code, unreachable_pub)] // helpers of test binaries: `pub` for their test files, never exported
 
 use helixmq::config::{load_from_str, Config, EnvSource};
 use helixmq::Error;

@@ -3,6 +3,7 @@
 //! names a registered queue lands there (retry tiers send the origin queue as
 //! routing key, so a retried message comes straight back, with no TTL wait);
 //! a publish to the dead-letter exchange is kept in `dead`.
+#![allow(unreachable_pub)] // a helper of test binaries: `pub` for their test files, never exported
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -1,6 +1,7 @@
 //! A strict reader of the Prometheus text exposition format (0.0.4) and of
 //! OpenMetrics text (what prometheus-client writes): enough to prove a scrape
 //! parses and to read values back, and to list the metric names an endpoint exposes.
+#![allow(unreachable_pub)] // a helper of test binaries: `pub` for their test files, never exported
 
 use std::collections::{BTreeMap, BTreeSet};
 

@@ -22,7 +22,7 @@ pub(super) struct ExchangeState {
 }
 
 impl ExchangeState {
-    pub fn new(name: &str, kind: ExchangeKind, durable: bool) -> Self {
+    pub(super) fn new(name: &str, kind: ExchangeKind, durable: bool) -> Self {
         ExchangeState {
             name: Arc::from(name),
             kind,
@@ -32,19 +32,19 @@ impl ExchangeState {
     }
 
     /// Add a binding; binding twice is a no-op, as in AMQP.
-    pub fn bind(&mut self, key: &str, queue: Arc<str>) {
+    pub(super) fn bind(&mut self, key: &str, queue: Arc<str>) {
         if !self.bindings.iter().any(|(k, q)| k == key && *q == queue) {
             self.bindings.push((key.to_string(), queue));
         }
     }
 
     /// Forget every binding to `queue` (the queue was deleted).
-    pub fn unbind_queue(&mut self, queue: &str) {
+    pub(super) fn unbind_queue(&mut self, queue: &str) {
         self.bindings.retain(|(_, q)| &**q != queue);
     }
 
     /// Append the queues `routing_key` reaches to `out`, each queue once.
-    pub fn route(&self, routing_key: &str, out: &mut Vec<Arc<str>>) {
+    pub(super) fn route(&self, routing_key: &str, out: &mut Vec<Arc<str>>) {
         for (key, queue) in &self.bindings {
             let hit = match self.kind {
                 ExchangeKind::Direct => key == routing_key,

@@ -42,7 +42,7 @@ pub(super) enum Reason {
 }
 
 impl Reason {
-    pub fn as_str(self) -> &'static str {
+    pub(super) fn as_str(self) -> &'static str {
         match self {
             Reason::Expired => "expired",
             Reason::Rejected => "rejected",
@@ -73,7 +73,7 @@ pub(super) struct Effects {
 
 impl Effects {
     /// The operation's clock, read at most once (most operations never need it).
-    pub fn now(&mut self) -> Instant {
+    pub(super) fn now(&mut self) -> Instant {
         *self.now.get_or_insert_with(Instant::now)
     }
     fn head(&mut self, s: Option<&Stored>) {
@@ -169,7 +169,7 @@ pub(super) struct QueueState {
 }
 
 impl QueueState {
-    pub fn new(uid: u64, def: &Queue) -> Self {
+    pub(super) fn new(uid: u64, def: &Queue) -> Self {
         let levels = def.max_priority.map_or(1, |m| m as usize + 1);
         QueueState {
             uid,
@@ -191,18 +191,18 @@ impl QueueState {
     }
 
     /// Ready messages.
-    pub fn ready(&self) -> usize {
+    pub(super) fn ready(&self) -> usize {
         self.ready
     }
 
     /// Consumers receiving messages.
-    pub fn active_consumers(&self) -> usize {
+    pub(super) fn active_consumers(&self) -> usize {
         self.consumers.iter().filter(|c| !c.cancelled).count()
     }
 
     /// Accept a freshly published (or dead-lettered) message. `false` when the
     /// queue is full with `reject-publish`: the publisher gets a nack.
-    pub fn enqueue(&mut self, mut s: Stored, fx: &mut Effects) -> bool {
+    pub(super) fn enqueue(&mut self, mut s: Stored, fx: &mut Effects) -> bool {
         let ttl = match (self.def.message_ttl, s.msg.expiration) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -267,15 +267,10 @@ impl QueueState {
     /// heads met on the way are dead-lettered (lazy expiry at the head).
     fn pop_head(&mut self, fx: &mut Effects) -> Option<Stored> {
         for level in (0..self.levels.len()).rev() {
-            loop {
-                let expired = match self.levels[level].front() {
-                    None => break,
-                    Some(s) => s.expires_at.is_some_and(|at| at <= fx.now()),
-                };
-                let s = self.levels[level].pop_front().expect("front checked");
+            while let Some(s) = self.levels[level].pop_front() {
                 self.ready -= 1;
                 fx.head(self.levels[level].front());
-                if expired {
+                if s.expires_at.is_some_and(|at| at <= fx.now()) {
                     self.dead(s, Reason::Expired, fx);
                 } else {
                     return Some(s);
@@ -286,7 +281,7 @@ impl QueueState {
     }
 
     /// Dead-letter every expired head; the earliest expiry still pending.
-    pub fn expire(&mut self, fx: &mut Effects) -> Option<Instant> {
+    pub(super) fn expire(&mut self, fx: &mut Effects) -> Option<Instant> {
         let mut next: Option<Instant> = None;
         for level in 0..self.levels.len() {
             while let Some(at) = self.levels[level].front().and_then(|s| s.expires_at) {
@@ -294,7 +289,9 @@ impl QueueState {
                     next = Some(next.map_or(at, |n| n.min(at)));
                     break;
                 }
-                let s = self.levels[level].pop_front().expect("front checked");
+                let Some(s) = self.levels[level].pop_front() else {
+                    break;
+                };
                 self.ready -= 1;
                 self.dead(s, Reason::Expired, fx);
             }
@@ -338,7 +335,13 @@ impl QueueState {
     }
 
     /// Attach a consumer and fill its window.
-    pub fn add_consumer(&mut self, id: u64, prefetch: u16, notify: Arc<Notify>, fx: &mut Effects) {
+    pub(super) fn add_consumer(
+        &mut self,
+        id: u64,
+        prefetch: u16,
+        notify: Arc<Notify>,
+        fx: &mut Effects,
+    ) {
         self.consumers.push(ConsumerSlot {
             id,
             prefetch: prefetch as usize,
@@ -351,7 +354,7 @@ impl QueueState {
     }
 
     /// Stop delivering to a consumer; what it has not taken yet goes back.
-    pub fn cancel_consumer(&mut self, id: u64, fx: &mut Effects) {
+    pub(super) fn cancel_consumer(&mut self, id: u64, fx: &mut Effects) {
         let Some(c) = self.consumers.iter_mut().find(|c| c.id == id) else {
             return;
         };
@@ -365,7 +368,7 @@ impl QueueState {
 
     /// Detach a consumer (its stream was dropped): every delivery it had not
     /// settled returns to the queue, redelivered, in its original order.
-    pub fn remove_consumer(&mut self, id: u64, fx: &mut Effects) {
+    pub(super) fn remove_consumer(&mut self, id: u64, fx: &mut Effects) {
         let Some(i) = self.consumers.iter().position(|c| c.id == id) else {
             return;
         };
@@ -383,7 +386,7 @@ impl QueueState {
     }
 
     /// The consumer's next delivery, if one was pushed to it.
-    pub fn take(&mut self, id: u64) -> Option<Take> {
+    pub(super) fn take(&mut self, id: u64) -> Option<Take> {
         let c = self.consumers.iter_mut().find(|c| c.id == id)?;
         if c.cancelled {
             return Some(Take::Cancelled);
@@ -405,7 +408,7 @@ impl QueueState {
     }
 
     /// `basic.get`: the next ready message, held unsettled under a tag.
-    pub fn get(&mut self, fx: &mut Effects) -> Option<(Stored, u64)> {
+    pub(super) fn get(&mut self, fx: &mut Effects) -> Option<(Stored, u64)> {
         let s = self.pop_head(fx)?;
         self.next_tag += 1;
         self.got.insert(self.next_tag, s.clone());
@@ -414,7 +417,13 @@ impl QueueState {
 
     /// Settle one delivery. `false` if the tag is unknown (already settled,
     /// or its consumer is gone and it was requeued).
-    pub fn settle(&mut self, holder: Holder, tag: u64, how: Settle, fx: &mut Effects) -> bool {
+    pub(super) fn settle(
+        &mut self,
+        holder: Holder,
+        tag: u64,
+        how: Settle,
+        fx: &mut Effects,
+    ) -> bool {
         let s = match holder {
             Holder::Get => self.got.remove(&tag),
             Holder::Consumer(id) => self
@@ -434,7 +443,7 @@ impl QueueState {
     }
 
     /// Drop every ready message; how many.
-    pub fn purge(&mut self) -> usize {
+    pub(super) fn purge(&mut self) -> usize {
         let n = self.ready;
         self.levels.iter_mut().for_each(VecDeque::clear);
         self.ready = 0;
@@ -442,7 +451,7 @@ impl QueueState {
     }
 
     /// The queue is deleted: wake its consumers so they see it gone.
-    pub fn wake_all(&self) {
+    pub(super) fn wake_all(&self) {
         for c in &self.consumers {
             c.notify.notify_one();
         }

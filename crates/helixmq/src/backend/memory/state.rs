@@ -75,7 +75,7 @@ fn queue_mismatch(have: &Queue, want: &Queue) -> Option<String> {
 impl State {
     /// Declare every exchange, queue and binding of `t`, or nothing at all if
     /// one conflicts with what exists.
-    pub fn declare(&mut self, t: &Topology) -> Result<()> {
+    pub(super) fn declare(&mut self, t: &Topology) -> Result<()> {
         for x in &t.exchanges {
             if x.name.is_empty() {
                 return Err(Error::AccessRefused {
@@ -185,7 +185,7 @@ impl State {
     }
 
     /// Publish one message (a copy per queue reached; the payload is shared).
-    pub fn publish(
+    pub(super) fn publish(
         &mut self,
         exchange: &str,
         routing_key: &str,
@@ -197,7 +197,7 @@ impl State {
     }
 
     /// [`State::publish`], taking the message without a copy when it is owned.
-    pub fn publish_cow(
+    pub(super) fn publish_cow(
         &mut self,
         exchange: &str,
         routing_key: &str,
@@ -261,7 +261,7 @@ impl State {
     }
 
     /// A live queue by name.
-    pub fn queue(&mut self, name: &str) -> Result<&mut QueueState> {
+    pub(super) fn queue(&mut self, name: &str) -> Result<&mut QueueState> {
         self.queues.get_mut(name).ok_or_else(|| Error::NotFound {
             kind: "queue",
             name: name.to_string(),
@@ -269,12 +269,12 @@ impl State {
     }
 
     /// The queue `name` if it is still the one with `uid` (not deleted and re-declared).
-    pub fn queue_uid(&mut self, name: &str, uid: u64) -> Option<&mut QueueState> {
+    pub(super) fn queue_uid(&mut self, name: &str, uid: u64) -> Option<&mut QueueState> {
         self.queues.get_mut(name).filter(|q| q.uid == uid)
     }
 
     /// Delete a queue and its bindings; its consumers are woken to see it gone.
-    pub fn delete_queue(&mut self, name: &str) {
+    pub(super) fn delete_queue(&mut self, name: &str) {
         if let Some(q) = self.queues.remove(name) {
             for x in self.exchanges.values_mut() {
                 x.unbind_queue(name);
@@ -284,12 +284,12 @@ impl State {
     }
 
     /// Delete an exchange with its bindings.
-    pub fn delete_exchange(&mut self, name: &str) {
+    pub(super) fn delete_exchange(&mut self, name: &str) {
         self.exchanges.remove(name);
     }
 
     /// Close: wake every consumer so it sees the broker closed.
-    pub fn close(&mut self) {
+    pub(super) fn close(&mut self) {
         self.closed = true;
         for q in self.queues.values() {
             q.wake_all();
@@ -297,7 +297,7 @@ impl State {
     }
 
     /// Dead-letter every expired head; the next expiry, which the timer sleeps until.
-    pub fn expire(&mut self, fx: &mut Effects) -> Option<Instant> {
+    pub(super) fn expire(&mut self, fx: &mut Effects) -> Option<Instant> {
         let mut next: Option<Instant> = None;
         for q in self.queues.values_mut() {
             if q.ready() > 0 {
@@ -312,7 +312,7 @@ impl State {
 
     /// Apply an operation's effects: route its dead letters (which may cause
     /// more), then tell whether the timer must wake earlier than planned.
-    pub fn finish(&mut self, mut fx: Effects) -> bool {
+    pub(super) fn finish(&mut self, mut fx: Effects) -> bool {
         let mut hops = 0;
         while let Some(d) = fx.dead.pop() {
             hops += 1;

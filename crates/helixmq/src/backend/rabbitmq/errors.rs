@@ -9,13 +9,13 @@ use crate::error::Error;
 /// AMQP reply codes helixmq tells apart.
 pub(crate) mod code {
     /// Credentials or a permission refused.
-    pub const ACCESS_REFUSED: u16 = 403;
+    pub(crate) const ACCESS_REFUSED: u16 = 403;
     /// Queue or exchange missing.
-    pub const NOT_FOUND: u16 = 404;
+    pub(crate) const NOT_FOUND: u16 = 404;
     /// Inequivalent arguments, unknown delivery tag, message too large.
-    pub const PRECONDITION_FAILED: u16 = 406;
+    pub(crate) const PRECONDITION_FAILED: u16 = 406;
     /// Unknown vhost or no access to it.
-    pub const NOT_ALLOWED: u16 = 530;
+    pub(crate) const NOT_ALLOWED: u16 = 530;
 }
 
 /// The AMQP reply code and text of a protocol error, if it is one.

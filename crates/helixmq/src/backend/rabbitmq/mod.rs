@@ -1,17 +1,17 @@
 //! The RabbitMQ backend, on lapin.
 //!
 //! # Layout
-//! - [`connection`]: the manager task that owns the connection, reconnects with
+//! - `connection`: the manager task that owns the connection, reconnects with
 //!   backoff, redeclares the topology and publishes each new generation.
-//! - [`publisher`]: a pool of confirm-mode channels; every publish awaits its
+//! - `publisher`: a pool of confirm-mode channels; every publish awaits its
 //!   own confirm and is re-sent across connection losses until its timeout.
-//! - [`confirms`]: one driver per publisher channel that sends its publishes
+//! - `confirms`: one driver per publisher channel that sends its publishes
 //!   and matches each confirm and `basic.return` to its own publish.
-//! - [`consumer`]: one channel per consumer, recovered inside `next()`.
-//! - [`acks`]: settling deliveries; a consumer's acks coalesced into
+//! - `consumer`: one channel per consumer, recovered inside `next()`.
+//! - `acks`: settling deliveries; a consumer's acks coalesced into
 //!   multiple-acks where that is safe.
-//! - [`errors`]: lapin errors → [`Error`] variants; transient vs final.
-//! - [`tls`]: the rustls client configuration.
+//! - `errors`: lapin errors → [`Error`] variants; transient vs final.
+//! - `tls`: the rustls client configuration.
 //!
 //! Connection states: `Connected`, `Blocked` (connection.blocked from a memory
 //! or disk alarm: publishes wait for their confirms up to their timeout,
