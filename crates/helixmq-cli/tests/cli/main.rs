@@ -1,0 +1,11 @@
+//! The `helixmq` binary, run as a user runs it (the helpers are in
+//! `helixmq_testkit::cli`): one module per command or subject.
+
+mod bench_smoke;
+mod config_topology;
+mod demo;
+mod dlq;
+mod publish;
+mod topology_stats;
+mod worker;
+mod worker_health;

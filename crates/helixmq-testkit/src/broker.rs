@@ -1,0 +1,126 @@
+//! The shared broker (RabbitMQ on 5672): configuration for it, unique
+//! prefixes under `helixagent.` (so the least-privilege user may use them),
+//! named connections (so a test can close only its own), and cleanup.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use helixmq::backend::rabbitmq::RabbitBackend;
+use helixmq::{Broker, Config, Message, Metrics, Secret, Topology};
+
+/// Guest: administrator, loopback only.
+pub const GUEST: (&str, &str) = ("guest", "guest");
+/// The spec's least-privilege user (configure/write/read `^helixagent\..*`).
+pub const HELIXAGENT: (&str, &str) = ("helixagent", "helixagent123");
+/// A user with no permissions at all.
+pub const NOPERM: (&str, &str) = ("hx_noperm", "hx_noperm");
+
+/// A fresh prefix `helixagent.t<random>`.
+pub fn prefix() -> String {
+    format!("helixagent.t{:08x}", rand::random::<u32>())
+}
+
+/// Configuration for the local broker as `user`, with short retry timings.
+pub fn config(user: (&str, &str), prefix: &str) -> Config {
+    let mut c = Config::default();
+    c.rabbitmq.host = std::env::var("RABBITMQ_HOST").unwrap_or_else(|_| "127.0.0.1".into());
+    c.rabbitmq.port = 5672;
+    c.rabbitmq.username = user.0.into();
+    c.rabbitmq.password = Secret::new(user.1);
+    c.rabbitmq.vhost = "/".into();
+    c.rabbitmq.connect_timeout = Duration::from_secs(10);
+    c.rabbitmq.reconnect_delay = Duration::from_millis(200);
+    c.rabbitmq.max_reconnect_attempts = 0;
+    c.rabbitmq.publish_timeout = Duration::from_secs(30);
+    c.helixmq.prefix = prefix.into();
+    c
+}
+
+/// The client-provided connection name of a test's broker handles under
+/// `prefix`: `hxtest-<prefix>` (so a fault can close only this test's).
+pub fn connection_name(prefix: &str) -> String {
+    format!("hxtest-{prefix}")
+}
+
+/// A broker over a RabbitMQ connection named [`connection_name`].
+pub async fn broker(config: Config) -> helixmq::Result<Broker> {
+    let name = connection_name(&config.helixmq.prefix);
+    let metrics = Metrics::default();
+    let backend = RabbitBackend::connect_named(&config.rabbitmq, metrics.clone(), &name).await?;
+    Ok(Broker::builder(config)
+        .metrics(metrics)
+        .custom_backend(Arc::new(backend)))
+}
+
+/// Delete every queue and exchange of `t` and of what `broker` declared (ignoring errors).
+pub async fn cleanup(broker: &Broker, extra: Option<&Topology>) {
+    let mut t = broker.topology();
+    if let Some(x) = extra {
+        t.queues.extend(x.queues.iter().cloned());
+        t.exchanges.extend(x.exchanges.iter().cloned());
+    }
+    let prefix = format!("{}.", broker.names().prefix());
+    for q in &t.queues {
+        if q.name.starts_with(&prefix) {
+            let _ = broker.backend().delete_queue(&q.name).await;
+        }
+    }
+    for e in &t.exchanges {
+        if e.name.starts_with(&prefix) {
+            let _ = broker.backend().delete_exchange(&e.name).await;
+        }
+    }
+}
+
+/// The Erlang pids of this test's connections (found by connection name:
+/// other tests share the broker). Slow (~1 s: `rabbitmqctl` boots a VM).
+pub fn my_connection_pids(prefix: &str) -> Vec<String> {
+    let name = format!("\"{}\"", connection_name(prefix));
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(["-q", "list_connections", "pid", "client_properties"])
+        .output()
+        .expect("rabbitmqctl runs");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains(&name))
+        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+        .collect()
+}
+
+/// Force-close the connections with these pids; returns how many were closed.
+pub fn close_connections(pids: &[String]) -> usize {
+    pids.iter()
+        .filter(|pid| {
+            std::process::Command::new("rabbitmqctl")
+                .args(["-q", "close_connection", pid, "helixmq test: forced close"])
+                .status()
+                .expect("rabbitmqctl runs")
+                .success()
+        })
+        .count()
+}
+
+/// Take exactly `n` messages from `queue` with `basic.get` (acking each),
+/// waiting up to `within` for them to arrive. Panics naming what is missing.
+pub async fn take(broker: &Broker, queue: &str, n: usize, within: Duration) -> Vec<Message> {
+    let deadline = tokio::time::Instant::now() + within;
+    let mut got = Vec::new();
+    while got.len() < n {
+        match broker.backend().get(queue).await.expect("basic.get") {
+            Some(d) => {
+                d.acker.ack().await.expect("ack");
+                got.push(std::sync::Arc::unwrap_or_clone(d.message));
+            }
+            None => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "only {} of {n} messages reached '{queue}' within {within:?}",
+                    got.len()
+                );
+                // Messages arrive through the broker's own routing: nothing to await.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    got
+}

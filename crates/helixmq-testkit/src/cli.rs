@@ -1,0 +1,359 @@
+//! Running the CLI in tests: the built `helixmq` binary with a clean
+//! environment, against the local RabbitMQ under a unique prefix that is
+//! cleaned up when its [`Broker`] drops; the management API for setting up
+//! and checking; background processes stopped with SIGTERM.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+/// Environment variables the CLI reads; cleared so the caller's shell cannot leak in.
+const CLEARED: &[&str] = &[
+    "RABBITMQ_HOST",
+    "RABBITMQ_PORT",
+    "RABBITMQ_USER",
+    "RABBITMQ_PASSWORD",
+    "RABBITMQ_VHOST",
+    "RABBITMQ_URL",
+    "RABBITMQ_HOSTS",
+    "RABBITMQ_PREFETCH_COUNT",
+    "RABBITMQ_PUBLISHER_CONFIRM",
+    "HELIXMQ_PREFIX",
+    "HELIXMQ_CONFIG",
+    "HELIXMQ_MANAGEMENT_URL",
+    "RUST_LOG",
+];
+
+/// The built `helixmq` binary. Cargo tells only the CLI crate's own tests
+/// where it is, at their compile time; this kit is built before them, so it
+/// asks at run time: `NEXTEST_BIN_EXE_helixmq` (nextest sets it), else
+/// `CARGO_BIN_EXE_helixmq`, else `helixmq` in the folder above the test
+/// binary's (`target/<profile>/deps/..`), where cargo builds it before the
+/// CLI's integration tests.
+pub fn binary() -> PathBuf {
+    for var in ["NEXTEST_BIN_EXE_helixmq", "CARGO_BIN_EXE_helixmq"] {
+        if let Some(p) = std::env::var_os(var) {
+            return PathBuf::from(p);
+        }
+    }
+    let exe = std::env::current_exe().expect("test binary path");
+    let bin = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("test binary in target/<profile>/deps")
+        .join("helixmq");
+    assert!(
+        bin.exists(),
+        "{} not built (cargo builds it with the CLI's tests)",
+        bin.display()
+    );
+    bin
+}
+
+/// The binary with a clean environment (defaults only).
+pub fn bare() -> Command {
+    let mut c = Command::new(binary());
+    for v in CLEARED {
+        c.env_remove(v);
+    }
+    c
+}
+
+/// What a run produced.
+#[derive(Debug)]
+pub struct Run {
+    /// The exit status (-1: ended by a signal).
+    pub code: i32,
+    /// Standard output, as text.
+    pub stdout: String,
+    /// Standard error, as text.
+    pub stderr: String,
+}
+
+impl Run {
+    fn from(o: Output) -> Run {
+        Run {
+            code: o.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        }
+    }
+    /// Panics with the whole output unless the exit status is `code`.
+    pub fn expect_code(self, code: i32) -> Run {
+        assert_eq!(
+            self.code, code,
+            "exit status; stdout:\n{}\nstderr:\n{}",
+            self.stdout, self.stderr
+        );
+        self
+    }
+    /// Panics with the whole output unless the exit status is 0.
+    pub fn ok(self) -> Run {
+        self.expect_code(0)
+    }
+    /// Lines of stdout.
+    pub fn lines(&self) -> Vec<String> {
+        self.stdout
+            .lines()
+            .map(str::to_string)
+            .filter(|l| !l.is_empty())
+            .collect()
+    }
+}
+
+/// Run a command to completion, feeding `stdin`.
+pub fn run(mut c: Command, stdin: &[u8]) -> Run {
+    c.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().expect("spawn helixmq");
+    child.stdin.take().unwrap().write_all(stdin).unwrap();
+    // Read the pipes on threads so a chatty command cannot block on a full pipe
+    // while we wait for it with a deadline: a hung command must fail its test
+    // with its stderr, not stall the whole suite.
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let out = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut out, &mut v);
+        v
+    });
+    let err = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut err, &mut v);
+        v
+    });
+    let deadline = std::time::Instant::now() + COMMAND_DEADLINE;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for helixmq") {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            let stderr = err.join().unwrap_or_default();
+            panic!(
+                "helixmq {:?} did not finish within {COMMAND_DEADLINE:?}; stderr:\n{}",
+                c.get_args().collect::<Vec<_>>(),
+                String::from_utf8_lossy(&stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Run::from(Output {
+        status,
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
+    })
+}
+
+/// How long one CLI command may run in a test before it counts as hung.
+const COMMAND_DEADLINE: Duration = Duration::from_secs(120);
+
+/// A unique prefix on the local broker (guest/guest), cleaned up on drop.
+pub struct Broker {
+    /// `helixagent.t<random>`.
+    pub prefix: String,
+}
+
+impl Default for Broker {
+    fn default() -> Self {
+        Broker::new()
+    }
+}
+
+impl Broker {
+    /// `helixagent.t<random>`: inside the spec's permission pattern, unique per test.
+    pub fn new() -> Broker {
+        let r = uuid::Uuid::new_v4().simple().to_string();
+        Broker {
+            prefix: format!("helixagent.t{}", &r[..10]),
+        }
+    }
+
+    /// The binary, configured for this broker and prefix.
+    pub fn cmd(&self) -> Command {
+        let mut c = bare();
+        c.env("RABBITMQ_HOST", "127.0.0.1")
+            .env("RABBITMQ_PORT", "5672")
+            .env("RABBITMQ_USER", "guest")
+            .env("RABBITMQ_PASSWORD", "guest")
+            .env("HELIXMQ_PREFIX", &self.prefix);
+        c
+    }
+
+    /// Run `helixmq ARGS` (no stdin).
+    pub fn run(&self, args: &[&str]) -> Run {
+        let mut c = self.cmd();
+        c.args(args);
+        run(c, b"")
+    }
+
+    /// A name under the prefix (`tasks.llm` → `<prefix>.tasks.llm`).
+    pub fn name(&self, rest: &str) -> String {
+        format!("{}.{rest}", self.prefix)
+    }
+
+    /// Ready messages in a queue, from the management API.
+    pub fn ready(&self, queue: &str) -> u64 {
+        let v = mgmt_get(&format!("queues/%2F/{}", enc(queue)));
+        v["messages_ready"].as_u64().unwrap_or(0)
+    }
+
+    /// Poll until `f()` holds or `timeout` passes (the management API refreshes
+    /// its counters every few seconds: there is nothing to await).
+    pub fn eventually(&self, timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
+        let end = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < end {
+            if f() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        panic!("timed out after {timeout:?} waiting for: {what}");
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let p = format!("{}.", self.prefix);
+        let client = reqwest::blocking::Client::new();
+        for (kind, list) in [
+            ("queues", mgmt_get("queues/%2F")),
+            ("exchanges", mgmt_get("exchanges/%2F")),
+        ] {
+            for n in list
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|o| o["name"].as_str())
+            {
+                if n.starts_with(&p) {
+                    let _ = client
+                        .delete(format!("http://127.0.0.1:15672/api/{kind}/%2F/{}", enc(n)))
+                        .basic_auth("guest", Some("guest"))
+                        .send();
+                }
+            }
+        }
+    }
+}
+
+fn enc(s: &str) -> String {
+    s.replace('%', "%25").replace('/', "%2F")
+}
+
+/// GET from the local management API as guest.
+pub fn mgmt_get(path: &str) -> serde_json::Value {
+    let r = reqwest::blocking::Client::new()
+        .get(format!("http://127.0.0.1:15672/api/{path}"))
+        .basic_auth("guest", Some("guest"))
+        .send()
+        .expect("management API (run scripts/provision)");
+    r.json().unwrap_or(serde_json::Value::Null)
+}
+
+/// Declare a queue through the management API (to set up conflicts and strays).
+pub fn mgmt_put_queue(name: &str, arguments: serde_json::Value) {
+    let r = reqwest::blocking::Client::new()
+        .put(format!(
+            "http://127.0.0.1:15672/api/queues/%2F/{}",
+            enc(name)
+        ))
+        .basic_auth("guest", Some("guest"))
+        .json(&serde_json::json!({"durable": true, "auto_delete": false, "arguments": arguments}))
+        .send()
+        .unwrap();
+    assert!(r.status().is_success(), "PUT queue {name}: {}", r.status());
+}
+
+/// Delete a queue through the management API.
+pub fn mgmt_delete_queue(name: &str) {
+    let _ = reqwest::blocking::Client::new()
+        .delete(format!(
+            "http://127.0.0.1:15672/api/queues/%2F/{}",
+            enc(name)
+        ))
+        .basic_auth("guest", Some("guest"))
+        .send();
+}
+
+/// Peek at up to `n` messages of a queue (requeued afterwards).
+pub fn mgmt_peek(queue: &str, n: u32) -> Vec<serde_json::Value> {
+    let r = reqwest::blocking::Client::new()
+        .post(format!(
+            "http://127.0.0.1:15672/api/queues/%2F/{}/get",
+            enc(queue)
+        ))
+        .basic_auth("guest", Some("guest"))
+        .json(&serde_json::json!({"count": n, "ackmode": "ack_requeue_true", "encoding": "auto"}))
+        .send()
+        .unwrap();
+    r.json::<Vec<serde_json::Value>>().unwrap_or_default()
+}
+
+/// A child process that is sent SIGTERM (then reaped) if the test ends early.
+pub struct Background {
+    /// The process; None once [`Background::terminate`] reaped it.
+    pub child: Option<std::process::Child>,
+}
+
+impl Background {
+    /// Start `c` with stdout and stderr piped (read them from `child`).
+    pub fn spawn(mut c: Command) -> Background {
+        c.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        Background {
+            child: Some(c.spawn().expect("spawn helixmq")),
+        }
+    }
+
+    /// Send SIGTERM and wait for the exit (at most `within`).
+    pub fn terminate(&mut self, within: Duration) -> Run {
+        let mut child = self.child.take().expect("running");
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let end = std::time::Instant::now() + within;
+        loop {
+            if child.try_wait().unwrap().is_some() {
+                break;
+            }
+            if std::time::Instant::now() > end {
+                let _ = child.kill();
+                let out = child.wait_with_output().unwrap();
+                panic!(
+                    "did not exit within {within:?} after SIGTERM; stderr:\n{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Run::from(child.wait_with_output().unwrap())
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Lines of a file (empty if it does not exist yet).
+pub fn file_lines(p: &std::path::Path) -> Vec<String> {
+    std::fs::read_to_string(p)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// A fresh temporary path.
+pub fn temp_path(name: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("hx-cli-{}-{name}", uuid::Uuid::new_v4().simple()))
+}

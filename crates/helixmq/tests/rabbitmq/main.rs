@@ -1,0 +1,14 @@
+//! The library against the real RabbitMQ (the shared broker on 5672, and the
+//! dedicated nodes some of these tests start): one module per behaviour.
+
+mod backpressure;
+mod consume;
+mod dedicated_node;
+mod errors;
+mod http_health;
+mod privilege_definitions;
+mod privilege_least;
+mod publish;
+mod recovery;
+mod tls_connect;
+mod tracing_traceparent;
