@@ -173,8 +173,7 @@ async fn publish(
         .with_message("publishing");
     bar.enable_steady_tick(Duration::from_millis(100));
     let started = Instant::now();
-    let mut groups: std::collections::BTreeMap<(String, String), Vec<Message>> =
-        Default::default();
+    let mut groups: std::collections::BTreeMap<(String, String), Vec<Message>> = Default::default();
     for mut o in plan {
         o.payload.sent_us = now_us();
         let m = Message::json(&o.payload)?.with_kind(o.kind);
