@@ -153,7 +153,10 @@ fn bench_json_has_every_field() {
         positive(&v, &format!("{side}.exec.per_sec"));
         positive(&v, &format!("{side}.ratio"));
     }
-    assert_eq!(field(&v, "machine.load_average").as_array().unwrap().len(), 2);
+    assert_eq!(
+        field(&v, "machine.load_average").as_array().unwrap().len(),
+        2
+    );
 
     let targets = field(&v, "targets").as_array().unwrap();
     let names: Vec<&str> = targets
