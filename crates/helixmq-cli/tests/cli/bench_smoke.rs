@@ -144,6 +144,20 @@ fn bench_json_has_every_field() {
     assert!(field(&v, "memory.soak.flat").is_boolean());
     positive(&v, "memory.soak.per_sec");
 
+    // worker --pipe beside --exec, on both brokers.
+    assert_eq!(field(&v, "pipe.concurrency"), 4);
+    for side in ["pipe.embedded", "pipe.rabbitmq"] {
+        assert_eq!(field(&v, &format!("{side}.pipe.messages")), 200);
+        assert_eq!(field(&v, &format!("{side}.exec.messages")), 10);
+        positive(&v, &format!("{side}.pipe.per_sec"));
+        positive(&v, &format!("{side}.exec.per_sec"));
+        positive(&v, &format!("{side}.ratio"));
+    }
+    assert_eq!(
+        field(&v, "machine.load_average").as_array().unwrap().len(),
+        2
+    );
+
     let targets = field(&v, "targets").as_array().unwrap();
     let names: Vec<&str> = targets
         .iter()
@@ -157,7 +171,8 @@ fn bench_json_has_every_field() {
             "publish_vs_one_at_a_time",
             "p99_at_fixed_rate",
             "rss_flat",
-            "embedded_throughput"
+            "embedded_throughput",
+            "pipe_python_noop"
         ]
     );
     for t in targets {

@@ -1,6 +1,7 @@
 //! `helixmq worker` against the local RabbitMQ: `--exec` exit codes, metadata
 //! variables, retries with `--retry-delay`/`--max-attempts` on a fresh prefix,
-//! handler timeouts, graceful shutdown on SIGTERM, `--http` status mapping.
+//! handler timeouts, graceful shutdown on SIGTERM, `--http` status mapping,
+//! `--pipe` processes (the examples, replacement, `reply` answers).
 
 use helixmq_testkit::cli;
 use helixmq_testkit::cli::{file_lines, temp_path, Background, Broker};
@@ -796,4 +797,119 @@ done
     // stderr of the handler is in the log; each failure started a fresh process.
     assert!(run.stderr.contains("ready"), "{}", run.stderr);
     assert_eq!(run.stderr.matches("handler process started").count(), 4);
+}
+
+/// Publish a request straight to `queue` through the management API, with AMQP
+/// properties `helixmq publish` does not set (`reply_to`).
+fn mgmt_publish(queue: &str, payload: &str, properties: serde_json::Value) {
+    let r = reqwest::blocking::Client::new()
+        .post("http://127.0.0.1:15672/api/exchanges/%2F/amq.default/publish")
+        .basic_auth("guest", Some("guest"))
+        .json(&serde_json::json!({
+            "routing_key": queue,
+            "payload": payload,
+            "payload_encoding": "string",
+            "properties": properties,
+        }))
+        .send()
+        .unwrap();
+    let v: serde_json::Value = r.json().unwrap();
+    assert_eq!(v["routed"], true, "request not routed to {queue}: {v}");
+}
+
+#[test]
+fn pipe_worker_publishes_a_reply_to_reply_to_with_the_correlation_id_before_acking() {
+    let b = Broker::new();
+    b.run(&["topology", "apply"]).ok();
+    let q = b.name("tasks.background");
+    let replies = b.name("replies");
+    common::mgmt_put_queue(&replies, serde_json::json!({}));
+    let script = temp_path("reply.py");
+    // Replies with JSON to "json", with text otherwise.
+    std::fs::write(
+        &script,
+        r#"import json, sys
+for line in sys.stdin:
+    req = json.loads(line)
+    if req["payload"] == "json":
+        answer = {"sum": 42, "to": req["id"]}
+    else:
+        answer = "pong " + req["payload"]
+    print(json.dumps({"outcome": "reply", "payload": answer}), flush=True)
+"#,
+    )
+    .unwrap();
+    let props = |corr: Option<&str>, id: &str, to: &str| {
+        let mut p = serde_json::json!({"message_id": id, "reply_to": to, "delivery_mode": 2});
+        if let Some(c) = corr {
+            p["correlation_id"] = c.into();
+        }
+        p
+    };
+    mgmt_publish(&q, "json", props(Some("req-json"), "id-json", &replies));
+    mgmt_publish(&q, "ping", props(Some("req-text"), "id-text", &replies));
+    // No correlation id: the reply carries the request's message id instead.
+    mgmt_publish(&q, "bare", props(None, "id-bare", &replies));
+    // A reply_to no queue has: the reply cannot be placed, so the request is
+    // not acked but retried (here: --max-attempts 1, the DLQ).
+    let nowhere = b.name("no-such-reply-queue");
+    mgmt_publish(&q, "lost", props(Some("req-lost"), "id-lost", &nowhere));
+
+    let mut c = b.cmd();
+    c.args([
+        "worker",
+        "-q",
+        "tasks.background",
+        "--pipe",
+        &format!("python3 {}", script.display()),
+        "--concurrency",
+        "1",
+        "--max-attempts",
+        "1",
+    ]);
+    let mut w = Background::spawn(c);
+    b.eventually(
+        Duration::from_secs(40),
+        "three replies, one request in the DLQ",
+        || b.ready(&replies) >= 3 && dlq_entries(&b).len() == 1,
+    );
+    let run = w.terminate(Duration::from_secs(15));
+    println!("captured stderr:\n{}", run.stderr);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let _ = std::fs::remove_file(&script);
+
+    let got: std::collections::BTreeMap<String, (String, serde_json::Value)> =
+        common::mgmt_peek(&replies, 10)
+            .iter()
+            .map(|m| {
+                let p = &m["properties"];
+                (
+                    p["correlation_id"].as_str().unwrap_or_default().to_string(),
+                    (m["payload"].as_str().unwrap().to_string(), p.clone()),
+                )
+            })
+            .collect();
+    println!("replies: {got:#?}");
+    assert_eq!(got.len(), 3, "one reply per answered request: {got:?}");
+    let (json, json_props) = &got["req-json"];
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(json).unwrap(),
+        serde_json::json!({"sum": 42, "to": "id-json"})
+    );
+    assert_eq!(json_props["content_type"], "application/json");
+    assert_eq!(got["req-text"].0, "pong ping", "a string is sent as is");
+    assert_eq!(got["id-bare"].0, "pong bare");
+    // The replies are confirmed before the requests are acked; the request
+    // whose reply could not be placed was not acked (it is in the DLQ).
+    b.eventually(Duration::from_secs(10), "three requests acked", || {
+        acked(&q) >= 3
+    });
+    assert_eq!(b.ready(&q), 0);
+    let dlq = dlq_entries(&b);
+    assert_eq!(dlq[0]["id"], "id-lost");
+    let reason = dlq[0]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("reply to") && reason.contains(&nowhere),
+        "{reason}"
+    );
 }

@@ -15,6 +15,8 @@
 //! - [`latency`]: end-to-end latency at a fixed offered rate and at saturation.
 //! - [`embedded`]: the in-process broker's publish-and-consume throughput.
 //! - [`memory`]: resident memory (`/proc/self/status`) and the soak run.
+//! - [`pipe`]: `worker --pipe` beside `worker --exec` with a no-op Python
+//!   handler, embedded and on RabbitMQ (`--scenario pipe` runs only this).
 //! - [`report`]: the JSON document, the printed summary, the targets.
 //! - [`plot`]: the latency histogram SVG.
 
@@ -22,6 +24,7 @@ mod consume;
 mod embedded;
 mod latency;
 mod memory;
+mod pipe;
 mod plot;
 mod publish;
 mod report;
@@ -56,6 +59,15 @@ async fn fill_settled(
 /// Pause between filling a queue and draining it, so the broker has written
 /// what it holds and each consume run starts from the same state.
 const SETTLE: Duration = Duration::from_millis(500);
+
+/// What `helixmq bench` measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Scenario {
+    /// Every phase (the standard run).
+    All,
+    /// Only `worker --pipe` beside `worker --exec` (embedded and RabbitMQ).
+    Pipe,
+}
 
 /// Options of `helixmq bench`.
 #[derive(Debug, Clone, clap::Args)]
@@ -95,6 +107,24 @@ pub struct BenchArgs {
     /// show that resident memory stays flat.
     #[arg(long)]
     pub soak_messages: Option<u64>,
+    /// Which phases to run.
+    #[arg(long, value_enum, default_value_t = Scenario::All)]
+    pub scenario: Scenario,
+    /// Messages of each `worker --pipe` run. Default: messages.
+    #[arg(long)]
+    pub pipe_messages: Option<u64>,
+    /// Messages of each `worker --exec` run (a process each). Default: messages / 40.
+    #[arg(long)]
+    pub exec_messages: Option<u64>,
+    /// Handler processes at once for `--pipe` and `--exec` (the worker's --concurrency).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    pub pipe_concurrency: u64,
+    /// The `--pipe` handler (`sh -c CMD`). Default: a no-op Python handler.
+    #[arg(long, value_name = "CMD", default_value = pipe::NOOP_PIPE, hide_default_value = true)]
+    pub pipe_cmd: String,
+    /// The `--exec` handler (`sh -c CMD`). Default: a no-op Python program.
+    #[arg(long, value_name = "CMD", default_value = pipe::NOOP_EXEC, hide_default_value = true)]
+    pub exec_cmd: String,
     /// RabbitMQ to measure against. Needs configure/write/read on `helixagent\..*`.
     #[arg(
         long,
@@ -118,6 +148,11 @@ pub(crate) struct Plan {
     latency_messages: u64,
     embedded_messages: u64,
     soak_messages: u64,
+    pipe_messages: u64,
+    exec_messages: u64,
+    pipe_concurrency: usize,
+    pipe_command: String,
+    exec_command: String,
 }
 
 impl Plan {
@@ -134,6 +169,11 @@ impl Plan {
             latency_messages: a.latency_messages.unwrap_or(a.messages.min(5_000)).max(1),
             embedded_messages: a.embedded_messages.unwrap_or(a.messages * 10).max(1),
             soak_messages: a.soak_messages.unwrap_or(a.messages).max(10),
+            pipe_messages: a.pipe_messages.unwrap_or(a.messages).max(1),
+            exec_messages: a.exec_messages.unwrap_or(a.messages / 40).max(10),
+            pipe_concurrency: a.pipe_concurrency as usize,
+            pipe_command: a.pipe_cmd.clone(),
+            exec_command: a.exec_cmd.clone(),
         }
     }
 
@@ -146,6 +186,9 @@ impl Plan {
 /// Run the benchmark and print (or write as JSON) the results.
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let plan = Plan::from_args(&args);
+    if args.plot.is_some() && args.scenario != Scenario::All {
+        anyhow::bail!("--plot draws the latency runs, which only --scenario all measures");
+    }
     if let Some(path) = &args.plot {
         // Fail before minutes of measuring, not after.
         let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
@@ -166,30 +209,57 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         bench.config.rabbitmq.redacted_url(),
         bench.prefix
     );
-    let body = measure(&bench, &plan);
+    let load_before = report::load_average();
+    let body = async {
+        match args.scenario {
+            Scenario::All => measure(&bench, &plan).await.map(Done::All),
+            Scenario::Pipe => pipe::run(&bench, &plan, &plan.payload())
+                .await
+                .map(Done::Pipe),
+        }
+    };
     let outcome = tokio::select! {
         r = body => r,
         _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
     };
+    let load = [load_before, report::load_average()];
     // Always remove what we declared, whatever happened above.
     let cleaned = bench.cleanup().await;
-    let report = outcome?;
+    let done = outcome?;
     cleaned.context("the benchmark finished but its queues could not all be deleted")?;
 
     // Results first, so that a plot that cannot be written loses nothing.
-    let text = report.summary();
+    let (text, json, full) = match done {
+        Done::All(pipe_run) => {
+            let r = Report::build(&plan, &bench, *pipe_run, load).await;
+            (r.summary(), serde_json::to_string_pretty(&r)?, Some(r))
+        }
+        Done::Pipe(p) => {
+            let r = report::PipeOnly::build(&plan, &bench, p, load).await;
+            (r.summary(), serde_json::to_string_pretty(&r)?, None)
+        }
+    };
     if args.json {
         eprint!("{text}");
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        println!("{json}");
     } else {
         print!("{text}");
     }
+    let Some(report) = full else {
+        return Ok(());
+    };
     if let Some(path) = &args.plot {
         plot::latency_svg(path, &report)
             .with_context(|| format!("cannot write the plot to {}", path.display()))?;
         eprintln!("latency histogram written to {}", path.display());
     }
     Ok(())
+}
+
+/// What a scenario measured, before the report is built.
+enum Done {
+    All(Box<Measured>),
+    Pipe(pipe::PipeReport),
 }
 
 fn describe(p: &Plan) -> String {
@@ -200,7 +270,7 @@ fn describe(p: &Plan) -> String {
 }
 
 /// Every phase in turn; raw and helixmq alternate inside each round.
-async fn measure(bench: &Bench, plan: &Plan) -> anyhow::Result<Report> {
+async fn measure(bench: &Bench, plan: &Plan) -> anyhow::Result<Box<Measured>> {
     let mut rss = memory::MemoryReport::default();
     let payload = plan.payload();
     let mut publish = Rounds::default();
@@ -316,6 +386,8 @@ async fn measure(bench: &Bench, plan: &Plan) -> anyhow::Result<Report> {
     );
     let soak = memory::soak(bench, plan, &payload, &bar).await?;
 
+    let pipe = pipe::run(bench, plan, &payload).await?;
+
     rss.soak = Some(soak);
     let measured = Measured {
         publish,
@@ -331,8 +403,9 @@ async fn measure(bench: &Bench, plan: &Plan) -> anyhow::Result<Report> {
         },
         embedded,
         memory: rss,
+        pipe,
     };
-    Ok(Report::build(plan, bench, measured).await)
+    Ok(Box::new(measured))
 }
 
 /// `[raw, helixmq]` or `[helixmq, raw]`.

@@ -10,6 +10,7 @@ use serde::Serialize;
 use super::embedded::EmbeddedReport;
 use super::latency::LatencyRun;
 use super::memory::{status_kib, MemoryReport};
+use super::pipe::PipeReport;
 use super::setup::Bench;
 use super::Plan;
 
@@ -174,6 +175,29 @@ pub(crate) struct Settings {
     pub latency_messages: u64,
     pub embedded_messages: u64,
     pub soak_messages: u64,
+    pub pipe_messages: u64,
+    pub exec_messages: u64,
+    pub pipe_concurrency: usize,
+}
+
+impl Settings {
+    fn of(plan: &Plan) -> Settings {
+        Settings {
+            messages: plan.messages,
+            size: plan.size,
+            window: plan.window,
+            prefetch: plan.prefetch,
+            rounds: plan.rounds,
+            rate: plan.rate,
+            one_at_a_time_messages: plan.one_at_a_time_messages,
+            latency_messages: plan.latency_messages,
+            embedded_messages: plan.embedded_messages,
+            soak_messages: plan.soak_messages,
+            pipe_messages: plan.pipe_messages,
+            exec_messages: plan.exec_messages,
+            pipe_concurrency: plan.pipe_concurrency,
+        }
+    }
 }
 
 /// Where it ran.
@@ -185,6 +209,28 @@ pub(crate) struct Machine {
     /// The broker URL, password redacted.
     pub broker: String,
     pub helixmq_version: &'static str,
+    /// `/proc/loadavg` (1, 5, 15 minutes) when the run started and when it
+    /// ended: the machine is shared, figures taken under load are lower.
+    pub load_average: [[f64; 3]; 2],
+}
+
+impl Machine {
+    async fn of(bench: &Bench, load_average: [[f64; 3]; 2]) -> Machine {
+        Machine {
+            nproc: std::thread::available_parallelism().map_or(0, |n| n.get()),
+            rabbitmq_version: rabbitmq_version(bench).await,
+            broker: bench.config.rabbitmq.redacted_url(),
+            helixmq_version: env!("CARGO_PKG_VERSION"),
+            load_average,
+        }
+    }
+}
+
+/// The 1, 5 and 15-minute load averages (`/proc/loadavg`, Linux; zeros elsewhere).
+pub(crate) fn load_average() -> [f64; 3] {
+    let text = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let mut v = text.split_whitespace().map(|x| x.parse().unwrap_or(0.0));
+    [(); 3].map(|_| v.next().unwrap_or(0.0))
 }
 
 /// One of the issue's targets.
@@ -206,6 +252,7 @@ pub(crate) struct Report {
     pub latency: LatencyReport,
     pub embedded: EmbeddedReport,
     pub memory: MemoryReport,
+    pub pipe: PipeReport,
     pub targets: Vec<Target>,
 }
 
@@ -221,6 +268,7 @@ pub(crate) struct Measured {
     pub latency: LatencyReport,
     pub embedded: EmbeddedReport,
     pub memory: MemoryReport,
+    pub pipe: PipeReport,
 }
 
 fn ratio(a: f64, b: f64) -> f64 {
@@ -232,7 +280,12 @@ fn ratio(a: f64, b: f64) -> f64 {
 }
 
 impl Report {
-    pub(crate) async fn build(plan: &Plan, bench: &Bench, m: Measured) -> Report {
+    pub(crate) async fn build(
+        plan: &Plan,
+        bench: &Bench,
+        m: Measured,
+        load_average: [[f64; 3]; 2],
+    ) -> Report {
         let helixmq = Stat::of(m.publish.helix);
         let raw = Stat::of(m.publish.raw);
         let batch = Stat::of(m.batch);
@@ -259,29 +312,14 @@ impl Report {
         let mut memory = m.memory;
         memory.peak_rss_kib = status_kib("VmHWM");
         let mut r = Report {
-            settings: Settings {
-                messages: plan.messages,
-                size: plan.size,
-                window: plan.window,
-                prefetch: plan.prefetch,
-                rounds: plan.rounds,
-                rate: plan.rate,
-                one_at_a_time_messages: plan.one_at_a_time_messages,
-                latency_messages: plan.latency_messages,
-                embedded_messages: plan.embedded_messages,
-                soak_messages: plan.soak_messages,
-            },
-            machine: Machine {
-                nproc: std::thread::available_parallelism().map_or(0, |n| n.get()),
-                rabbitmq_version: rabbitmq_version(bench).await,
-                broker: bench.config.rabbitmq.redacted_url(),
-                helixmq_version: env!("CARGO_PKG_VERSION"),
-            },
+            settings: Settings::of(plan),
+            machine: Machine::of(bench, load_average).await,
             publish,
             consume,
             latency: m.latency,
             embedded: m.embedded,
             memory,
+            pipe: m.pipe,
             targets: Vec::new(),
         };
         r.targets = r.check_targets();
@@ -334,6 +372,7 @@ impl Report {
                 value: format!("{:.0} msg/s", self.embedded.publish_and_consume_per_sec),
                 met: self.embedded.publish_and_consume_per_sec >= 500_000.0,
             },
+            pipe_target(&self.pipe),
         ]
     }
 
@@ -353,13 +392,12 @@ impl Report {
         };
         let _ = writeln!(
             s,
-            "\nhelixmq bench — {} messages × {} B, window {}, prefetch {}, {} CPUs, RabbitMQ {}",
+            "\nhelixmq bench — {} messages × {} B, window {}, prefetch {}, {}",
             self.settings.messages,
             self.settings.size,
             self.settings.window,
             self.settings.prefetch,
-            self.machine.nproc,
-            self.machine.rabbitmq_version.as_deref().unwrap_or("?")
+            machine_line(&self.machine)
         );
         let _ = writeln!(s, "confirmed publish");
         let _ = writeln!(s, "  raw lapin             {}", st(&p.raw_lapin));
@@ -450,6 +488,7 @@ impl Report {
             );
         }
         let _ = writeln!(s);
+        pipe_summary(&mut s, &self.pipe);
         let _ = writeln!(s, "targets");
         for t in &self.targets {
             let _ = writeln!(
@@ -462,6 +501,101 @@ impl Report {
             );
         }
         s
+    }
+}
+
+/// `--scenario pipe`: the pipe-versus-exec figures alone.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct PipeOnly {
+    pub settings: Settings,
+    pub machine: Machine,
+    pub pipe: PipeReport,
+    pub targets: Vec<Target>,
+}
+
+impl PipeOnly {
+    pub(crate) async fn build(
+        plan: &Plan,
+        bench: &Bench,
+        pipe: PipeReport,
+        load_average: [[f64; 3]; 2],
+    ) -> PipeOnly {
+        PipeOnly {
+            settings: Settings::of(plan),
+            machine: Machine::of(bench, load_average).await,
+            targets: vec![pipe_target(&pipe)],
+            pipe,
+        }
+    }
+
+    /// The human summary.
+    pub(crate) fn summary(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "\nhelixmq bench --scenario pipe — {} B payloads, {}",
+            self.settings.size,
+            machine_line(&self.machine)
+        );
+        pipe_summary(&mut s, &self.pipe);
+        for t in &self.targets {
+            let _ = writeln!(
+                s,
+                "  [{}] {:<25} {:<45} {}",
+                if t.met { "met " } else { "MISS" },
+                t.name,
+                t.target,
+                t.value
+            );
+        }
+        s
+    }
+}
+
+fn machine_line(m: &Machine) -> String {
+    let [start, end] = m.load_average;
+    format!(
+        "{} CPUs, RabbitMQ {}, load average {:.2} {:.2} {:.2} at the start, {:.2} {:.2} {:.2} at the end",
+        m.nproc,
+        m.rabbitmq_version.as_deref().unwrap_or("?"),
+        start[0],
+        start[1],
+        start[2],
+        end[0],
+        end[1],
+        end[2]
+    )
+}
+
+/// Issue 13: a pipe worker with a no-op Python handler, on RabbitMQ.
+fn pipe_target(p: &PipeReport) -> Target {
+    let per_sec = p.rabbitmq.pipe.per_sec;
+    Target {
+        name: "pipe_python_noop",
+        target: "≥ 5,000 tasks/s, worker --pipe on RabbitMQ".into(),
+        value: format!("{per_sec:.0} tasks/s"),
+        met: per_sec >= 5_000.0,
+    }
+}
+
+fn pipe_summary(s: &mut String, p: &PipeReport) {
+    let _ = writeln!(
+        s,
+        "worker --pipe vs --exec, no-op handler, {} at once (tasks/s; worker CPU µs/task)",
+        p.concurrency
+    );
+    for (name, side) in [("embedded", &p.embedded), ("RabbitMQ", &p.rabbitmq)] {
+        let _ = writeln!(
+            s,
+            "  {name:<9} pipe {:>7.0}/s ({} tasks, {:.1} µs)  exec {:>5.0}/s ({} tasks, {:.1} µs)  pipe/exec {:.1}×",
+            side.pipe.per_sec,
+            side.pipe.messages,
+            side.pipe.cpu_us_per_msg,
+            side.exec.per_sec,
+            side.exec.messages,
+            side.exec.cpu_us_per_msg,
+            side.ratio
+        );
     }
 }
 

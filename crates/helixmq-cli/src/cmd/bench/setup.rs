@@ -33,6 +33,8 @@ pub(crate) struct Bench {
     pub q_latency: String,
     /// The memory soak.
     pub q_soak: String,
+    /// `worker --pipe` and `--exec` runs.
+    pub q_pipe: String,
 }
 
 impl Bench {
@@ -58,15 +60,21 @@ impl Bench {
         let names = Names::new(prefix.clone());
         let exchange = format!("{prefix}.bench");
         let q = |s: &str| format!("{prefix}.{s}");
-        let (q_raw, q_helix, q_scratch, q_latency, q_soak) =
-            (q("raw"), q("helix"), q("scratch"), q("latency"), q("soak"));
+        let (q_raw, q_helix, q_scratch, q_latency, q_soak, q_pipe) = (
+            q("raw"),
+            q("helix"),
+            q("scratch"),
+            q("latency"),
+            q("soak"),
+            q("pipe"),
+        );
         let mut t = Topology::system(&names);
         t.exchanges.push(Exchange {
             name: exchange.clone(),
             kind: ExchangeKind::Direct,
             durable: true,
         });
-        for name in [&q_raw, &q_helix, &q_scratch, &q_latency, &q_soak] {
+        for name in [&q_raw, &q_helix, &q_scratch, &q_latency, &q_soak, &q_pipe] {
             // Routing key = queue name, like the requeue exchange does.
             t.add_work_queue(Queue::durable(name.clone()), &exchange, name);
         }
@@ -81,6 +89,7 @@ impl Bench {
             q_scratch,
             q_latency,
             q_soak,
+            q_pipe,
         };
         if let Err(e) = bench.broker.declare(&t).await {
             let _ = bench.cleanup().await;

@@ -26,7 +26,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use helixmq::{Broker, Context, Message, Outcome, PublishOptions};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 use tokio::sync::{Mutex, Semaphore};
@@ -247,44 +247,115 @@ impl PipeHandler {
 
 /// The request line of one message (ends with `\n`).
 fn request_line(m: &Message, ctx: &Context, timeout: Duration) -> String {
-    let headers: serde_json::Map<String, serde_json::Value> = m
-        .headers
-        .iter()
-        .map(|(k, v)| (k.clone(), super::header_text(v).into()))
-        .chain(
-            m.traceparent
-                .iter()
-                .map(|tp| ("traceparent".to_string(), tp.clone().into())),
-        )
-        .collect();
+    /// One request, serialised straight from borrowed fields (no JSON tree
+    /// built per message).
+    #[derive(Serialize)]
+    struct Request<'a> {
+        id: &'a str,
+        #[serde(rename = "type")]
+        kind: Option<&'a str>,
+        attempt: u32,
+        queue: &'a str,
+        exchange: &'a str,
+        routing_key: &'a str,
+        correlation_id: Option<&'a str>,
+        priority: Option<u8>,
+        redelivered: bool,
+        headers: Headers<'a>,
+        deadline_ms: u64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        payload: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        payload_base64: Option<String>,
+    }
+    /// The headers as text, the `traceparent` field among them.
+    struct Headers<'a>(&'a Message);
+    impl Serialize for Headers<'_> {
+        fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            use serde::ser::SerializeMap as _;
+            let m = self.0;
+            let mut map = s.serialize_map(None)?;
+            for (k, v) in &m.headers {
+                map.serialize_entry(k, &super::header_text(v))?;
+            }
+            if let Some(tp) = &m.traceparent {
+                map.serialize_entry("traceparent", tp)?;
+            }
+            map.end()
+        }
+    }
     let deadline_ms = SystemTime::now()
         .checked_add(timeout)
         .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0);
-    let mut v = serde_json::json!({
-        "id": m.id,
-        "type": m.kind,
-        "attempt": m.attempt,
-        "queue": ctx.queue,
-        "exchange": ctx.exchange,
-        "routing_key": ctx.routing_key,
-        "correlation_id": m.correlation_id,
-        "priority": m.priority.map(|p| p.value()),
-        "redelivered": ctx.redelivered,
-        "headers": headers,
-        "deadline_ms": deadline_ms,
-    });
-    match std::str::from_utf8(&m.payload) {
-        Ok(text) => v["payload"] = text.into(),
-        Err(_) => {
+    let text = std::str::from_utf8(&m.payload).ok();
+    let req = Request {
+        id: &m.id,
+        kind: m.kind.as_deref(),
+        attempt: m.attempt,
+        queue: &ctx.queue,
+        exchange: &ctx.exchange,
+        routing_key: &ctx.routing_key,
+        correlation_id: m.correlation_id.as_deref(),
+        priority: m.priority.map(|p| p.value()),
+        redelivered: ctx.redelivered,
+        headers: Headers(m),
+        deadline_ms,
+        payload: text,
+        payload_base64: text.is_none().then(|| {
             use base64::Engine as _;
-            v["payload_base64"] = base64::engine::general_purpose::STANDARD
-                .encode(&m.payload)
-                .into();
-        }
-    }
-    let mut line = v.to_string();
+            base64::engine::general_purpose::STANDARD.encode(&m.payload)
+        }),
+    };
+    let mut line = serde_json::to_string(&req).expect("a request always serialises");
     line.push('\n');
     line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ctx() -> Context {
+        Context {
+            queue: "q".into(),
+            exchange: "x".into(),
+            routing_key: "k".into(),
+            redelivered: false,
+        }
+    }
+
+    #[test]
+    fn a_request_line_has_the_documented_fields() {
+        let m = Message::new("hi")
+            .with_kind("llm.request")
+            .with_header("tenant", "acme")
+            .with_correlation_id("req-42");
+        let line = request_line(&m, &ctx(), Duration::from_secs(60));
+        assert!(line.ends_with('\n') && !line.trim_end().contains('\n'));
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["id"], m.id.as_str());
+        assert_eq!(v["type"], "llm.request");
+        assert_eq!(v["attempt"], 1);
+        assert_eq!(v["queue"], "q");
+        assert_eq!(v["exchange"], "x");
+        assert_eq!(v["routing_key"], "k");
+        assert_eq!(v["correlation_id"], "req-42");
+        assert_eq!(v["redelivered"], false);
+        assert_eq!(v["headers"]["tenant"], "acme");
+        assert!(v["deadline_ms"].as_u64().unwrap() > 0);
+        assert_eq!(v["payload"], "hi");
+        assert!(v.get("payload_base64").is_none());
+    }
+
+    #[test]
+    fn a_body_that_is_not_utf8_comes_as_base64() {
+        let m = Message::new(vec![0xff, 0x00]);
+        let v: serde_json::Value =
+            serde_json::from_str(&request_line(&m, &ctx(), Duration::from_secs(1))).unwrap();
+        assert_eq!(v["payload_base64"], "/wA=");
+        assert!(v.get("payload").is_none());
+        assert_eq!(v["type"], serde_json::Value::Null);
+    }
 }
