@@ -4,6 +4,7 @@ pub mod bench;
 pub mod config;
 pub mod demo;
 pub mod dlq;
+pub mod outbox;
 pub mod publish;
 pub mod stats;
 pub mod topology;

@@ -229,21 +229,26 @@ impl Rabbit {
     /// `rabbitmqctl close_connection` on every connection of this test named
     /// for `role`; how many.
     pub fn close_connections(&self, role: &str) -> usize {
-        let needle = format!("\"{}\"", self.connection_name(role));
-        let list = ctl(&["list_connections", "pid", "client_properties"]).unwrap_or_default();
-        list.lines()
-            .filter(|l| l.contains(&needle))
-            .filter_map(|l| l.split_whitespace().next())
-            .filter(|pid| {
-                ctl(&[
-                    "close_connection",
-                    pid,
-                    "helixmq postgres test: forced close",
-                ])
-                .is_ok()
-            })
-            .count()
+        close_connections_named(&self.connection_name(role))
     }
+}
+
+/// `rabbitmqctl close_connection` on every connection named `name`; how many.
+pub fn close_connections_named(name: &str) -> usize {
+    let needle = format!("\"{name}\"");
+    let list = ctl(&["list_connections", "pid", "client_properties"]).unwrap_or_default();
+    list.lines()
+        .filter(|l| l.contains(&needle))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|pid| {
+            ctl(&[
+                "close_connection",
+                pid,
+                "helixmq postgres test: forced close",
+            ])
+            .is_ok()
+        })
+        .count()
 }
 
 impl Drop for Rabbit {
