@@ -17,11 +17,13 @@
 //! - [`memory`]: resident memory (`/proc/self/status`) and the soak run.
 //! - [`report`]: the JSON document, the printed summary, the targets.
 //! - [`plot`]: the latency histogram SVG.
+//! - [`outbox`]: `--outbox`, the PostgreSQL outbox relay's throughput and latency.
 
 mod consume;
 mod embedded;
 mod latency;
 mod memory;
+mod outbox;
 mod plot;
 mod publish;
 mod report;
@@ -103,6 +105,9 @@ pub struct BenchArgs {
         hide_env_values = true
     )]
     pub url: String,
+    /// The outbox benchmark (`--outbox`).
+    #[command(flatten)]
+    pub outbox: outbox::OutboxBenchArgs,
 }
 
 /// The settings every phase shares, resolved from [`BenchArgs`].
@@ -166,6 +171,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         bench.config.rabbitmq.redacted_url(),
         bench.prefix
     );
+    if args.outbox.outbox {
+        let res = outbox::run(&bench, &args.outbox, args.rate, args.json).await;
+        let cleaned = bench.cleanup().await;
+        res?;
+        return cleaned;
+    }
     let body = measure(&bench, &plan);
     let outcome = tokio::select! {
         r = body => r,
