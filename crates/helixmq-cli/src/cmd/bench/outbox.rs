@@ -5,8 +5,8 @@
 //! subscription:
 //! - **drain**: a backlog of `--outbox-rows` committed rows, relayed as fast
 //!   as it goes: rows/s from the relay's start to the last confirm;
-//! - **sustained**: writers commit `--outbox-rate` rows/s (10 rows per
-//!   transaction) for `--outbox-seconds` while the relay runs: does it keep
+//! - **sustained**: writers commit `--outbox-rate` rows/s (20 rows per
+//!   transaction, 8 writers) for `--outbox-seconds` while the relay runs: does it keep
 //!   up (backlog at the end, relayed rate), and commit→handler latency;
 //! - **latency**: one row per transaction at `--rate` rows/s: commit→handler
 //!   latency p50/p99 (the clock starts when `COMMIT` returned).
@@ -28,6 +28,9 @@ use sqlx::PgPool;
 
 use super::latency::{micros, new_hist, Hist};
 use super::setup::Bench;
+
+/// Writer connections: enough that writing is never what limits the relay.
+const WRITERS: u64 = 8;
 
 /// Options of the outbox benchmark.
 #[derive(Debug, Clone, clap::Args)]
@@ -146,8 +149,14 @@ async fn measure(
     opts: PgConnectOptions,
 ) -> anyhow::Result<OutboxReport> {
     let load_average_before = loadavg();
+    // Writers and relay on pools of their own: a writer never waits for the
+    // relay's connections, nor the relay for theirs.
     let pool = PgPoolOptions::new()
-        .max_connections(8)
+        .max_connections(WRITERS as u32)
+        .connect_with(opts.clone())
+        .await?;
+    let relay_pool = PgPoolOptions::new()
+        .max_connections(3)
         .connect_with(opts)
         .await?;
     Outbox::migrate(&pool).await?;
@@ -182,7 +191,7 @@ async fn measure(
         left -= n;
     }
     let started = Instant::now();
-    let relay = Outbox::relay(pool.clone(), bench.broker.clone(), RelayOptions::default());
+    let relay = Outbox::relay(relay_pool, bench.broker.clone(), RelayOptions::default());
     while relay.report().relayed < args.outbox_rows {
         tokio::time::sleep(Duration::from_millis(2)).await;
         anyhow::ensure!(
@@ -199,7 +208,7 @@ async fn measure(
     wait_handled(&clock, args.outbox_rows).await?;
     eprintln!("outbox: drain {:.0} rows/s", drain.rows_per_sec);
 
-    let per_tx = (args.outbox_rate / 500).clamp(1, 10);
+    let per_tx = (args.outbox_rate / 250).clamp(1, 20);
     let sustained = rated(
         bench,
         &pool,
@@ -266,8 +275,8 @@ async fn rated(
     let handled_before = clock.handled.load(Ordering::Relaxed);
     let relayed_before = relay.report().relayed;
     let total = rate * seconds / per_tx * per_tx;
-    // Two writers, each committing every 2·per_tx/rate seconds.
-    let writers = 2u64;
+    // WRITERS writers, each committing every WRITERS·per_tx/rate seconds.
+    let writers = WRITERS;
     let started = Instant::now();
     let tasks: Vec<_> = (0..writers)
         .map(|_| {
