@@ -142,7 +142,7 @@ async fn relay_killed_and_connections_cut_lose_nothing_and_apply_once() {
                 while ok.len() < mine {
                     tick.tick().await;
                     i += 1;
-                    let rollback = (i + w) % ROLLBACK_EVERY == 0;
+                    let rollback = (i + w).is_multiple_of(ROLLBACK_EVERY);
                     let m = Message::new(format!("order {w}-{i}"));
                     let mut tx = pool.begin().await.unwrap();
                     sqlx::query("INSERT INTO orders (message_id) VALUES ($1)")

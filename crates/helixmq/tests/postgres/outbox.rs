@@ -88,8 +88,8 @@ async fn relays_committed_rows_and_never_rolled_back_ones() {
     let relay = Outbox::relay(db.pool_named("relay", 3).await, broker.clone(), fast());
 
     let (mut committed, mut rolled_back) = (Vec::new(), Vec::new());
-    for i in 0..400 {
-        let commit = i % 5 != 0;
+    for i in 0..400u32 {
+        let commit = !i.is_multiple_of(5);
         let (id, _) = order(&db.pool, &rabbit.exchange, commit, Duration::ZERO).await;
         if commit {
             committed.push(id);
