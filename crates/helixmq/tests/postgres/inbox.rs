@@ -238,3 +238,89 @@ async fn retention_deletes_old_inbox_rows() {
     let short = Inbox::new(db.pool.clone()).retention(Duration::ZERO);
     assert_eq!(short.cleanup().await.unwrap(), 1);
 }
+
+/// The consumer's PostgreSQL connections terminated (`pg_terminate_backend`)
+/// while handlers hold open inbox transactions: those attempts roll back (or
+/// their commit is lost) and are retried; every message's effect is applied
+/// exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminated_transactions_are_retried_and_apply_once() {
+    const MESSAGES: usize = 400;
+    let t = tag();
+    let db = TestDb::new(&t).await;
+    let rabbit = Rabbit::new(&t);
+    effects_table(&db.pool).await;
+    let b = rabbit.broker("w").await;
+    // All queued first: the faults then hit a consumer that is busy throughout.
+    for i in 0..MESSAGES {
+        b.publish(&rabbit.exchange, WORK, Message::new(format!("m{i}")))
+            .await
+            .unwrap();
+    }
+    let runs = Arc::new(AtomicU32::new(0));
+    let r = runs.clone();
+    let opts = SubscribeOptions {
+        prefetch: Some(20),
+        concurrency: Some(8),
+        retry: Some(RetryPolicy {
+            max_attempts: 20,
+            delays: vec![Duration::from_secs(1)],
+        }),
+        ..Default::default()
+    }
+    .inbox(db.pool_named("consume", 8).await);
+    let sub = b
+        .subscribe(
+            &rabbit.queue,
+            move |m: Message, _ctx| {
+                let r = r.clone();
+                async move {
+                    r.fetch_add(1, Ordering::SeqCst);
+                    let tx = helixmq::inbox::transaction().ok_or("no inbox transaction")?;
+                    sqlx::query("INSERT INTO effects VALUES ($1, $2)")
+                        .bind(&m.id)
+                        .bind(m.attempt as i32)
+                        .execute(&mut *tx.conn().await?)
+                        .await?;
+                    // Keep the transaction open long enough to be cut.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    Ok(Outcome::Ack)
+                }
+            },
+            opts,
+        )
+        .await
+        .unwrap();
+    let mut terminated = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let done = db
+            .count("SELECT count(DISTINCT message_id) FROM effects")
+            .await;
+        if done as usize == MESSAGES {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "effects: {done} of {MESSAGES}"
+        );
+        // Five rounds, spread over the first half of the run.
+        if terminated < 5 && runs.load(Ordering::SeqCst) as usize > terminated * 40 + 10 {
+            terminated += db.terminate("consume").await.min(1);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    sub.shutdown(Duration::from_secs(5)).await;
+    let effects = db.count("SELECT count(*) FROM effects").await;
+    let retried = db
+        .count("SELECT count(*) FROM effects WHERE attempt > 1")
+        .await;
+    println!(
+        "inbox_terminated: messages={MESSAGES} termination_rounds={terminated} handler_runs={} \
+         effects={effects} effects_from_retries={retried} lost=0",
+        runs.load(Ordering::SeqCst)
+    );
+    assert_eq!(terminated, 5, "the faults did not all happen");
+    assert_eq!(effects as usize, MESSAGES, "an effect applied twice");
+    b.close().await.ok();
+}
