@@ -109,6 +109,9 @@ enum Command {
     Stats(cmd::stats::StatsArgs),
     /// Run the spec's flows end to end and show what happened.
     Demo(cmd::demo::DemoArgs),
+    /// The transactional outbox on PostgreSQL: migrate, relay, status, cleanup.
+    #[command(subcommand)]
+    Outbox(cmd::outbox::OutboxCmd),
     /// Measure helixmq against raw lapin on the local RabbitMQ (see docs/BENCHMARKS.md).
     Bench(cmd::bench::BenchArgs),
 }
@@ -138,7 +141,7 @@ fn main() -> ExitCode {
     // The worker's job is to log what it does; other commands stay quiet unless
     // asked; the demo's failures are on purpose and its table tells the story.
     let default_level = match cli.command {
-        Command::Worker(_) => "info",
+        Command::Worker(_) | Command::Outbox(cmd::outbox::OutboxCmd::Relay(_)) => "info",
         Command::Demo(_) | Command::Bench(_) => "error",
         _ => "warn",
     };
@@ -167,6 +170,7 @@ fn main() -> ExitCode {
             Command::Dlq(c) => cmd::dlq::run(&global, c).await,
             Command::Stats(a) => cmd::stats::run(&global, a).await,
             Command::Demo(a) => cmd::demo::run(&global, a).await,
+            Command::Outbox(c) => cmd::outbox::run(&global, c).await,
             Command::Bench(a) => cmd::bench::run(a).await.map(|()| ExitCode::SUCCESS),
         }
     });

@@ -163,6 +163,16 @@ pub enum Error {
         source: BoxError,
     },
 
+    /// A PostgreSQL operation of the outbox or the inbox failed (feature `postgres`).
+    #[error("database: {context}")]
+    Database {
+        /// What helixmq was doing, e.g. "relay: lock a batch of outbox rows".
+        context: String,
+        /// The driver's error.
+        #[source]
+        source: BoxError,
+    },
+
     /// An I/O error (files, sockets).
     #[error("{context}")]
     Io {

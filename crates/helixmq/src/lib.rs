@@ -18,6 +18,8 @@
 //!   and [`backend::rabbitmq`] (lapin, recovery, confirms).
 //! - [`metrics`]: Prometheus counters; [`http`]: `/metrics` and `/health` router.
 //! - [`error`]: the one [`Error`] enum.
+//! - `outbox`, `inbox` (feature `postgres`): the transactional outbox and its
+//!   relay; the consumer inbox for exactly-once effects.
 
 pub mod backend;
 mod backoff;
@@ -26,8 +28,12 @@ pub mod config;
 pub mod consumer;
 pub mod error;
 pub mod http;
+#[cfg(feature = "postgres")]
+pub mod inbox;
 pub mod message;
 pub mod metrics;
+#[cfg(feature = "postgres")]
+pub mod outbox;
 pub mod topology;
 
 pub use backend::{Backend, BackendKind, ConnectionState};

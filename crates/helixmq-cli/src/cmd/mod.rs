@@ -7,6 +7,7 @@ pub mod config;
 #[allow(clippy::unwrap_in_result)]
 pub mod demo;
 pub mod dlq;
+pub mod outbox;
 pub mod publish;
 pub mod stats;
 pub mod topology;

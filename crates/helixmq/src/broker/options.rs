@@ -94,6 +94,24 @@ pub struct SubscribeOptions {
     pub retry: Option<RetryPolicy>,
     /// Optional duplicate guard. Default off.
     pub dedup: Option<DedupOptions>,
+    /// Optional inbox: effects exactly once across workers and restarts
+    /// ([`crate::inbox`]). Default off.
+    #[cfg(feature = "postgres")]
+    pub inbox: Option<crate::inbox::Inbox>,
+}
+
+#[cfg(feature = "postgres")]
+impl SubscribeOptions {
+    /// Handle each delivery in a transaction of `pool` that records its id
+    /// (see [`crate::inbox`]); [`SubscribeOptions::inbox_with`] to configure it.
+    pub fn inbox(self, pool: sqlx::PgPool) -> Self {
+        self.inbox_with(crate::inbox::Inbox::new(pool))
+    }
+    /// [`SubscribeOptions::inbox`] with a configured [`Inbox`](crate::inbox::Inbox).
+    pub fn inbox_with(mut self, inbox: crate::inbox::Inbox) -> Self {
+        self.inbox = Some(inbox);
+        self
+    }
 }
 
 /// Options with every default filled in.
@@ -105,6 +123,8 @@ pub(crate) struct Resolved {
     pub handler_timeout: Duration,
     pub retry: RetryPolicy,
     pub dedup: Option<DedupOptions>,
+    #[cfg(feature = "postgres")]
+    pub inbox: Option<crate::inbox::Inbox>,
 }
 
 impl SubscribeOptions {
@@ -131,6 +151,8 @@ impl SubscribeOptions {
                 },
             },
             dedup: self.dedup,
+            #[cfg(feature = "postgres")]
+            inbox: self.inbox,
         }
     }
 }

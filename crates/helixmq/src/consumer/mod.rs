@@ -151,6 +151,9 @@ struct Runner {
     retry: RetryPolicy,
     handler_timeout: Duration,
     dedup: Option<Mutex<Dedup>>,
+    /// Exactly-once effects through a database transaction (`crate::inbox`).
+    #[cfg(feature = "postgres")]
+    inbox: Option<crate::inbox::Inbox>,
 }
 
 pub(crate) async fn start(
@@ -179,6 +182,8 @@ pub(crate) async fn start(
             .dedup
             .as_ref()
             .map(|d| Mutex::new(Dedup::new(d.capacity, d.ttl))),
+        #[cfg(feature = "postgres")]
+        inbox: opts.inbox.clone(),
     });
     let task = tokio::spawn(run(
         runner,
@@ -312,12 +317,14 @@ impl Runner {
             .map(|_| format!("{}#{}", d.message.id, d.message.attempt));
         if let (Some(dd), Some(key)) = (&self.dedup, &key) {
             if dd.lock().unwrap().contains(key) {
-                c.duplicates_skipped.inc();
-                if let Err(e) = d.acker.ack().await {
-                    tracing::warn!(error = %e, "ack of duplicate failed; it will be redelivered");
-                }
-                return;
+                return self.skip_duplicate(d).await;
             }
+        }
+        #[cfg(feature = "postgres")]
+        let claim = crate::inbox::Claim::of(self.inbox.as_ref(), &self.queue, &d.message).await;
+        #[cfg(feature = "postgres")]
+        if matches!(claim, crate::inbox::Claim::Duplicate) {
+            return self.skip_duplicate(d).await;
         }
         c.consumed.inc();
         let span = tracing::info_span!(
@@ -330,8 +337,20 @@ impl Runner {
             queue = %self.queue,
             attempt = d.message.attempt,
         );
-        let outcome = self.run_handler(&d).instrument(span.clone()).await;
+        let handled = self.run_handler(&d);
+        // The handler runs in the inbox transaction, committed on Ack.
+        #[cfg(feature = "postgres")]
+        let handled = claim.run(handled);
+        let outcome = handled.instrument(span.clone()).await;
         self.settle(d, key, outcome, halt).instrument(span).await;
+    }
+
+    /// Ack a delivery already handled without running its handler again.
+    async fn skip_duplicate(&self, d: Delivery) {
+        self.counters.duplicates_skipped.inc();
+        if let Err(e) = d.acker.ack().await {
+            tracing::warn!(error = %e, "ack of duplicate failed; it will be redelivered");
+        }
     }
 
     async fn run_handler(&self, d: &Delivery) -> Outcome {

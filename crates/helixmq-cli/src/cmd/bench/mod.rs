@@ -19,11 +19,13 @@
 //!   handler, embedded and on RabbitMQ (`--scenario pipe` runs only this).
 //! - [`report`]: the JSON document, the printed summary, the targets.
 //! - [`plot`]: the latency histogram SVG.
+//! - [`outbox`]: `--outbox`, the PostgreSQL outbox relay's throughput and latency.
 
 mod consume;
 mod embedded;
 mod latency;
 mod memory;
+mod outbox;
 mod pipe;
 mod plot;
 mod publish;
@@ -133,6 +135,9 @@ pub struct BenchArgs {
         hide_env_values = true
     )]
     pub url: String,
+    /// The outbox benchmark (`--outbox`).
+    #[command(flatten)]
+    pub outbox: outbox::OutboxBenchArgs,
 }
 
 /// The settings every phase shares, resolved from [`BenchArgs`].
@@ -209,6 +214,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         bench.config.rabbitmq.redacted_url(),
         bench.prefix
     );
+    if args.outbox.outbox {
+        let res = outbox::run(&bench, &args.outbox, args.rate, args.json).await;
+        let cleaned = bench.cleanup().await;
+        res?;
+        return cleaned;
+    }
     let load_before = report::load_average();
     let body = async {
         match args.scenario {
