@@ -152,6 +152,7 @@ pub fn run(mut c: Command, stdin: &[u8]) -> Run {
 const COMMAND_DEADLINE: Duration = Duration::from_secs(120);
 
 /// A unique prefix on the local broker (guest/guest), cleaned up on drop.
+#[derive(Debug)]
 pub struct Broker {
     /// `helixagent.t<random>`.
     pub prefix: String,
@@ -294,6 +295,7 @@ pub fn mgmt_peek(queue: &str, n: u32) -> Vec<serde_json::Value> {
 }
 
 /// A child process that is sent SIGTERM (then reaped) if the test ends early.
+#[derive(Debug)]
 pub struct Background {
     /// The process; None once [`Background::terminate`] reaped it.
     pub child: Option<std::process::Child>,

@@ -15,6 +15,7 @@ use crate::scripts::script;
 pub const PORTS: [u16; 3] = [5681, 5682, 5683];
 
 /// The running cluster; `scripts/cluster stop` when dropped (also on panic).
+#[derive(Debug)]
 pub struct Cluster {
     _private: (),
 }

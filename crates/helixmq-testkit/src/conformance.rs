@@ -130,7 +130,7 @@ async fn cleanup(broker: &Broker) {
 }
 
 /// What a case gets: the broker and its names.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct Fx {
     /// The broker under test.
     pub broker: Broker,
@@ -150,7 +150,7 @@ pub struct Call {
 }
 
 /// Records handler calls; tests wait for a number of them (no polling).
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct Recorder(Arc<watch::Sender<Vec<Call>>>);
 
 impl Default for Recorder {

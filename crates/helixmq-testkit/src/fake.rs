@@ -16,6 +16,7 @@ use helixmq::{Backend, BackendKind, ConnectionState, Error, Message, Result, Top
 use tokio::sync::{mpsc, watch};
 
 /// The fake backend (see the module doc).
+#[derive(Debug)]
 pub struct FakeBackend {
     state: watch::Sender<ConnectionState>,
     dlx: String,
@@ -27,6 +28,7 @@ pub struct FakeBackend {
     acks: Arc<AtomicU64>,
 }
 
+#[derive(Debug)]
 struct Queue {
     tx: mpsc::Sender<Result<Delivery>>,
     rx: Option<mpsc::Receiver<Result<Delivery>>>,

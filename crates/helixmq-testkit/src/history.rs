@@ -195,7 +195,7 @@ impl IdRec {
     }
 }
 
-#[derive(Default)]
+#[derive(Debug, Default)]
 struct State {
     ids: HashMap<String, IdRec>,
     windows: Vec<Window>,
@@ -215,6 +215,7 @@ struct State {
 }
 
 /// The history of one run.
+#[derive(Debug)]
 pub struct History {
     state: Mutex<State>,
     tick: watch::Sender<u64>,

@@ -24,7 +24,7 @@ pub enum Published {
     Failed(String),
 }
 
-#[derive(Default)]
+#[derive(Debug, Default)]
 struct State {
     published: HashMap<String, Published>,
     consumed: HashMap<String, u32>,
@@ -34,6 +34,7 @@ struct State {
 }
 
 /// The ledger of one scenario.
+#[derive(Debug)]
 pub struct Ledger {
     state: Mutex<State>,
     /// Bumped on every publish answer and delivery, for waiters.

@@ -29,6 +29,8 @@
 //!   `rabbitmqctl`, random suffixes.
 //! - [`logs`]: test logging (`RUST_LOG`) and a per-thread log capture.
 //! - [`cli`]: running the built `helixmq` binary under a unique prefix.
+//! - [`postgres`]: a PostgreSQL schema per test (outbox, inbox), faults aimed
+//!   at this test's connections only, a tally of consumed ids.
 
 #![warn(missing_docs)]
 
@@ -43,6 +45,7 @@ pub mod history;
 pub mod ledger;
 pub mod logs;
 pub mod node;
+pub mod postgres;
 pub mod prom;
 pub mod proxy;
 pub mod scenario;

@@ -17,7 +17,7 @@ pub fn init_logging() {
 /// A log sink for a test: install with [`LogCapture::install`] (current thread
 /// only, so parallel tests do not see each other's lines), read with
 /// [`LogCapture::text`].
-#[derive(Clone, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct LogCapture(Arc<Mutex<Vec<u8>>>);
 
 impl Write for LogCapture {

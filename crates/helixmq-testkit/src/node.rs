@@ -121,6 +121,7 @@ pub fn queue_depths(node: Option<&str>, prefix: &str) -> String {
 
 /// Raises the memory alarm on the dedicated node; clears it when dropped
 /// (also on panic), so the node is never left alarmed.
+#[derive(Debug)]
 pub struct MemoryAlarm {
     cleared: bool,
 }
@@ -177,6 +178,7 @@ impl Drop for MemoryAlarm {
 
 /// The dedicated node's application stopped; started again when dropped
 /// (also on panic).
+#[derive(Debug)]
 pub struct AppStopped {
     started: bool,
 }
@@ -207,6 +209,7 @@ impl Drop for AppStopped {
 /// A dedicated node of one test's own (`scripts/node start NAME PORT
 /// [SNIPPET]`, under a lock named after it); stopped when dropped, also when
 /// an assertion fails.
+#[derive(Debug)]
 pub struct Node {
     name: String,
     port: u16,

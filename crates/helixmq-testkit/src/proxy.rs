@@ -37,6 +37,7 @@ pub struct Shape {
 }
 
 /// A running proxy; dropping it stops it and closes every socket it holds.
+#[derive(Debug)]
 pub struct Proxy {
     addr: SocketAddr,
     mode: watch::Sender<Mode>,

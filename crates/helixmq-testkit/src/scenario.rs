@@ -159,6 +159,7 @@ pub fn consumer_options() -> SubscribeOptions {
 
 /// One fault scenario: the broker handle under test, its work queue, the
 /// ledger, the subscriptions and the load it runs, and the faults it counted.
+#[derive(Debug)]
 pub struct Scenario {
     /// Its name in the summary line (`scenario=<name>`).
     pub name: &'static str,

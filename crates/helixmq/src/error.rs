@@ -282,6 +282,10 @@ impl Error {
                 context: context.clone(),
                 source: text(source),
             },
+            Error::Database { context, source } => Error::Database {
+                context: context.clone(),
+                source: text(source),
+            },
             Error::Io { context, source } => Error::Io {
                 context: context.clone(),
                 source: std::io::Error::new(source.kind(), source.to_string()),

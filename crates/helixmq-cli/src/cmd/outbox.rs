@@ -170,7 +170,9 @@ async fn relay(global: &Global, args: RelayArgs) -> anyhow::Result<()> {
             crate::common::endpoint(&cfg)
         )
     })?;
-    let broker = helixmq::Broker::with_backend(Arc::new(backend), cfg, broker_metrics);
+    let broker = helixmq::Broker::builder(cfg)
+        .metrics(broker_metrics)
+        .custom_backend(Arc::new(backend));
     let server = match args.metrics_addr {
         Some(addr) => Some(
             crate::common::MetricsServer::start(

@@ -5,6 +5,7 @@ mod bench_smoke;
 mod config_topology;
 mod demo;
 mod dlq;
+mod outbox;
 mod publish;
 mod topology_stats;
 mod worker;

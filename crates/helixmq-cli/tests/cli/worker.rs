@@ -823,7 +823,7 @@ fn pipe_worker_publishes_a_reply_to_reply_to_with_the_correlation_id_before_acki
     b.run(&["topology", "apply"]).ok();
     let q = b.name("tasks.background");
     let replies = b.name("replies");
-    common::mgmt_put_queue(&replies, serde_json::json!({}));
+    cli::mgmt_put_queue(&replies, serde_json::json!({}));
     let script = temp_path("reply.py");
     // Replies with JSON to "json", with text otherwise.
     std::fs::write(
@@ -879,7 +879,7 @@ for line in sys.stdin:
     let _ = std::fs::remove_file(&script);
 
     let got: std::collections::BTreeMap<String, (String, serde_json::Value)> =
-        common::mgmt_peek(&replies, 10)
+        cli::mgmt_peek(&replies, 10)
             .iter()
             .map(|m| {
                 let p = &m["properties"];

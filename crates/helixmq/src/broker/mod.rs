@@ -104,18 +104,6 @@ impl Broker {
 
     // Kept, hidden, only while `helixmq demo` (being reorganised on another
     // branch) still calls them; they go once it uses the builder.
-    #[doc(hidden)]
-    pub async fn connect_with_metrics(config: Config, metrics: Metrics) -> Result<Broker> {
-        Broker::builder(config).metrics(metrics).connect().await
-    }
-
-    #[doc(hidden)]
-    pub fn with_backend(backend: Arc<dyn Backend>, config: Config, metrics: Metrics) -> Broker {
-        Broker::builder(config)
-            .metrics(metrics)
-            .custom_backend(backend)
-    }
-
     /// A broker over `backend`, whatever made it (see [`BrokerBuilder`]).
     fn assemble(backend: Arc<dyn Backend>, config: Config, metrics: Metrics) -> Broker {
         let names = Names::new(config.helixmq.prefix.clone());

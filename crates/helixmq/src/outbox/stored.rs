@@ -136,10 +136,10 @@ pub(super) fn message(id: String, payload: Vec<u8>, properties: &str) -> Result<
 
 // The only two lines that name the delivery-mode type.
 fn is_transient(m: &Message) -> bool {
-    m.delivery == crate::message::Delivery::Transient
+    m.delivery_mode == crate::message::DeliveryMode::Transient
 }
 fn set_transient(m: &mut Message) {
-    m.delivery = crate::message::Delivery::Transient;
+    m.delivery_mode = crate::message::DeliveryMode::Transient;
 }
 
 #[cfg(test)]

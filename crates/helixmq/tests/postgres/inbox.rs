@@ -10,7 +10,7 @@ use helixmq::inbox::Inbox;
 use helixmq::{Broker, Message, Outcome, RetryPolicy, SubscribeOptions, Subscription};
 use sqlx::PgPool;
 
-use super::kit::{tag, Rabbit, TestDb, WORK};
+use helixmq_testkit::postgres::{tag, Rabbit, TestDb, WORK};
 
 async fn effects_table(pool: &PgPool) {
     sqlx::query("CREATE TABLE effects (message_id text NOT NULL, attempt int NOT NULL)")

@@ -8,7 +8,7 @@ use helixmq::outbox::{relay::relay_batch, Outbox, RelayOptions, Retention};
 use helixmq::{Broker, Message, Outcome, SubscribeOptions, Subscription};
 use sqlx::PgPool;
 
-use super::kit::{tag, Rabbit, Tally, TestDb, WORK};
+use helixmq_testkit::postgres::{tag, Rabbit, Tally, TestDb, WORK};
 
 /// A relay that polls often: tests wait on it.
 fn fast() -> RelayOptions {

@@ -27,7 +27,6 @@ mod report;
 mod tally;
 
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -163,13 +162,7 @@ async fn choose_broker(
 ) -> anyhow::Result<(Broker, String)> {
     let explicit = choice.is_some();
     let choice = choice.unwrap_or(BrokerChoice::Auto);
-    let embedded = |m: helixmq::Metrics| {
-        Broker::with_backend(
-            Arc::new(helixmq::backend::memory::MemoryBroker::new()),
-            cfg.clone(),
-            m,
-        )
-    };
+    let embedded = |m: helixmq::Metrics| Broker::builder(cfg.clone()).metrics(m).embedded();
     let at = format!("{} (vhost '{}')", endpoint(cfg), cfg.rabbitmq.vhost);
     match choice {
         BrokerChoice::Memory => Ok((
@@ -177,7 +170,9 @@ async fn choose_broker(
             "embedded (in-process), as asked".into(),
         )),
         BrokerChoice::Rabbitmq => {
-            let b = Broker::connect_with_metrics(cfg.clone(), metrics.clone())
+            let b = Broker::builder(cfg.clone())
+                .metrics(metrics.clone())
+                .connect()
                 .await
                 .with_context(|| format!("cannot connect to RabbitMQ at {at}"))?;
             Ok((b, format!("RabbitMQ at {at}")))
@@ -201,7 +196,7 @@ async fn choose_broker(
                 quick.rabbitmq.connect_timeout.min(Duration::from_secs(5));
             match tokio::time::timeout(
                 Duration::from_secs(8),
-                Broker::connect_with_metrics(quick, metrics.clone()),
+                Broker::builder(quick).metrics(metrics.clone()).connect(),
             )
             .await
             {

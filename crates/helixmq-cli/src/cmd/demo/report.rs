@@ -34,7 +34,11 @@ pub(super) fn report(
     let mut all_lat = Vec::new();
     let (mut sp, mut sproc, mut sr, mut sd, mut sdup) = (0, 0, 0, 0, 0);
     for (name, q) in &t.queues {
-        let mut lat = q.latencies.lock().unwrap().clone();
+        let mut lat = q
+            .latencies
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         lat.sort_unstable();
         let (p, pr, r, d, dup) = (
             q.published.load(Ordering::Relaxed),
@@ -82,7 +86,11 @@ pub(super) fn report(
     );
 
     // Priority: the first attempts were served in non-increasing priority order.
-    let order = t.llm_order.lock().unwrap().clone();
+    let order = t
+        .llm_order
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
     let sorted = order.windows(2).all(|w| w[0] >= w[1]);
     let mut runs: Vec<(u8, usize)> = Vec::new();
     for p in &order {
@@ -107,7 +115,7 @@ pub(super) fn report(
         }
     );
     ok &= sorted && !order.is_empty();
-    let reasons = t.dlq_reasons.lock().unwrap();
+    let reasons = t.dlq_reasons.lock().unwrap_or_else(|p| p.into_inner());
     let r: Vec<String> = reasons.iter().map(|(k, v)| format!("{v} {k}")).collect();
     outln!(
         "dead-letter queue: {sd} message(s) ({})",

@@ -1,12 +1,10 @@
 //! Helpers of the PostgreSQL tests (outbox, inbox): a schema per test, a
 //! RabbitMQ prefix per test, faults aimed only at this test's connections,
 //! and a tally of consumed ids. Both are removed when the guard drops, also
-//! when the test panics. (Also compiled into the CLI's `tests/outbox.rs`.)
+//! when the test panics.
 //!
 //! The database is `helixmq_test` on 127.0.0.1:5432 (`scripts/provision`
 //! creates it); `HELIXMQ_TEST_DATABASE_URL` points elsewhere.
-
-#![allow(dead_code)]
 
 use std::collections::HashMap;
 use std::str::FromStr;
@@ -36,6 +34,7 @@ pub fn tag() -> String {
 
 /// A schema of its own for one test, with the outbox tables migrated into it;
 /// dropped (CASCADE) when this drops.
+#[derive(Debug)]
 pub struct TestDb {
     /// The schema's name; also the prefix of this test's application names.
     pub schema: String,
@@ -171,6 +170,7 @@ pub fn rabbit_config(prefix: &str) -> Config {
 
 /// This test's RabbitMQ names: prefix `helixagent.<tag>`, and a guard that
 /// deletes every queue and exchange under it on drop.
+#[derive(Debug)]
 pub struct Rabbit {
     /// `helixagent.<tag>`.
     pub prefix: String,
@@ -208,7 +208,9 @@ impl Rabbit {
         )
         .await
         .unwrap_or_else(|e| panic!("connect to RabbitMQ: {e}"));
-        let b = Broker::with_backend(Arc::new(backend), config, metrics);
+        let b = Broker::builder(config)
+            .metrics(metrics)
+            .custom_backend(Arc::new(backend));
         b.declare(&self.topology()).await.expect("declare");
         b
     }
@@ -299,6 +301,7 @@ fn ctl(args: &[&str]) -> Result<String, String> {
 }
 
 /// How often each message id was delivered to a handler.
+#[derive(Debug)]
 pub struct Tally {
     seen: Mutex<HashMap<String, u32>>,
     tick: watch::Sender<u64>,

@@ -13,8 +13,7 @@
 //! with SIGKILL needs it in a process of its own, and only this crate's tests
 //! have the `helixmq` binary (`CARGO_BIN_EXE_helixmq`).
 
-#[path = "../../helixmq/tests/postgres/kit.rs"]
-mod kit;
+use helixmq_testkit::postgres as kit;
 
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -6,10 +6,7 @@
 //! - `inbox`: effects applied once across workers, restarts and rollbacks.
 //!
 //! The relay killed with SIGKILL needs a process of its own: that test is the
-//! CLI crate's `tests/outbox.rs`, where the `helixmq` binary is at hand.
+//! CLI crate's `tests/cli/outbox.rs`, where the `helixmq` binary is at hand.
 
-mod postgres {
-    mod inbox;
-    pub mod kit;
-    mod outbox;
-}
+mod inbox;
+mod outbox;
