@@ -56,6 +56,12 @@ pub struct OutboxBenchArgs {
     /// Length of the sustained and the latency run, seconds.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=600))]
     pub outbox_seconds: u64,
+    /// Relay workers (batches in flight at once).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=64))]
+    pub outbox_workers: u64,
+    /// Rows per relay batch.
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    pub outbox_batch: u64,
 }
 
 /// The outbox benchmark's figures.
@@ -156,7 +162,7 @@ async fn measure(
         .connect_with(opts.clone())
         .await?;
     let relay_pool = PgPoolOptions::new()
-        .max_connections(3)
+        .max_connections(args.outbox_workers as u32 + 1)
         .connect_with(opts)
         .await?;
     Outbox::migrate(&pool).await?;
@@ -191,7 +197,12 @@ async fn measure(
         left -= n;
     }
     let started = Instant::now();
-    let relay = Outbox::relay(relay_pool, bench.broker.clone(), RelayOptions::default());
+    let options = RelayOptions {
+        workers: args.outbox_workers as usize,
+        batch_size: args.outbox_batch as usize,
+        ..RelayOptions::default()
+    };
+    let relay = Outbox::relay(relay_pool, bench.broker.clone(), options);
     while relay.report().relayed < args.outbox_rows {
         tokio::time::sleep(Duration::from_millis(2)).await;
         anyhow::ensure!(
