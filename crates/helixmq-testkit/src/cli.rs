@@ -359,3 +359,12 @@ pub fn file_lines(p: &std::path::Path) -> Vec<String> {
 pub fn temp_path(name: &str) -> std::path::PathBuf {
     std::env::temp_dir().join(format!("hx-cli-{}-{name}", uuid::Uuid::new_v4().simple()))
 }
+
+/// A port free on 127.0.0.1 right now, for a child's `--metrics-addr` (a tiny
+/// race with other processes: the child fails to bind and the test says so).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port on 127.0.0.1")
+}

@@ -376,12 +376,7 @@ fn worker_serves_metrics_and_health() {
     for _ in 0..3 {
         b.run(&["publish", "--queue", &q, "--payload", "x"]).ok();
     }
-    // A free port (tiny race with other processes; the test says so if it loses it).
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = cli::free_port();
     let mut c = b.cmd();
     c.args([
         "worker",

@@ -8,9 +8,8 @@
 //! gives them back to their queue; nothing is lost. And a draining worker
 //! (SIGTERM, handlers still finishing) answers 503 `draining` until it exits.
 
-use helixmq_testkit::cli::{file_lines, temp_path, Background, Broker};
+use helixmq_testkit::cli::{self, file_lines, temp_path, Background, Broker};
 use std::collections::HashMap;
-use std::net::TcpListener;
 use std::time::Duration;
 
 #[test]
@@ -47,11 +46,7 @@ fn full_retry_queue_runs_each_failing_handler_once() {
         ids.push(out.lines()[0].clone());
     }
     let runs = temp_path("runs");
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = cli::free_port();
     let mut c = b.cmd();
     c.args([
         "worker",
@@ -114,11 +109,7 @@ fn health_says_draining_from_sigterm_until_exit() {
     b.run(&["topology", "apply"]).ok();
     let q = b.name("tasks.background");
     let started = temp_path("started");
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = cli::free_port();
     let mut c = b.cmd();
     c.args([
         "worker",
