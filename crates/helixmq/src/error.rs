@@ -149,6 +149,16 @@ pub enum Error {
         queue: String,
     },
 
+    /// A resource only one user may hold at a time is held by another (the DLQ
+    /// by another reader).
+    #[error("{what} is in use: {detail}")]
+    InUse {
+        /// What is held, e.g. "the DLQ 'helixagent.dlq'".
+        what: String,
+        /// Who holds it and what to do.
+        detail: String,
+    },
+
     /// The broker or client was shut down.
     #[error("the broker handle is closed")]
     Closed,
@@ -194,6 +204,7 @@ impl Error {
                 | Error::PublishTimeout { .. }
                 | Error::NotConnected
                 | Error::PublishNacked { .. }
+                | Error::InUse { .. }
         )
     }
 
@@ -229,6 +240,10 @@ impl Error {
             },
             Error::VhostNotAllowed { vhost } => Error::VhostNotAllowed {
                 vhost: vhost.clone(),
+            },
+            Error::InUse { what, detail } => Error::InUse {
+                what: what.clone(),
+                detail: detail.clone(),
             },
             Error::PreconditionFailed { kind, name, detail } => Error::PreconditionFailed {
                 kind,

@@ -16,6 +16,8 @@
 //!   [`Outcome`]s, retries, dead-lettering, duplicate guard, graceful shutdown.
 //! - [`backend`]: the [`Backend`] seam, with [`backend::memory`] (embedded broker)
 //!   and [`backend::rabbitmq`] (lapin, recovery, confirms).
+//! - [`dlq`]: the dead-letter queue read and worked on (list, filter, group,
+//!   replay, delete, purge) without losing anything; the CLI and the console use it.
 //! - [`metrics`]: Prometheus counters; [`http`]: `/metrics` and `/health` router.
 //! - [`error`]: the one [`Error`] enum.
 //! - `outbox`, `inbox` (feature `postgres`): the transactional outbox and its
@@ -26,6 +28,7 @@ mod backoff;
 pub mod broker;
 pub mod config;
 pub mod consumer;
+pub mod dlq;
 pub mod error;
 pub mod http;
 #[cfg(feature = "postgres")]

@@ -1,45 +1,44 @@
-//! `helixmq dlq list | show | replay | purge`: the dead-letter queue, without losing anything.
-//!
-//! Reading: the DLQ is consumed with a prefetch as large as what we read, the
-//! messages are inspected, then every one we did not explicitly settle is
-//! nacked with requeue after the consumer is cancelled — so `list` and `show`
-//! leave the queue as they found it (RabbitMQ puts requeued messages back in
-//! their place; they are marked redelivered).
-//!
-//! Replaying: a copy goes to the origin queue through the requeue exchange
-//! (`{prefix}.requeue`, routing key = queue name) with its attempt reset to 1;
-//! only after the broker confirmed that copy is the DLQ message acked. A failed
-//! publish leaves it in the DLQ.
+//! `helixmq dlq list | groups | show | replay | delete | purge`: the dead-letter
+//! queue, through the library's [`helixmq::dlq`] (which says how it is read
+//! without losing anything). Replaying: a copy goes to the origin queue through
+//! the requeue exchange with its attempt reset to 1; only after the broker
+//! confirmed that copy is the DLQ message acked.
 
 use std::process::ExitCode;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use clap::{Args, Subcommand};
-use helixmq::backend::{Delivery, DeliveryStream};
-use helixmq::message::header;
-use helixmq::{Broker, Message, PublishOptions};
+use helixmq::dlq::{rfc3339_ms, DeadLetter, DeadLetters, Order, Progress, Target};
 use serde::Serialize;
 
-use crate::cmd::worker::header_text;
-use crate::common::{connect, full_queue_name, head, load_config, progress_bar, spec_topology};
+use crate::common::{
+    connect, full_queue_name, head, load_config, parse_duration, progress_bar, spec_topology,
+};
 use crate::Global;
-
-/// At most this many messages are read from the DLQ at once (the AMQP prefetch is a u16).
-const MAX_SCAN: usize = 65_535;
-/// How long to wait for the deliveries the broker said were ready.
-const READ_DEADLINE: Duration = Duration::from_secs(10);
 
 /// `helixmq dlq ...`
 #[derive(Debug, Subcommand)]
 pub enum DlqCmd {
-    /// List dead-lettered messages; nothing is removed.
+    /// List dead-lettered messages, oldest first; nothing is removed.
     List {
         #[command(flatten)]
         filter: Filter,
         /// Show at most this many.
         #[arg(long, default_value_t = 100)]
         limit: usize,
+        /// Skip this many matching messages first (paging).
+        #[arg(long, default_value_t = 0)]
+        offset: usize,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Failures grouped by reason (numbers ignored), largest group first.
+    Groups {
+        #[command(flatten)]
+        filter: Filter,
         /// JSON output.
         #[arg(long)]
         json: bool,
@@ -55,12 +54,12 @@ pub enum DlqCmd {
         json: bool,
     },
     /// Re-publish messages to their origin queue (confirmed), then remove them from the DLQ.
-    /// Needs a selector: --id, --all, --queue or --reason.
+    /// Needs a selector: --id, --all or a filter.
     #[command(group(
         clap::ArgGroup::new("selector")
             .required(true)
             .multiple(true)
-            .args(["ids", "all", "queue", "reason"])
+            .args(["ids", "all", "queue", "reason", "group", "kind", "header", "search", "min_age", "max_age", "min_attempts", "max_attempts"])
     ))]
     Replay {
         /// Replay this message; repeatable.
@@ -82,6 +81,23 @@ pub enum DlqCmd {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Delete the selected messages for good. Refuses without --yes.
+    #[command(group(
+        clap::ArgGroup::new("selector")
+            .required(true)
+            .multiple(true)
+            .args(["ids", "queue", "reason", "group", "kind", "header", "search", "min_age", "max_age", "min_attempts", "max_attempts"])
+    ))]
+    Delete {
+        /// Delete this message; repeatable.
+        #[arg(long = "id", value_name = "ID")]
+        ids: Vec<String>,
+        #[command(flatten)]
+        filter: Filter,
+        /// Really delete them.
+        #[arg(long)]
+        yes: bool,
+    },
     /// Delete every message in the DLQ. Refuses without --yes.
     Purge {
         /// Really delete them.
@@ -99,17 +115,53 @@ pub struct Filter {
     /// Only messages whose reason contains this text (case-insensitive).
     #[arg(long, value_name = "TEXT")]
     pub reason: Option<String>,
+    /// Only messages of this failure group (as `dlq groups` prints it).
+    #[arg(long, value_name = "GROUP")]
+    pub group: Option<String>,
+    /// Only messages of this type (`llm.request`).
+    #[arg(long = "type", value_name = "TYPE")]
+    pub kind: Option<String>,
+    /// Only messages with this header value.
+    #[arg(long, value_name = "KEY=VALUE", value_parser = parse_header)]
+    pub header: Option<(String, String)>,
+    /// Only messages whose payload contains this text (case-insensitive).
+    #[arg(long, value_name = "TEXT")]
+    pub search: Option<String>,
+    /// Only messages whose last failure is at least this old (`1h`).
+    #[arg(long, value_parser = parse_duration)]
+    pub min_age: Option<Duration>,
+    /// Only messages whose last failure is at most this old (`10m`).
+    #[arg(long, value_parser = parse_duration)]
+    pub max_age: Option<Duration>,
+    /// Only messages run at least this many times.
+    #[arg(long)]
+    pub min_attempts: Option<u32>,
+    /// Only messages run at most this many times.
+    #[arg(long)]
+    pub max_attempts: Option<u32>,
+}
+
+fn parse_header(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("'{s}' is not KEY=VALUE (e.g. --header tenant=acme)"))
 }
 
 impl Filter {
-    fn matches(&self, e: &Entry) -> bool {
-        self.queue
-            .as_ref()
-            .is_none_or(|q| e.origin_queue.as_deref() == Some(q.as_str()))
-            && self
-                .reason
-                .as_ref()
-                .is_none_or(|r| e.reason.to_lowercase().contains(&r.to_lowercase()))
+    fn into_lib(self, ids: Vec<String>, full: impl Fn(&str) -> String) -> helixmq::dlq::Filter {
+        helixmq::dlq::Filter {
+            ids,
+            origin_queue: self.queue.map(|q| full(&q)),
+            reason: self.reason,
+            group: self.group,
+            kind: self.kind,
+            header: self.header,
+            min_age: self.min_age,
+            max_age: self.max_age,
+            min_attempts: self.min_attempts,
+            max_attempts: self.max_attempts,
+            search: self.search,
+        }
     }
 }
 
@@ -137,136 +189,23 @@ struct Entry {
     payload: Option<String>,
 }
 
-fn entry(d: &Delivery, full: bool) -> Entry {
-    let m = &d.message;
-    let ms = |k: &str| m.headers.get(k).and_then(|v| v.as_i64());
-    let now_ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0);
-    let last = ms(header::LAST_FAILURE);
-    let since = last.unwrap_or(m.timestamp as i64 * 1000);
-    // Broker-side dead letters (TTL, max length) carry RabbitMQ's x-first-death-* headers only.
-    let origin_queue = m
-        .header_str(header::ORIGIN_QUEUE)
-        .or_else(|| m.header_str("x-first-death-queue"));
-    let reason = m
-        .header_str(header::DEAD_LETTER_REASON)
-        .or_else(|| m.header_str(header::LAST_ERROR))
-        .map(str::to_string)
-        .or_else(|| {
-            m.header_str("x-first-death-reason")
-                .map(|r| format!("broker: {r}"))
-        })
-        .unwrap_or_else(|| "(no reason recorded)".into());
+fn entry(l: &DeadLetter, full: bool) -> Entry {
     Entry {
-        id: m.id.clone(),
-        origin_queue: origin_queue.map(str::to_string),
-        origin_exchange: m
-            .header_str(header::ORIGIN_EXCHANGE)
-            .or_else(|| m.header_str("x-first-death-exchange"))
-            .map(str::to_string),
-        origin_routing_key: m.header_str(header::ORIGIN_ROUTING_KEY).map(str::to_string),
-        attempts: m.attempt,
-        reason,
-        first_failure: ms(header::FIRST_FAILURE).map(rfc3339),
-        last_failure: last.map(rfc3339),
-        age_secs: ((now_ms - since).max(0) / 1000) as u64,
-        kind: m.kind.clone(),
-        correlation_id: m.correlation_id.clone(),
-        priority: m.priority.map(|p| p.value()),
-        redelivered: d.redelivered,
-        headers: full.then(|| {
-            m.headers
-                .iter()
-                .map(|(k, v)| (k.clone(), header_text(v)))
-                .chain(
-                    m.traceparent
-                        .iter()
-                        .map(|tp| (header::TRACEPARENT.to_string(), tp.clone())),
-                )
-                .collect()
-        }),
-        payload: full.then(|| String::from_utf8_lossy(&m.payload).into_owned()),
-    }
-}
-
-fn rfc3339(ms: i64) -> String {
-    let t = UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
-    humantime::format_rfc3339_millis(t).to_string()
-}
-
-/// How long cancelling the scan consumer or one nack may take.
-const SETTLE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
-
-/// Deliveries read from the DLQ and still owed a settlement.
-struct Scan {
-    stream: Option<Box<dyn DeliveryStream>>,
-    deliveries: Vec<Option<Delivery>>,
-}
-
-impl Scan {
-    /// Read up to `max` ready messages of `queue` without settling them.
-    async fn read(broker: &Broker, queue: &str, max: usize) -> anyhow::Result<Scan> {
-        let backend = broker.backend();
-        let ready = backend
-            .queue_stats(queue)
-            .await
-            .with_context(|| format!("cannot read the DLQ '{queue}'"))?
-            .messages as usize;
-        let want = ready.min(max).min(MAX_SCAN);
-        if ready > MAX_SCAN {
-            eprintln!(
-                "note: {queue} holds {ready} messages; only the first {MAX_SCAN} are read at once (run the command again for the rest)"
-            );
-        }
-        if want == 0 {
-            return Ok(Scan {
-                stream: None,
-                deliveries: Vec::new(),
-            });
-        }
-        let tag = format!("helixmq-dlq-{}", uuid::Uuid::now_v7().simple());
-        let mut stream = backend.consume(queue, want as u16, &tag).await?;
-        let mut deliveries = Vec::with_capacity(want);
-        let deadline = tokio::time::Instant::now() + READ_DEADLINE;
-        while deliveries.len() < want {
-            // Another consumer may take some of what was ready: stop at the deadline with what we have.
-            match tokio::time::timeout_at(deadline, stream.next()).await {
-                Ok(Some(Ok(d))) => deliveries.push(Some(d)),
-                Ok(Some(Err(e))) => {
-                    let mut s = Scan {
-                        stream: Some(stream),
-                        deliveries,
-                    };
-                    s.release().await;
-                    return Err(e.into());
-                }
-                Ok(None) | Err(_) => break,
-            }
-        }
-        Ok(Scan {
-            stream: Some(stream),
-            deliveries,
-        })
-    }
-
-    /// Stop the consumer and put back every delivery not settled yet.
-    async fn release(&mut self) {
-        // Bounded: if the channel is gone these may never answer, and dropping
-        // the stream below closes it, which requeues every unacked delivery anyway.
-        if let Some(s) = self.stream.as_mut() {
-            let _ = tokio::time::timeout(SETTLE_DEADLINE, s.cancel()).await;
-        }
-        for d in self.deliveries.iter_mut().filter_map(Option::take) {
-            match tokio::time::timeout(SETTLE_DEADLINE, d.acker.nack(true)).await {
-                Ok(Ok(())) => {}
-                // The channel is closing: the broker requeues unacked messages itself.
-                Ok(Err(e)) => tracing::debug!(error = %e, "nack on release"),
-                Err(_) => tracing::debug!("nack on release timed out"),
-            }
-        }
-        self.stream = None;
+        id: l.id.clone(),
+        origin_queue: l.origin_queue.clone(),
+        origin_exchange: l.origin_exchange.clone(),
+        origin_routing_key: l.origin_routing_key.clone(),
+        attempts: l.attempts,
+        reason: l.reason.clone(),
+        first_failure: l.first_failure_ms.map(rfc3339_ms),
+        last_failure: l.last_failure_ms.map(rfc3339_ms),
+        age_secs: l.age_secs(),
+        kind: l.kind.clone(),
+        correlation_id: l.correlation_id.clone(),
+        priority: l.priority,
+        redelivered: l.redelivered,
+        headers: full.then(|| l.headers.clone()),
+        payload: full.then(|| String::from_utf8_lossy(&l.message.payload).into_owned()),
     }
 }
 
@@ -274,19 +213,18 @@ impl Scan {
 pub async fn run(global: &Global, cmd: DlqCmd) -> anyhow::Result<ExitCode> {
     let cfg = load_config(global)?;
     let topology = spec_topology(&cfg);
-    let full = |f: Filter| Filter {
-        queue: f.queue.map(|q| full_queue_name(&topology, &q)),
-        ..f
-    };
+    let full = |q: &str| full_queue_name(&topology, q);
     let broker = connect(&cfg).await?;
-    let dlq = broker.names().dlq();
+    let dlq = DeadLetters::new(&broker);
     let res = match cmd {
         DlqCmd::List {
             filter,
             limit,
+            offset,
             json,
-        } => list(&broker, &dlq, &full(filter), limit, json).await,
-        DlqCmd::Show { id, json } => show(&broker, &dlq, &id, json).await,
+        } => list(&dlq, &filter.into_lib(vec![], full), offset, limit, json).await,
+        DlqCmd::Groups { filter, json } => groups(&dlq, &filter.into_lib(vec![], full), json).await,
+        DlqCmd::Show { id, json } => show(&dlq, &id, json).await,
         DlqCmd::Replay {
             ids,
             all,
@@ -297,43 +235,36 @@ pub async fn run(global: &Global, cmd: DlqCmd) -> anyhow::Result<ExitCode> {
         } => {
             // clap requires a selector (usage error, 64); --all alone selects everything.
             let _ = all;
-            let to = to.map(|q| full_queue_name(&topology, &q));
-            replay(
-                &broker,
-                &dlq,
-                &ids,
-                &full(filter),
-                to.as_deref(),
-                limit,
-                dry_run,
-            )
-            .await
+            let to = to.map(|q| full(&q));
+            let filter = filter.into_lib(ids, full);
+            replay(&dlq, &filter, to.as_deref(), limit, dry_run).await
         }
+        DlqCmd::Delete { ids, filter, yes } => delete(&dlq, &filter.into_lib(ids, full), yes).await,
         DlqCmd::Purge { yes } => purge(&broker, &dlq, yes).await,
     };
+    // Let go of the DLQ before closing: every letter not acted on goes back.
+    dlq.release().await;
     // Bounded: the command's work is done (every publish was confirmed).
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), broker.close()).await;
+    let _ = tokio::time::timeout(Duration::from_secs(10), broker.close()).await;
     res
 }
 
+fn read_error(dlq: &DeadLetters) -> String {
+    format!("cannot read the DLQ '{}'", dlq.queue())
+}
+
 async fn list(
-    broker: &Broker,
-    dlq: &str,
-    filter: &Filter,
+    dlq: &DeadLetters,
+    filter: &helixmq::dlq::Filter,
+    offset: usize,
     limit: usize,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
-    let mut scan = Scan::read(broker, dlq, MAX_SCAN).await?;
-    let total = scan.deliveries.len();
-    let shown: Vec<Entry> = scan
-        .deliveries
-        .iter()
-        .flatten()
-        .map(|d| entry(d, false))
-        .filter(|e| filter.matches(e))
-        .take(limit)
-        .collect();
-    scan.release().await;
+    let page = dlq
+        .list(filter, Order::OldestFirst, offset, limit)
+        .await
+        .with_context(|| read_error(dlq))?;
+    let shown: Vec<Entry> = page.letters.iter().map(|l| entry(l, false)).collect();
     if json {
         outln!("{}", serde_json::to_string_pretty(&shown)?);
         return Ok(ExitCode::SUCCESS);
@@ -358,8 +289,53 @@ async fn list(
         );
     }
     eprintln!(
-        "{} of {total} message(s) in {dlq} shown; nothing was removed",
-        shown.len()
+        "{} of {} matching ({} in {}) shown; nothing was removed",
+        shown.len(),
+        page.matching,
+        page.held,
+        dlq.queue()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn groups(
+    dlq: &DeadLetters,
+    filter: &helixmq::dlq::Filter,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    #[derive(Serialize)]
+    struct G<'a> {
+        group: &'a str,
+        count: usize,
+        example: &'a str,
+        origins: &'a std::collections::BTreeMap<String, usize>,
+    }
+    let groups = dlq.groups(filter).await.with_context(|| read_error(dlq))?;
+    if json {
+        let v: Vec<G<'_>> = groups
+            .iter()
+            .map(|g| G {
+                group: &g.key,
+                count: g.count,
+                example: &g.example,
+                origins: &g.origins,
+            })
+            .collect();
+        outln!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    for g in &groups {
+        let origins: Vec<String> = g.origins.iter().map(|(q, n)| format!("{q} {n}")).collect();
+        outln!(
+            "{:>7}  {}  [{}]",
+            g.count,
+            head(&g.key.replace('\n', " "), 100),
+            origins.join(", ")
+        );
+    }
+    eprintln!(
+        "{} group(s); `dlq list --group TEXT` shows one",
+        groups.len()
     );
     Ok(ExitCode::SUCCESS)
 }
@@ -373,21 +349,15 @@ fn short_age(s: u64) -> String {
     }
 }
 
-async fn show(broker: &Broker, dlq: &str, id: &str, json: bool) -> anyhow::Result<ExitCode> {
-    let mut scan = Scan::read(broker, dlq, MAX_SCAN).await?;
-    // A fanned-out message that failed in several queues is in the DLQ once per queue.
-    let found: Vec<Entry> = scan
-        .deliveries
-        .iter()
-        .flatten()
-        .filter(|d| d.message.id == id)
-        .map(|d| entry(d, true))
-        .collect();
-    let total = scan.deliveries.len();
-    scan.release().await;
+async fn show(dlq: &DeadLetters, id: &str, json: bool) -> anyhow::Result<ExitCode> {
+    let found = dlq.show(id).await.with_context(|| read_error(dlq))?;
     if found.is_empty() {
-        bail!("no message with id '{id}' among the {total} message(s) in {dlq} (see `helixmq dlq list`)");
+        bail!(
+            "no message with id '{id}' in {} (see `helixmq dlq list`)",
+            dlq.queue()
+        );
     }
+    let found: Vec<Entry> = found.iter().map(|l| entry(l, true)).collect();
     if json {
         outln!("{}", serde_json::to_string_pretty(&found)?);
         return Ok(ExitCode::SUCCESS);
@@ -395,7 +365,8 @@ async fn show(broker: &Broker, dlq: &str, id: &str, json: bool) -> anyhow::Resul
     let n = found.len();
     if n > 1 {
         outln!(
-            "{n} copies of {id} in {dlq} (one per queue that dead-lettered it: {})",
+            "{n} copies of {id} in {} (one per queue that dead-lettered it: {})",
+            dlq.queue(),
             found
                 .iter()
                 .map(|e| e.origin_queue.as_deref().unwrap_or("?"))
@@ -440,169 +411,164 @@ fn show_one(e: Entry) {
     outln!("{}", e.payload.unwrap_or_default());
 }
 
-/// The copy that goes back to work: attempt 1, failure headers cleared (the
-/// origin headers stay: they name where the message really came from), and no
-/// per-message TTL — a message that expired once would expire again at once.
-fn replay_copy(m: &Message) -> Message {
-    let mut c = m.clone();
-    c.attempt = 1;
-    c.expiration = None;
-    for h in [
-        header::DEAD_LETTER_REASON,
-        header::LAST_ERROR,
-        header::FIRST_FAILURE,
-        header::LAST_FAILURE,
-        header::ATTEMPT,
-    ] {
-        c.headers.remove(h);
-    }
-    c.headers.retain(|k, _| {
-        !k.starts_with("x-death")
-            && !k.starts_with("x-first-death")
-            && !k.starts_with("x-last-death")
-    });
-    c
+/// Show `progress` on a bar (on a terminal) while `work` runs.
+async fn with_bar<T>(
+    what: &str,
+    progress: &Arc<Progress>,
+    work: impl std::future::Future<Output = T>,
+) -> T {
+    let bar = progress_bar(0, what);
+    let tick = async {
+        loop {
+            bar.set_length(progress.total() as u64);
+            bar.set_position(progress.done() as u64);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let out = tokio::select! {
+        out = work => out,
+        _ = tick => unreachable!("the ticker never ends"),
+    };
+    bar.finish_and_clear();
+    out
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn replay(
-    broker: &Broker,
-    dlq: &str,
-    ids: &[String],
-    filter: &Filter,
+    dlq: &DeadLetters,
+    filter: &helixmq::dlq::Filter,
     to: Option<&str>,
     limit: Option<usize>,
     dry_run: bool,
 ) -> anyhow::Result<ExitCode> {
-    let mut scan = Scan::read(broker, dlq, MAX_SCAN).await?;
-    let missing: Vec<String> = ids
+    if dry_run {
+        let page = dlq
+            .list(filter, Order::OldestFirst, 0, limit.unwrap_or(usize::MAX))
+            .await
+            .with_context(|| read_error(dlq))?;
+        for l in &page.letters {
+            match to.map(str::to_string).or(l.origin_queue.clone()) {
+                Some(t) => outln!("would replay {} -> {t}", l.id),
+                None => outln!(
+                    "would skip {}: no origin queue recorded (use --to QUEUE)",
+                    l.id
+                ),
+            }
+        }
+        eprintln!(
+            "dry run: {} message(s) would be replayed; nothing changed",
+            page.letters.len()
+        );
+        return missing_ids(dlq, filter, &page.letters);
+    }
+    let target = to.map_or(Target::Origin, Target::Queue);
+    let progress = Progress::new();
+    let report = with_bar(
+        "replaying",
+        &progress,
+        dlq.replay(filter, target, limit, &progress),
+    )
+    .await
+    .with_context(|| read_error(dlq))?;
+    for (id, to) in &report.moved {
+        outln!("replayed {id} -> {to}");
+    }
+    eprintln!(
+        "{} replayed, {} failed, {} skipped{}",
+        report.replayed,
+        report.failed,
+        report.skipped,
+        if report.duplicated > 0 {
+            format!(
+                ", {} replayed but still in the DLQ (the connection went before the ack)",
+                report.duplicated
+            )
+        } else {
+            String::new()
+        }
+    );
+    for e in &report.errors {
+        eprintln!("  {e}");
+    }
+    if report.failed + report.duplicated > 0 {
+        bail!(
+            "{} message(s) were not replayed: {}",
+            report.failed + report.duplicated,
+            report
+                .errors
+                .first()
+                .map(String::as_str)
+                .unwrap_or("see above")
+        );
+    }
+    if report.replayed == 0 && !filter.ids.is_empty() {
+        return missing_ids(dlq, filter, &[]);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// An error naming the `--id`s that are not in the DLQ, if any.
+fn missing_ids(
+    dlq: &DeadLetters,
+    filter: &helixmq::dlq::Filter,
+    found: &[Arc<DeadLetter>],
+) -> anyhow::Result<ExitCode> {
+    let missing: Vec<String> = filter
+        .ids
         .iter()
-        .filter(|id| {
-            !scan
-                .deliveries
-                .iter()
-                .flatten()
-                .any(|d| &&d.message.id == id)
-        })
+        .filter(|id| !found.iter().any(|l| &l.id == *id))
         .map(|id| format!("'{id}'"))
         .collect();
-    let requeue = broker.names().requeue_exchange();
-    let limit = limit.unwrap_or(usize::MAX);
-    let (mut replayed, mut failed, mut skipped) = (0usize, 0usize, 0usize);
-    let mut first_error: Option<anyhow::Error> = None;
-    let selected = |d: &Delivery| {
-        let e = entry(d, false);
-        (ids.is_empty() || ids.contains(&e.id)) && filter.matches(&e)
-    };
-    let todo = scan
-        .deliveries
-        .iter()
-        .flatten()
-        .filter(|d| selected(d))
-        .count()
-        .min(limit);
-    let bar = progress_bar(todo as u64, if dry_run { "checking" } else { "replaying" });
-    for slot in scan.deliveries.iter_mut() {
-        if replayed + failed + skipped >= limit {
-            break;
-        }
-        let Some(d) = slot.as_ref() else { continue };
-        if !selected(d) {
-            continue;
-        }
-        let e = entry(d, false);
-        bar.inc(1);
-        let Some(target) = to.map(str::to_string).or(e.origin_queue.clone()) else {
-            bar.suspend(|| {
-                eprintln!(
-                    "skip {}: no origin queue recorded; replay it with --to QUEUE",
-                    e.id
-                )
-            });
-            skipped += 1;
-            continue;
-        };
-        if dry_run {
-            bar.suspend(|| outln!("would replay {} -> {target}", e.id));
-            replayed += 1;
-            continue;
-        }
-        let copy = replay_copy(&d.message);
-        let opts = PublishOptions {
-            mandatory: true,
-            ..PublishOptions::default()
-        };
-        match broker.publish_with(&requeue, &target, copy, &opts).await {
-            Ok(()) => {
-                // Confirmed in its queue: now, and only now, it may leave the DLQ.
-                let d = slot.take().expect("checked above");
-                d.acker.ack().await.with_context(|| {
-                    format!(
-                        "message {} was replayed to {target} but could not be removed from the DLQ",
-                        e.id
-                    )
-                })?;
-                bar.suspend(|| outln!("replayed {} -> {target}", e.id));
-                replayed += 1;
-            }
-            Err(err) => {
-                bar.suspend(|| eprintln!("failed {}: {err} (it stays in the DLQ)", e.id));
-                failed += 1;
-                if first_error.is_none() {
-                    let hint = if matches!(err, helixmq::Error::Unroutable { .. }) {
-                        format!(
-                            "; '{target}' must be a work queue bound to {requeue} (declared with `helixmq topology apply`)"
-                        )
-                    } else {
-                        String::new()
-                    };
-                    first_error = Some(
-                        anyhow::Error::new(err)
-                            .context(format!("replay of {} to {target} failed{hint}", e.id)),
-                    );
-                }
-            }
-        }
-    }
-    bar.finish_and_clear();
-    scan.release().await;
-    if dry_run {
-        eprintln!("dry run: {replayed} message(s) would be replayed; nothing changed");
-    } else {
-        eprintln!("{replayed} replayed, {failed} failed, {skipped} skipped");
-    }
-    if let Some(e) = first_error {
-        return Err(e);
-    }
     if !missing.is_empty() {
         bail!(
-            "no message with id {} in {dlq} (see `helixmq dlq list`)",
-            missing.join(", ")
+            "no message with id {} in {} (see `helixmq dlq list`)",
+            missing.join(", "),
+            dlq.queue()
         );
     }
     Ok(ExitCode::SUCCESS)
 }
 
-async fn purge(broker: &Broker, dlq: &str, yes: bool) -> anyhow::Result<ExitCode> {
-    let backend = broker.backend();
-    let ready = backend
-        .queue_stats(dlq)
-        .await
-        .with_context(|| format!("cannot read the DLQ '{dlq}'"))?
-        .messages;
+async fn delete(
+    dlq: &DeadLetters,
+    filter: &helixmq::dlq::Filter,
+    yes: bool,
+) -> anyhow::Result<ExitCode> {
     if !yes {
-        bail!("refusing to purge {ready} message(s) from {dlq} without --yes (they would be lost for good)");
+        let page = dlq
+            .list(filter, Order::OldestFirst, 0, 0)
+            .await
+            .with_context(|| read_error(dlq))?;
+        bail!(
+            "refusing to delete {} message(s) from {} without --yes (they would be lost for good)",
+            page.matching,
+            dlq.queue()
+        );
     }
-    // One queue.purge: the broker empties the queue in one step, so the bar shows
-    // how many are going, then that they went.
-    let bar = progress_bar(ready, "purging");
-    let n = backend
-        .purge(dlq)
+    let progress = Progress::new();
+    let n = with_bar("deleting", &progress, dlq.delete(filter, None, &progress))
         .await
-        .with_context(|| format!("cannot purge {dlq}"));
-    bar.set_position(ready);
-    bar.finish_and_clear();
-    let n = n?;
-    outln!("purged {n} message(s) from {dlq}");
+        .with_context(|| read_error(dlq))?;
+    outln!("deleted {n} message(s) from {}", dlq.queue());
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn purge(broker: &helixmq::Broker, dlq: &DeadLetters, yes: bool) -> anyhow::Result<ExitCode> {
+    if !yes {
+        let ready = broker
+            .backend()
+            .queue_stats(dlq.queue())
+            .await
+            .with_context(|| read_error(dlq))?
+            .messages;
+        bail!(
+            "refusing to purge {ready} message(s) from {} without --yes (they would be lost for good)",
+            dlq.queue()
+        );
+    }
+    let progress = Progress::new();
+    let n = with_bar("purging", &progress, dlq.purge(&progress))
+        .await
+        .with_context(|| format!("cannot purge {}", dlq.queue()))?;
+    outln!("purged {n} message(s) from {}", dlq.queue());
     Ok(ExitCode::SUCCESS)
 }

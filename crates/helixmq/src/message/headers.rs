@@ -48,6 +48,42 @@ impl HeaderValue {
     }
 }
 
+/// As text for people: strings as they are, bytes lossily, arrays `[a,b]`,
+/// tables `{k=v,...}`.
+impl std::fmt::Display for HeaderValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HeaderValue::Void => Ok(()),
+            HeaderValue::Bool(b) => write!(f, "{b}"),
+            HeaderValue::Int(i) => write!(f, "{i}"),
+            HeaderValue::Float(x) => write!(f, "{x}"),
+            HeaderValue::String(s) => f.write_str(s),
+            HeaderValue::Bytes(b) => f.write_str(&String::from_utf8_lossy(b)),
+            HeaderValue::Timestamp(t) => write!(f, "{t}"),
+            HeaderValue::Array(a) => {
+                f.write_str("[")?;
+                for (i, v) in a.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str(",")?;
+                    }
+                    write!(f, "{v}")?;
+                }
+                f.write_str("]")
+            }
+            HeaderValue::Table(t) => {
+                f.write_str("{")?;
+                for (i, (k, v)) in t.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str(",")?;
+                    }
+                    write!(f, "{k}={v}")?;
+                }
+                f.write_str("}")
+            }
+        }
+    }
+}
+
 impl From<&str> for HeaderValue {
     fn from(s: &str) -> Self {
         HeaderValue::String(s.to_string())

@@ -19,9 +19,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{ArgGroup, Args};
 use futures::future::{select_all, FutureExt};
-use helixmq::{
-    HeaderValue, Message, RetryPolicy, SubscribeOptions, Subscription, SubscriptionStatus,
-};
+use helixmq::{Message, RetryPolicy, SubscribeOptions, Subscription, SubscriptionStatus};
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::common::{
@@ -336,7 +334,7 @@ pub fn metadata(m: &Message, ctx: &helixmq::Context) -> Vec<(String, String)> {
         ("TIMESTAMP".to_string(), m.timestamp.to_string()),
     ];
     for (k, v) in &m.headers {
-        out.push((format!("HEADER_{}", env_name(k)), header_text(v)));
+        out.push((format!("HEADER_{}", env_name(k)), v.to_string()));
     }
     // A field of the message, but a header on the wire: shown as one.
     if let Some(tp) = &m.traceparent {
@@ -356,32 +354,6 @@ pub fn env_name(key: &str) -> String {
             }
         })
         .collect()
-}
-
-/// A header value as text.
-pub fn header_text(v: &HeaderValue) -> String {
-    match v {
-        HeaderValue::Void => String::new(),
-        HeaderValue::Bool(b) => b.to_string(),
-        HeaderValue::Int(i) => i.to_string(),
-        HeaderValue::Float(f) => f.to_string(),
-        HeaderValue::String(s) => s.clone(),
-        HeaderValue::Bytes(b) => String::from_utf8_lossy(b).into_owned(),
-        HeaderValue::Timestamp(t) => t.to_string(),
-        HeaderValue::Array(a) => format!(
-            "[{}]",
-            a.iter().map(header_text).collect::<Vec<_>>().join(",")
-        ),
-        HeaderValue::Table(t) => {
-            format!(
-                "{{{}}}",
-                t.iter()
-                    .map(|(k, v)| format!("{k}={}", header_text(v)))
-                    .collect::<Vec<_>>()
-                    .join(",")
-            )
-        }
-    }
 }
 
 #[cfg(test)]

@@ -276,7 +276,7 @@ fn request_line(m: &Message, ctx: &Context, timeout: Duration) -> String {
             let m = self.0;
             let mut map = s.serialize_map(None)?;
             for (k, v) in &m.headers {
-                map.serialize_entry(k, &super::header_text(v))?;
+                map.serialize_entry(k, &v.to_string())?;
             }
             if let Some(tp) = &m.traceparent {
                 map.serialize_entry("traceparent", tp)?;
