@@ -27,7 +27,6 @@ macro_rules! outln {
 
 mod cmd;
 mod common;
-mod mgmt;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -105,6 +104,8 @@ enum Command {
     /// Inspect, replay and purge the dead-letter queue without losing messages.
     #[command(subcommand)]
     Dlq(cmd::dlq::DlqCmd),
+    /// A web console: live queues, and a dead-letter workbench (filter, group, replay, delete).
+    Console(cmd::console::ConsoleArgs),
     /// Queue depths, rates, connections; alert thresholds (exit 2 when crossed).
     Stats(cmd::stats::StatsArgs),
     /// Run the spec's flows end to end and show what happened.
@@ -141,7 +142,9 @@ fn main() -> ExitCode {
     // The worker's job is to log what it does; other commands stay quiet unless
     // asked; the demo's failures are on purpose and its table tells the story.
     let default_level = match cli.command {
-        Command::Worker(_) | Command::Outbox(cmd::outbox::OutboxCmd::Relay(_)) => "info",
+        Command::Worker(_)
+        | Command::Console(_)
+        | Command::Outbox(cmd::outbox::OutboxCmd::Relay(_)) => "info",
         Command::Demo(_) | Command::Bench(_) => "error",
         _ => "warn",
     };
@@ -169,6 +172,7 @@ fn main() -> ExitCode {
             Command::Worker(a) => cmd::worker::run(&global, a).await,
             Command::Dlq(c) => cmd::dlq::run(&global, c).await,
             Command::Stats(a) => cmd::stats::run(&global, a).await,
+            Command::Console(a) => cmd::console::run(&global, a).await,
             Command::Demo(a) => cmd::demo::run(&global, a).await,
             Command::Outbox(c) => cmd::outbox::run(&global, c).await,
             Command::Bench(a) => cmd::bench::run(a).await.map(|()| ExitCode::SUCCESS),

@@ -16,10 +16,14 @@
 //!   [`Outcome`]s, retries, dead-lettering, duplicate guard, graceful shutdown.
 //! - [`backend`]: the [`Backend`] seam, with [`backend::memory`] (embedded broker)
 //!   and [`backend::rabbitmq`] (lapin, recovery, confirms).
+//! - `console` (feature `console`): the web console — overview and dead-letter
+//!   workbench — as an axum router.
 //! - [`dlq`]: the dead-letter queue read and worked on (list, filter, group,
 //!   replay, delete, purge) without losing anything; the CLI and the console use it.
 //! - [`metrics`]: Prometheus counters; [`http`]: `/metrics` and `/health` router.
 //! - [`error`]: the one [`Error`] enum.
+//! - `management` (feature `management`): RabbitMQ's management HTTP API — queue
+//!   listings, rates, connection totals, the spec's thresholds.
 //! - `outbox`, `inbox` (feature `postgres`): the transactional outbox and its
 //!   relay; the consumer inbox for exactly-once effects.
 
@@ -27,12 +31,16 @@ pub mod backend;
 mod backoff;
 pub mod broker;
 pub mod config;
+#[cfg(feature = "console")]
+pub mod console;
 pub mod consumer;
 pub mod dlq;
 pub mod error;
 pub mod http;
 #[cfg(feature = "postgres")]
 pub mod inbox;
+#[cfg(feature = "management")]
+pub mod management;
 pub mod message;
 pub mod metrics;
 #[cfg(feature = "postgres")]

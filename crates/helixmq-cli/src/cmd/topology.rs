@@ -14,8 +14,8 @@ use helixmq::topology::definitions_json;
 use serde_json::Value;
 
 use crate::common::{connect, endpoint, load_config, spec_topology};
-use crate::mgmt::Management;
 use crate::Global;
+use helixmq::management::Management;
 
 /// `helixmq topology ...`
 #[derive(Debug, Subcommand)]

@@ -1,16 +1,28 @@
-//! A small client of RabbitMQ's management HTTP API (`rabbitmq_management`, port 15672).
-//!
-//! `stats` and `topology diff` read the broker's view from here: AMQP itself
-//! cannot list queues or report rates. Every failure names the URL and the fix.
+//! RabbitMQ's management HTTP API (`rabbitmq_management`, port 15672): what AMQP
+//! cannot tell — queue listings, unacked counts, rates, connection and channel
+//! totals. `helixmq stats`, `topology diff` and the console read the broker's
+//! view from here (feature `management`). Every failure names the URL and the fix.
 
-use anyhow::{anyhow, bail};
-use helixmq::{Config, Secret};
+mod overview;
+
+pub use overview::{Overview, QueueRow, Thresholds};
+
 use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
 use reqwest::StatusCode;
 use serde_json::Value;
 use std::time::Duration;
 
-/// A management API endpoint with credentials.
+use crate::{Config, Secret};
+
+/// A management API call that failed; the message says why and what to do.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ManagementError(String);
+
+/// Shorthand for results of this module.
+pub type Result<T> = std::result::Result<T, ManagementError>;
+
+/// A management API endpoint with credentials (never shown by `Debug`).
 pub struct Management {
     base: String,
     user: String,
@@ -18,9 +30,18 @@ pub struct Management {
     client: reqwest::Client,
 }
 
+impl std::fmt::Debug for Management {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Management")
+            .field("base", &self.base)
+            .field("user", &self.user)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Management {
     /// From the configuration: `override_url`, else `http://<host>:15672`.
-    pub fn from_config(cfg: &Config, override_url: Option<&str>) -> anyhow::Result<Self> {
+    pub fn from_config(cfg: &Config, override_url: Option<&str>) -> Result<Self> {
         let base = match override_url {
             Some(u) => u.trim_end_matches('/').to_string(),
             None => format!("http://{}:15672", cfg.rabbitmq.host),
@@ -28,7 +49,8 @@ impl Management {
         let client = reqwest::Client::builder()
             .timeout(Duration::from_secs(10))
             .connect_timeout(Duration::from_secs(3))
-            .build()?;
+            .build()
+            .map_err(|e| ManagementError(format!("cannot build an HTTP client: {e}")))?;
         Ok(Management {
             base,
             user: cfg.rabbitmq.username.clone(),
@@ -48,7 +70,7 @@ impl Management {
     }
 
     /// `GET {base}/api/{path}` as JSON.
-    pub async fn get(&self, path: &str) -> anyhow::Result<Value> {
+    pub async fn get(&self, path: &str) -> Result<Value> {
         let url = format!("{}/api/{}", self.base, path);
         let resp = self
             .client
@@ -59,31 +81,35 @@ impl Management {
             .map_err(|e| self.unreachable(e))?;
         let status = resp.status();
         match status {
-            s if s.is_success() => Ok(resp.json().await.map_err(|e| anyhow!("bad JSON from {url}: {e}"))?),
-            StatusCode::UNAUTHORIZED => bail!(
+            s if s.is_success() => resp
+                .json()
+                .await
+                .map_err(|e| ManagementError(format!("bad JSON from {url}: {e}"))),
+            StatusCode::UNAUTHORIZED => Err(ManagementError(format!(
                 "the management API at {} refused user '{}' (401 Unauthorized): check RABBITMQ_USER / \
                  RABBITMQ_PASSWORD; the user needs the `management` or `monitoring` tag \
                  (`rabbitmqctl set_user_tags {} management`)",
-                self.base,
-                self.user,
-                self.user
-            ),
-            StatusCode::NOT_FOUND => bail!("{url} answered 404 Not Found (does the vhost exist?)"),
+                self.base, self.user, self.user
+            ))),
+            StatusCode::NOT_FOUND => Err(ManagementError(format!(
+                "{url} answered 404 Not Found (does the vhost exist?)"
+            ))),
             s => {
                 let body = resp.text().await.unwrap_or_default();
-                bail!("{url} answered {s}: {}", crate::common::tail(&body, 300))
+                let body: String = body.chars().rev().take(300).collect::<Vec<_>>().into_iter().rev().collect();
+                Err(ManagementError(format!("{url} answered {s}: {}", body.trim())))
             }
         }
     }
 
-    fn unreachable(&self, e: reqwest::Error) -> anyhow::Error {
-        anyhow!(
+    fn unreachable(&self, e: reqwest::Error) -> ManagementError {
+        ManagementError(format!(
             "the RabbitMQ management API is not reachable at {} ({}): enable the plugin with \
              `rabbitmq-plugins enable rabbitmq_management`, or point --management-url / \
              HELIXMQ_MANAGEMENT_URL at it",
             self.base,
             root_cause(&e)
-        )
+        ))
     }
 }
 
