@@ -31,10 +31,14 @@
 //! - [`cli`]: running the built `helixmq` binary under a unique prefix.
 //! - [`postgres`]: a PostgreSQL schema per test (outbox, inbox), faults aimed
 //!   at this test's connections only, a tally of consumed ids.
+//! - [`browser`]: a headless chromium driven through chromedriver (WebDriver),
+//!   killed on drop: open a page, wait for an element or a text, click, fill,
+//!   read, screenshot.
 
 #![warn(missing_docs)]
 
 pub mod broker;
+pub mod browser;
 pub mod cli;
 pub mod cluster;
 pub mod config;

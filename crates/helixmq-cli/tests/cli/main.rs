@@ -2,6 +2,7 @@
 //! `helixmq_testkit::cli`): one module per command or subject.
 
 mod bench_smoke;
+mod browser;
 mod config_topology;
 mod demo;
 mod dlq;
