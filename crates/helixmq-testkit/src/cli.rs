@@ -368,3 +368,117 @@ pub fn free_port() -> u16 {
         .map(|a| a.port())
         .expect("a free port on 127.0.0.1")
 }
+
+/// A `helixmq console` child on a port of its own (`--listen 127.0.0.1:0`:
+/// the console prints the address it bound), its stderr kept for checks.
+#[derive(Debug)]
+pub struct Console {
+    /// `http://127.0.0.1:PORT` (no trailing slash).
+    pub url: String,
+    /// The process (stopped with SIGTERM on drop).
+    pub process: Background,
+    log: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Console {
+    /// Start `helixmq console --listen 127.0.0.1:0 ARGS` for `broker` and wait
+    /// until it serves.
+    pub fn start(broker: &Broker, args: &[&str]) -> Console {
+        let mut c = broker.cmd();
+        c.args(["console", "--listen", "127.0.0.1:0"]).args(args);
+        Console::spawn(c)
+    }
+
+    /// Start a console from a prepared command (its `--listen` must end in `:0`).
+    pub fn spawn(c: Command) -> Console {
+        use std::io::BufRead as _;
+        let mut process = Background::spawn(c);
+        let stderr = process
+            .child
+            .as_mut()
+            .and_then(|c| c.stderr.take())
+            .expect("piped stderr");
+        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let keep = log.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if let Some(rest) = line.split("helixmq console on ").nth(1) {
+                    let url = rest
+                        .split_whitespace()
+                        .next()
+                        .unwrap_or("")
+                        .trim_end_matches('/');
+                    let _ = tx.send(url.to_string());
+                }
+                let mut l = keep.lock().unwrap();
+                l.push_str(&line);
+                l.push('\n');
+            }
+        });
+        let url = rx
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| {
+                panic!(
+                    "the console did not start within 60 s; its stderr:\n{}",
+                    log.lock().unwrap()
+                )
+            });
+        Console { url, process, log }
+    }
+
+    /// Everything the console wrote to stderr so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// `url` + `path`.
+    pub fn at(&self, path: &str) -> String {
+        format!("{}{path}", self.url)
+    }
+}
+
+/// Dead letters as helixmq's consumer writes them, published straight to the
+/// DLQ's exchange: `n` messages failed in `origin` for `reason`, each with
+/// `payload`. Returns their ids.
+pub fn seed_dead_letters(
+    b: &Broker,
+    origin: &str,
+    reason: &str,
+    n: usize,
+    payload: &str,
+) -> Vec<String> {
+    let out = b
+        .run(&[
+            "publish",
+            "-e",
+            &b.name("dlx"),
+            "-k",
+            "x",
+            "-H",
+            &format!("x-helixmq-dead-letter-reason={reason}"),
+            "-H",
+            &format!("x-helixmq-origin-queue={origin}"),
+            "-H",
+            "x-helixmq-last-failure-ms=1764600000000",
+            "--type",
+            "llm.request",
+            "-n",
+            &n.to_string(),
+            "--json",
+            "--payload",
+            payload,
+        ])
+        .ok();
+    let ids: Vec<String> = out
+        .lines()
+        .iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v["id"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(ids.len(), n, "seeded ids: {}", out.stdout);
+    ids
+}

@@ -4,6 +4,7 @@
 mod bench_smoke;
 mod browser;
 mod config_topology;
+mod console;
 mod demo;
 mod dlq;
 mod outbox;

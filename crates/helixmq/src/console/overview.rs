@@ -6,8 +6,10 @@
 //! nothing more.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
 use std::time::Duration;
+use tokio::sync::watch;
 
 use askama::Template;
 use axum::extract::State;
@@ -68,7 +70,7 @@ pub(crate) struct Sample {
 
 /// Reads the broker in the background; stops when dropped.
 pub(crate) struct Sampler {
-    latest: Arc<Mutex<Sample>>,
+    latest: watch::Receiver<Sample>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -85,13 +87,17 @@ impl Sampler {
         mgmt: Option<Arc<Management>>,
         every: Duration,
     ) -> Sampler {
-        let latest = Arc::new(Mutex::new(Sample::default()));
-        let task = tokio::spawn(run(broker, topology, mgmt, every, latest.clone()));
+        let (tx, latest) = watch::channel(Sample::default());
+        let task = tokio::spawn(run(broker, topology, mgmt, every, tx));
         Sampler { latest, task }
     }
 
-    pub(crate) fn latest(&self) -> Sample {
-        self.latest.lock().expect("sample").clone()
+    /// The latest sample; right after start, waits (up to 5 s) for the first.
+    pub(crate) async fn latest(&self) -> Sample {
+        let mut rx = self.latest.clone();
+        let _ = tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|s| s.seq > 0)).await;
+        let s = rx.borrow().clone();
+        s
     }
 }
 
@@ -100,7 +106,7 @@ async fn run(
     topology: Topology,
     mgmt: Option<Arc<Management>>,
     every: Duration,
-    latest: Arc<Mutex<Sample>>,
+    latest: watch::Sender<Sample>,
 ) {
     let mut history: HashMap<String, VecDeque<(f64, f64)>> = HashMap::new();
     let mut tick = tokio::time::interval(every);
@@ -110,7 +116,6 @@ async fn run(
         tick.tick().await;
         seq += 1;
         let got = sample(&broker, &topology, mgmt.as_deref()).await;
-        let mut cur = latest.lock().expect("sample");
         match got {
             Ok(mut s) => {
                 for q in &mut s.queues {
@@ -122,12 +127,12 @@ async fn run(
                     q.history = h.iter().copied().collect();
                 }
                 s.seq = seq;
-                *cur = s;
+                latest.send_replace(s);
             }
-            Err(e) => {
+            Err(e) => latest.send_modify(|cur| {
                 cur.error = Some(e);
                 cur.seq = seq;
-            }
+            }),
         }
     }
 }
@@ -340,7 +345,7 @@ pub(crate) async fn page(
     State(c): State<Arc<Console>>,
     Extension(root): Extension<Root>,
 ) -> Response {
-    let live = match live_view(&c.overview.latest()).render() {
+    let live = match live_view(&c.overview.latest().await).render() {
         Ok(l) => l,
         Err(e) => return super::pages::template_error(e),
     };
@@ -352,10 +357,10 @@ pub(crate) async fn page(
 
 /// `GET /overview/live`: the part htmx swaps in.
 pub(crate) async fn live(State(c): State<Arc<Console>>) -> Response {
-    render(&live_view(&c.overview.latest()))
+    render(&live_view(&c.overview.latest().await))
 }
 
 /// `GET /api/overview`: the latest sample as JSON.
 pub(crate) async fn json(State(c): State<Arc<Console>>) -> Response {
-    Json(c.overview.latest()).into_response()
+    Json(c.overview.latest().await).into_response()
 }

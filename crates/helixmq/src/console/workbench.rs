@@ -213,7 +213,7 @@ pub(crate) async fn page(
         prev: None,
         next: None,
         targets: targets(&c),
-        tiers: tiers(&c.overview.latest()),
+        tiers: tiers(&c.overview.latest().await),
         error: None,
         filtered: !keep.is_empty(),
         clear: format!("{}/dlq", root.0),
