@@ -489,10 +489,10 @@ async fn replay(
     for e in &report.errors {
         eprintln!("  {e}");
     }
-    if report.failed + report.duplicated > 0 {
+    let not = report.failed + report.duplicated + report.interrupted;
+    if not > 0 {
         bail!(
-            "{} message(s) were not replayed: {}",
-            report.failed + report.duplicated,
+            "{not} message(s) were not replayed: {}",
             report
                 .errors
                 .first()

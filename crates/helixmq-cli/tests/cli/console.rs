@@ -260,7 +260,10 @@ fn every_route_and_action_over_http() {
     let r = post(&c, "/dlq/purge", &[("csrf", &token), ("confirm", "yes")]);
     assert_eq!(r.status(), StatusCode::BAD_REQUEST);
     let body = r.text().unwrap();
-    assert!(body.contains("type the DLQ") && body.contains(&dlq), "{body}");
+    assert!(
+        body.contains("type the DLQ") && body.contains(&dlq),
+        "{body}"
+    );
     let (_, f) = get(&c, "/dlq");
     assert!(
         f.contains(r#"<span id="matching">2</span>"#),

@@ -3,6 +3,7 @@
 
 mod bench_smoke;
 mod browser;
+mod browser_console;
 mod config_topology;
 mod console;
 mod demo;

@@ -520,7 +520,16 @@ pub(crate) async fn action(
                         for e in &r.errors {
                             text.push_str(&format!("\n{e}"));
                         }
-                        (r.failed + r.skipped + r.duplicated == 0, text)
+                        if r.interrupted > 0 {
+                            text.push_str(&format!(
+                                ", {} not tried (still in the DLQ)",
+                                r.interrupted
+                            ));
+                        }
+                        (
+                            r.failed + r.skipped + r.duplicated + r.interrupted == 0,
+                            text,
+                        )
                     }
                     Err(e) => (
                         false,

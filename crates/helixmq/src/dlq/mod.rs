@@ -168,6 +168,10 @@ pub struct ReplayReport {
     /// Confirmed in their target, but the DLQ did not take the ack (the
     /// connection went): the broker returns them to the DLQ, so they are in both.
     pub duplicated: usize,
+    /// Not tried: the reader lost its hold on the DLQ (the connection went)
+    /// before their turn. They stay in the DLQ (the broker returns them); run
+    /// the replay again.
+    pub interrupted: usize,
     /// The first few distinct errors, each once.
     pub errors: Vec<String>,
 }
@@ -372,6 +376,23 @@ impl DeadLetters {
         let mut report = ReplayReport::default();
         let mut taken = taken.into_iter().peekable();
         while taken.peek().is_some() {
+            // A lost hold means every letter still taken is on its way back to
+            // the DLQ, and no ack can remove one: publishing more copies would
+            // only make duplicates. Stop, and say so.
+            let lost = index.lock().expect("dlq index").dead.clone();
+            let why =
+                lost.or_else(|| (report.duplicated > 0).then(|| "an ack was refused".to_string()));
+            if let Some(why) = why {
+                let rest = taken.by_ref().count();
+                report.interrupted += rest;
+                progress.failed.fetch_add(rest, Ordering::Relaxed);
+                progress.done.fetch_add(rest, Ordering::Relaxed);
+                note(
+                    &mut report.errors,
+                    format!("the reader lost its hold on the DLQ ({why}): {rest} letter(s) were not replayed and stay in the DLQ; run the replay again"),
+                );
+                break;
+            }
             let chunk: Vec<(usize, Held)> = taken.by_ref().take(CHUNK).collect();
             // One batch per target queue (the routing key of the requeue exchange).
             let mut by_target: std::collections::BTreeMap<String, Vec<(usize, Held)>> =
@@ -453,17 +474,24 @@ impl DeadLetters {
         let taken = self.take(&index, filter, limit, progress);
         let mut deleted = 0;
         let mut first_error = None;
+        let total = taken.len();
         for (slot, held) in taken {
+            if first_error.is_some() {
+                // The channel is gone: the rest go back to the DLQ by themselves.
+                break;
+            }
             match held.acker.ack().await {
                 Ok(()) => deleted += 1,
                 Err(e) => {
-                    progress.failed.fetch_add(1, Ordering::Relaxed);
                     index.lock().expect("dlq index").put_back(slot, held);
-                    first_error.get_or_insert(e);
+                    first_error = Some(e);
                 }
             }
             progress.done.fetch_add(1, Ordering::Relaxed);
         }
+        let failed = total - deleted;
+        progress.failed.fetch_add(failed, Ordering::Relaxed);
+        progress.done.store(total, Ordering::Relaxed);
         progress.finished.store(true, Ordering::Relaxed);
         match first_error {
             Some(e) if deleted == 0 => Err(e),

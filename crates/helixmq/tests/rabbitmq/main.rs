@@ -4,6 +4,7 @@
 mod backpressure;
 mod consume;
 mod dedicated_node;
+mod dlq;
 mod errors;
 mod http_health;
 mod privilege_definitions;
