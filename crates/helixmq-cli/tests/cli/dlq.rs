@@ -350,3 +350,81 @@ fn dlq_show_every_copy_list_cuts_reasons_at_the_end_and_replay_by_short_name() {
     let out = b.run(&["dlq", "purge", "--yes"]).ok();
     assert!(out.stdout.contains("purged 2 message(s)"), "{}", out.stdout);
 }
+
+/// `dlq replay --all` of 20,000 killed with SIGKILL mid-way: every letter is in
+/// the DLQ or in its origin queue (counted by id), none nowhere.
+#[test]
+fn a_replay_killed_mid_way_leaves_every_letter_in_the_dlq_or_its_queue() {
+    const N: usize = 20_000;
+    let b = Broker::new();
+    b.run(&["topology", "apply"]).ok();
+    let bg = b.name("tasks.background");
+    let mut sent = BTreeSet::new();
+    for _ in 0..4 {
+        sent.extend(helixmq_testkit::cli::seed_dead_letters(
+            &b,
+            &bg,
+            "boom",
+            N / 4,
+            "{}",
+        ));
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut cfg = helixmq_testkit::broker::config(helixmq_testkit::broker::GUEST, &b.prefix);
+    cfg.rabbitmq.publish_timeout = Duration::from_secs(30);
+    let lib = rt.block_on(helixmq::Broker::connect(cfg)).unwrap();
+    let depth = |q: &str| rt.block_on(lib.backend().queue_stats(q)).unwrap().messages;
+
+    let mut c = b.cmd();
+    c.args(["dlq", "replay", "--all"]);
+    let mut replay = helixmq_testkit::cli::Background::spawn(c);
+    // Kill it once copies are arriving and before it is done.
+    let end = std::time::Instant::now() + Duration::from_secs(60);
+    while depth(&bg) == 0 {
+        assert!(std::time::Instant::now() < end, "no replayed copy arrived");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mut child = replay.child.take().unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let at_kill = depth(&bg);
+    assert!(
+        at_kill < N as u64,
+        "the kill landed mid-replay ({at_kill} of {N} replayed)"
+    );
+
+    // Count by id once the broker took back what the dead process held.
+    let drain = |q: &str| {
+        rt.block_on(async {
+            let mut ids = Vec::new();
+            let mut quiet = 0;
+            while quiet < 10 {
+                match lib.backend().get(q).await.unwrap() {
+                    Some(d) => {
+                        d.acker.ack().await.unwrap();
+                        ids.push(d.message.id.clone());
+                        quiet = 0;
+                    }
+                    None => {
+                        quiet += 1;
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+            ids
+        })
+    };
+    let in_queue = drain(&bg);
+    let in_dlq = drain(&b.name("dlq"));
+    let found: BTreeSet<String> = in_queue.iter().chain(&in_dlq).cloned().collect();
+    let lost: Vec<&String> = sent.difference(&found).take(5).collect();
+    let both = in_queue.len() + in_dlq.len() - found.len();
+    eprintln!(
+        "killed at {at_kill}: {} in the queue, {} in the DLQ, lost {}, in both {both}",
+        in_queue.len(),
+        in_dlq.len(),
+        sent.len() - sent.intersection(&found).count()
+    );
+    assert!(lost.is_empty(), "lost: {lost:?}");
+    rt.block_on(lib.close()).unwrap();
+}
