@@ -19,6 +19,9 @@ use crate::backend::{Acker, Delivery, DeliveryStream};
 use crate::error::{Error, Result};
 use crate::Broker;
 
+/// After the ready count was read, the read ends when nothing arrived for this long.
+const SETTLED: Duration = Duration::from_millis(250);
+
 /// A letter held unacked, with what settles it.
 pub(crate) struct Held {
     pub(crate) letter: Arc<DeadLetter>,
@@ -118,9 +121,17 @@ impl Hold {
         let index = Arc::new(Mutex::new(Index::default()));
         let mut got = 0u64;
         let mut batch = Vec::with_capacity(1024);
-        while got < stats.messages {
-            // Quiet for `read_quiet`: another consumer took some, or the count was stale.
-            match tokio::time::timeout(opts.read_quiet, stream.next()).await {
+        loop {
+            // Once the ready count is reached, a short quiet ends the read; before,
+            // `read_quiet` (another consumer took some, or the count was stale).
+            // Letters a reader that just let go is still handing back arrive
+            // meanwhile, so they are read too.
+            let quiet = if got >= stats.messages {
+                SETTLED
+            } else {
+                opts.read_quiet
+            };
+            match tokio::time::timeout(quiet, stream.next()).await {
                 Ok(Some(Ok(d))) => {
                     got += 1;
                     batch.push(Held::new(d));
@@ -185,6 +196,8 @@ async fn receive(
     mut state: tokio::sync::watch::Receiver<crate::ConnectionState>,
     index: Arc<Mutex<Index>>,
 ) {
+    use crate::ConnectionState::{Blocked, Connected};
+    let mut seen = *state.borrow();
     let why = loop {
         tokio::select! {
             d = stream.next() => match d {
@@ -192,7 +205,16 @@ async fn receive(
                 Some(Err(e)) => break format!("the DLQ consumer ended: {e}"),
                 None => break "the DLQ consumer was cancelled".to_string(),
             },
-            _ = state.changed() => break "the connection to the broker changed state".to_string(),
+            _ = state.changed() => {
+                // A memory or disk alarm blocks publishing, not this channel;
+                // anything else (a loss, even one already recovered from:
+                // Connected seen again) voids the delivery tags held.
+                let now = *state.borrow_and_update();
+                match (seen, now) {
+                    (Connected, Blocked) | (Blocked, Connected) => seen = now,
+                    _ => break format!("the connection to the broker went {seen:?} -> {now:?}"),
+                }
+            }
         }
     };
     tracing::debug!(reason = %why, "DLQ hold ended");

@@ -266,6 +266,8 @@ impl DeadLetters {
         let h = Hold::acquire(&inner.broker, &inner.queue, &inner.opts).await?;
         let index = h.index.clone();
         *hold = Some(h);
+        // A long read is use too: the idle clock starts when it ended.
+        *inner.last_used.lock().expect("dlq clock") = tokio::time::Instant::now();
         if !inner.reaper.swap(true, Ordering::SeqCst) {
             tokio::spawn(reap(Arc::downgrade(inner)));
         }

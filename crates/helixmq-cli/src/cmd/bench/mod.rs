@@ -20,8 +20,10 @@
 //! - [`report`]: the JSON document, the printed summary, the targets.
 //! - [`plot`]: the latency histogram SVG.
 //! - [`outbox`]: `--outbox`, the PostgreSQL outbox relay's throughput and latency.
+//! - [`dlq`]: `--dlq`, the DLQ reader and the console on 100,000 dead letters.
 
 mod consume;
+mod dlq;
 mod embedded;
 mod latency;
 mod memory;
@@ -138,6 +140,9 @@ pub struct BenchArgs {
     /// The outbox benchmark (`--outbox`).
     #[command(flatten)]
     pub outbox: outbox::OutboxBenchArgs,
+    /// The DLQ benchmark (`--dlq`).
+    #[command(flatten)]
+    pub dlq: dlq::DlqBenchArgs,
 }
 
 /// The settings every phase shares, resolved from [`BenchArgs`].
@@ -216,6 +221,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     );
     if args.outbox.outbox {
         let res = outbox::run(&bench, &args.outbox, args.rate, args.json).await;
+        let cleaned = bench.cleanup().await;
+        res?;
+        return cleaned;
+    }
+    if args.dlq.dlq {
+        let res = dlq::run(&bench, &args.dlq, args.rounds, args.json).await;
         let cleaned = bench.cleanup().await;
         res?;
         return cleaned;
