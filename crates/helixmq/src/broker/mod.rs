@@ -15,7 +15,7 @@ pub(crate) use route::RouteHandle;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::watch;
 use tracing::Instrument;
@@ -210,13 +210,24 @@ impl Broker {
         )
     }
 
-    /// Declare `topology` (idempotent) and remember it.
+    /// Declare `topology` (idempotent) and remember it. Once this broker has
+    /// scheduled delivery (declared, or set up by a scheduled publish), the
+    /// due exchange mirrors `topology`'s bindings too, so scheduled messages
+    /// reach its queues.
     pub async fn declare(&self, topology: &Topology) -> Result<()> {
         self.start_mirroring();
+        let mirrors = (!topology.has_scheduling() && self.declared().has_scheduling())
+            .then(|| topology.due_mirrors());
         self.inner.backend.declare(topology).await?;
+        if let Some(m) = &mirrors {
+            self.inner.backend.declare(m).await?;
+        }
         self.inner.metrics.touch(topology);
         let mut t = self.declared();
         merge(&mut t, topology);
+        if let Some(m) = &mirrors {
+            merge(&mut t, m);
+        }
         Ok(())
     }
 
@@ -275,6 +286,176 @@ impl Broker {
         self.inner.metrics.confirms_pending.dec();
         self.inner.metrics.count_publish(exchange, &res, started);
         res
+    }
+
+    /// Publish `message` so that it reaches the queues `exchange` routes
+    /// `routing_key` to after `delay` (1 s to 30 days, rounded up to 250 ms).
+    /// Returns `Ok` once the broker confirmed the scheduled message (it is then
+    /// durable in a delay level); see [`Broker::publish_delayed_with`].
+    ///
+    /// ```
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// use std::time::Duration;
+    /// use helixmq::{Broker, Config, Message, Topology};
+    /// let broker = Broker::embedded(Config::default());
+    /// broker.declare(&Topology::default()).await?;
+    /// let q = broker.names().task_queue("background");
+    /// broker
+    ///     .publish_delayed("helixagent.tasks", "background", Message::new("later"), Duration::from_secs(1))
+    ///     .await?;
+    /// assert!(broker.backend().get(&q).await?.is_none(), "not before its time");
+    /// tokio::time::sleep(Duration::from_millis(1100)).await;
+    /// assert!(broker.backend().get(&q).await?.is_some());
+    /// assert!(broker.publish_delayed("helixagent.tasks", "background", Message::new("x"),
+    ///     Duration::from_millis(500)).await.is_err(), "under 1 s is refused");
+    /// # Ok::<(), helixmq::Error>(()) }).unwrap();
+    /// ```
+    pub async fn publish_delayed(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        message: Message,
+        delay: Duration,
+    ) -> Result<()> {
+        self.publish_delayed_with(
+            exchange,
+            routing_key,
+            message,
+            delay,
+            &PublishOptions::default(),
+        )
+        .await
+    }
+
+    /// [`Broker::publish_delayed`] for a point in time: the delay is `at`
+    /// minus now, refused (like any delay) outside 1 s to 30 days, so a time
+    /// in the past is an error, never an immediate publish.
+    pub async fn publish_at(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        message: Message,
+        at: SystemTime,
+    ) -> Result<()> {
+        let delay = at.duration_since(SystemTime::now()).map_err(|e| {
+            Error::InvalidDelay {
+                delay: format!(
+                    "in the past by {}",
+                    humantime::format_duration(Duration::from_millis(e.duration().as_millis() as u64))
+                ),
+                reason: "a scheduled time must be from 1s to 30days from now".into(),
+            }
+        })?;
+        self.publish_delayed(exchange, routing_key, message, delay)
+            .await
+    }
+
+    /// Schedule a publish (see [`crate::topology::schedule`] for the route).
+    /// The message waits in durable TTL queues (classic or quorum, as the
+    /// topology) and is dead-lettered, at its time, to the queues `exchange`
+    /// routes `routing_key` to then, through the due exchange's mirror of the
+    /// bindings. Refused: a delay outside 1 s to 30 days
+    /// ([`Error::InvalidDelay`]), a message with an `expiration` (it would
+    /// expire in a delay level and shorten the delay), and a destination this
+    /// broker knows to route nowhere ([`Error::Unroutable`]). The message's
+    /// `x-death` history is dropped: RabbitMQ would take a second pass through
+    /// a queue it names for a dead-letter cycle and drop the message. The delay
+    /// topology is declared on first use if this broker has not declared it.
+    pub async fn publish_delayed_with(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        mut message: Message,
+        delay: Duration,
+        opts: &PublishOptions,
+    ) -> Result<()> {
+        self.start_mirroring();
+        let walk = crate::topology::schedule::Walk::new(delay)?;
+        if let Some(e) = message.expiration {
+            return Err(Error::InvalidMessage(format!(
+                "message {} has an expiration ({}): a scheduled message cannot carry one \
+                 (it would expire early in a delay level); drop the expiration",
+                message.id,
+                humantime::format_duration(e)
+            )));
+        }
+        let key = walk.routing_key(exchange, routing_key)?;
+        if let Some(p) = opts.priority {
+            message.priority = Some(p);
+        }
+        self.check_priority(exchange, routing_key, &message)?;
+        {
+            let t = self.declared();
+            if t.exchange(exchange).is_some() && t.route(exchange, routing_key).is_empty() {
+                return Err(Error::Unroutable {
+                    message_id: message.id.clone(),
+                    exchange: exchange.to_string(),
+                    routing_key: routing_key.to_string(),
+                });
+            }
+        }
+        for h in [
+            crate::backend::memory::dead_letter::X_DEATH,
+            crate::backend::memory::dead_letter::X_FIRST_DEATH_QUEUE,
+            crate::backend::memory::dead_letter::X_FIRST_DEATH_REASON,
+            crate::backend::memory::dead_letter::X_FIRST_DEATH_EXCHANGE,
+        ] {
+            message.headers.remove(h);
+        }
+        let due = SystemTime::now() + walk.total();
+        let due_ms = due
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        message
+            .headers
+            .insert(crate::message::header::DUE_AT.into(), due_ms.into());
+        self.ensure_scheduling().await?;
+        let entry = self.declared().schedule_entry();
+        let opts = PublishOptions {
+            mandatory: true,
+            timeout: opts.timeout,
+            priority: None,
+        };
+        self.publish_with(&entry, &key, message, &opts).await?;
+        self.inner
+            .metrics
+            .scheduled
+            .get_or_create(&crate::metrics::ExchangeLabel {
+                exchange: exchange.to_string(),
+            })
+            .inc();
+        Ok(())
+    }
+
+    /// Declare scheduled delivery unless this broker has it: the delay levels
+    /// (queue type as the declared DLQ or the configuration) and the due
+    /// exchange mirroring every binding declared so far.
+    async fn ensure_scheduling(&self) -> Result<()> {
+        let declared = self.topology();
+        if declared.has_scheduling() {
+            return Ok(());
+        }
+        let mut t = Topology {
+            exchanges: Vec::new(),
+            queues: Vec::new(),
+            bindings: Vec::new(),
+            ..declared.clone()
+        };
+        t.add_scheduling();
+        t.bindings.extend(
+            declared
+                .bindings
+                .iter()
+                .filter_map(|b| declared.due_mirror(b)),
+        );
+        let quorum = self.inner.config.helixmq.queue_type == QueueType::Quorum
+            || declared
+                .queue(&self.inner.names.dlq())
+                .is_some_and(|q| q.queue_type == QueueType::Quorum);
+        if quorum {
+            t = t.with_quorum_queues();
+        }
+        self.declare(&t).await
     }
 
     /// Publish many messages pipelined; one result per message, in order.

@@ -7,12 +7,16 @@
 //! handler fails ─► {p}.retry[.delay] (fanout exchange + TTL queue)
 //!               ─(TTL expires, dead-lettered)─► {p}.requeue (direct, key = origin queue) ─► origin queue
 //! attempts exhausted / poison ─► {p}.dlx (fanout) ─► {p}.dlq
+//! scheduled publish ─► {p}.delay.23 … {p}.delay.0 (TTL levels, by the delay's digits)
+//!                   ─► {p}.delay.final ─► {p}.delay.due (mirrors every binding) ─► queues
 //! ```
+//! The spec's topology includes scheduled delivery ([`schedule`]).
 //! Every name comes from [`Names`].
 
 mod definitions;
 mod names;
 mod quorum;
+pub mod schedule;
 
 pub use definitions::definitions_json;
 pub use names::{Names, DEFAULT_PREFIX, DEFAULT_RETRY_DELAY};
@@ -370,6 +374,7 @@ impl Topology {
         for kind in NOTIFICATION_QUEUES {
             t.add_work_queue(Queue::durable(names.notification_queue(kind)), &notes, "");
         }
+        t.add_scheduling();
         t
     }
 
@@ -390,6 +395,11 @@ impl Topology {
             queue: queue.name.clone(),
             routing_key: queue.name.clone(),
         });
+        if self.has_scheduling() {
+            let added = &self.bindings[self.bindings.len() - 2..];
+            let mirrors: Vec<Binding> = added.iter().filter_map(|b| self.due_mirror(b)).collect();
+            self.bindings.extend(mirrors);
+        }
         self.queues.push(queue);
     }
 
