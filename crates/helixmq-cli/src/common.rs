@@ -71,12 +71,14 @@ impl MetricsServer {
 }
 
 /// The topology the configuration describes: the spec's queues under the prefix,
-/// plus the retry tier of the configured `retry_delay`, quorum where
-/// `helixmq.queue_type: quorum` asks for it.
+/// plus the retry tier of the configured `retry_delay` and scheduled delivery
+/// (the delay levels and the due exchange mirroring every binding), quorum
+/// where `helixmq.queue_type: quorum` asks for it.
 pub fn spec_topology(cfg: &Config) -> Topology {
     let names = Names::new(cfg.helixmq.prefix.clone());
     let mut t = Topology::spec(&names);
     t.add_retry_tier(cfg.helixmq.retry_delay);
+    t.add_scheduling();
     t.with_queue_type(cfg.helixmq.queue_type)
 }
 

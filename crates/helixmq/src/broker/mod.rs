@@ -329,7 +329,9 @@ impl Broker {
 
     /// [`Broker::publish_delayed`] for a point in time: the delay is `at`
     /// minus now, refused (like any delay) outside 1 s to 30 days, so a time
-    /// in the past is an error, never an immediate publish.
+    /// in the past is an error, never an immediate publish. The delay is taken
+    /// again after a first use declared the delay topology (a time by then
+    /// less than 1 s away is kept 1 s).
     pub async fn publish_at(
         &self,
         exchange: &str,
@@ -337,27 +339,26 @@ impl Broker {
         message: Message,
         at: SystemTime,
     ) -> Result<()> {
-        let delay = at.duration_since(SystemTime::now()).map_err(|e| {
-            Error::InvalidDelay {
-                delay: format!(
-                    "in the past by {}",
-                    humantime::format_duration(Duration::from_millis(e.duration().as_millis() as u64))
-                ),
-                reason: "a scheduled time must be from 1s to 30days from now".into(),
-            }
-        })?;
-        self.publish_delayed(exchange, routing_key, message, delay)
-            .await
+        self.schedule(
+            exchange,
+            routing_key,
+            message,
+            Due::At(at),
+            &PublishOptions::default(),
+        )
+        .await
     }
 
     /// Schedule a publish (see [`crate::topology::schedule`] for the route).
     /// The message waits in durable TTL queues (classic or quorum, as the
     /// topology) and is dead-lettered, at its time, to the queues `exchange`
     /// routes `routing_key` to then, through the due exchange's mirror of the
-    /// bindings. Refused: a delay outside 1 s to 30 days
-    /// ([`Error::InvalidDelay`]), a message with an `expiration` (it would
-    /// expire in a delay level and shorten the delay), and a destination this
-    /// broker knows to route nowhere ([`Error::Unroutable`]). The message's
+    /// bindings. The destination must have been declared through this broker
+    /// ([`Broker::declare`]), so that its bindings are mirrored. Refused: a
+    /// delay outside 1 s to 30 days ([`Error::InvalidDelay`]), a message with
+    /// an `expiration` (it would expire in a delay level and shorten the
+    /// delay), an exchange this broker did not declare ([`Error::NotFound`]),
+    /// and a routing key it routes nowhere ([`Error::Unroutable`]). The message's
     /// `x-death` history is dropped: RabbitMQ would take a second pass through
     /// a queue it names for a dead-letter cycle and drop the message. The delay
     /// topology is declared on first use if this broker has not declared it.
@@ -365,12 +366,25 @@ impl Broker {
         &self,
         exchange: &str,
         routing_key: &str,
-        mut message: Message,
+        message: Message,
         delay: Duration,
         opts: &PublishOptions,
     ) -> Result<()> {
+        self.schedule(exchange, routing_key, message, Due::In(delay), opts)
+            .await
+    }
+
+    async fn schedule(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        mut message: Message,
+        due: Due,
+        opts: &PublishOptions,
+    ) -> Result<()> {
+        use crate::topology::schedule::{Walk, MIN_DELAY};
         self.start_mirroring();
-        let walk = crate::topology::schedule::Walk::new(delay)?;
+        let walk = Walk::new(due.delay()?)?;
         if let Some(e) = message.expiration {
             return Err(Error::InvalidMessage(format!(
                 "message {} has an expiration ({}): a scheduled message cannot carry one \
@@ -379,14 +393,22 @@ impl Broker {
                 humantime::format_duration(e)
             )));
         }
-        let key = walk.routing_key(exchange, routing_key)?;
+        walk.routing_key(exchange, routing_key)?;
         if let Some(p) = opts.priority {
             message.priority = Some(p);
         }
         self.check_priority(exchange, routing_key, &message)?;
         {
+            // The due exchange can only mirror bindings this broker knows: a
+            // destination it never declared could be dropped at its time.
             let t = self.declared();
-            if t.exchange(exchange).is_some() && t.route(exchange, routing_key).is_empty() {
+            if t.exchange(exchange).is_none() {
+                return Err(Error::NotFound {
+                    kind: "exchange",
+                    name: exchange.to_string(),
+                });
+            }
+            if t.route(exchange, routing_key).is_empty() {
                 return Err(Error::Unroutable {
                     message_id: message.id.clone(),
                     exchange: exchange.to_string(),
@@ -402,14 +424,20 @@ impl Broker {
         ] {
             message.headers.remove(h);
         }
-        let due = SystemTime::now() + walk.total();
-        let due_ms = due
+        self.ensure_scheduling().await?;
+        // The broker starts the clock when it takes the message: after a
+        // first use's declare, a point in time is that much nearer.
+        let walk = match due {
+            Due::In(_) => walk,
+            Due::At(_) => Walk::new(due.delay().unwrap_or(MIN_DELAY).max(MIN_DELAY))?,
+        };
+        let key = walk.routing_key(exchange, routing_key)?;
+        let due_ms = (SystemTime::now() + walk.total())
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as i64);
         message
             .headers
             .insert(crate::message::header::DUE_AT.into(), due_ms.into());
-        self.ensure_scheduling().await?;
         let entry = self.declared().schedule_entry();
         let opts = PublishOptions {
             mandatory: true,
@@ -586,6 +614,31 @@ impl Broker {
     /// Time to wait for a publish by default.
     pub fn publish_timeout(&self) -> Duration {
         self.inner.config.rabbitmq.publish_timeout
+    }
+}
+
+/// When a scheduled publish is due.
+#[derive(Debug, Clone, Copy)]
+enum Due {
+    /// After this long.
+    In(Duration),
+    /// At this time.
+    At(SystemTime),
+}
+
+impl Due {
+    /// The delay from now; a time in the past is refused.
+    fn delay(self) -> Result<Duration> {
+        match self {
+            Due::In(d) => Ok(d),
+            Due::At(at) => at.duration_since(SystemTime::now()).map_err(|e| {
+                let by = Duration::from_millis(e.duration().as_millis() as u64);
+                Error::InvalidDelay {
+                    delay: format!("in the past by {}", humantime::format_duration(by)),
+                    reason: "a scheduled time must be from 1s to 30days from now".into(),
+                }
+            }),
+        }
     }
 }
 

@@ -10,7 +10,9 @@
 //! scheduled publish ─► {p}.delay.23 … {p}.delay.0 (TTL levels, by the delay's digits)
 //!                   ─► {p}.delay.final ─► {p}.delay.due (mirrors every binding) ─► queues
 //! ```
-//! The spec's topology includes scheduled delivery ([`schedule`]).
+//! Scheduled delivery ([`schedule`]) is added by [`Topology::add_scheduling`]
+//! (`helixmq topology apply` does), or declared by a broker's first scheduled
+//! publish.
 //! Every name comes from [`Names`].
 
 mod definitions;
@@ -374,7 +376,6 @@ impl Topology {
         for kind in NOTIFICATION_QUEUES {
             t.add_work_queue(Queue::durable(names.notification_queue(kind)), &notes, "");
         }
-        t.add_scheduling();
         t
     }
 

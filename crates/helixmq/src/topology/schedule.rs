@@ -273,6 +273,7 @@ mod tests {
     fn every_delay_walks_its_digits_to_the_destination() {
         let names = Names::new("hx");
         let mut t = Topology::spec(&names);
+        assert!(!t.has_scheduling(), "declared on demand, not with the spec");
         t.add_scheduling();
         for d in [1_000, 1_001, 1_250, 3_000, 5_000, 90_000, 600_000, 86_400_000] {
             let d = Duration::from_millis(d);
