@@ -1563,7 +1563,11 @@ pub async fn scheduled_short_delay_is_not_held_behind_a_long_one(fx: Fx) {
     println!("5 s behind 10 min: arrived {late} ms after its time");
     assert!((-20..=1000).contains(&late), "arrived {late} ms late");
     sub.shutdown(WAIT).await;
-    assert_eq!(rec.calls().len(), 1, "the 10 min task is not delivered early");
+    assert_eq!(
+        rec.calls().len(),
+        1,
+        "the 10 min task is not delivered early"
+    );
     assert_eq!(scheduled_waiting(&fx).await, 1, "{long_id} still waits");
 }
 
@@ -1578,7 +1582,10 @@ pub async fn scheduled_publish_refuses_what_it_cannot_keep(fx: Fx) {
         Duration::from_millis(999),
         Duration::from_secs(30 * 24 * 3600 + 1),
     ] {
-        match b.publish_delayed(&x, "background", Message::new("x"), d).await {
+        match b
+            .publish_delayed(&x, "background", Message::new("x"), d)
+            .await
+        {
             Err(e @ Error::InvalidDelay { .. }) => {
                 let text = e.to_string();
                 assert!(text.contains("from 1s to 30days"), "{text}");
@@ -1587,7 +1594,10 @@ pub async fn scheduled_publish_refuses_what_it_cannot_keep(fx: Fx) {
         }
     }
     let past = std::time::SystemTime::now() - Duration::from_secs(5);
-    match b.publish_at(&x, "background", Message::new("x"), past).await {
+    match b
+        .publish_at(&x, "background", Message::new("x"), past)
+        .await
+    {
         Err(e @ Error::InvalidDelay { .. }) => {
             assert!(e.to_string().contains("in the past"), "{e}")
         }
@@ -1602,14 +1612,24 @@ pub async fn scheduled_publish_refuses_what_it_cannot_keep(fx: Fx) {
         other => panic!("expected InvalidMessage for an expiration, got {other:?}"),
     }
     match b
-        .publish_delayed(&x, "no-such-kind", Message::new("x"), Duration::from_secs(2))
+        .publish_delayed(
+            &x,
+            "no-such-kind",
+            Message::new("x"),
+            Duration::from_secs(2),
+        )
         .await
     {
         Err(Error::Unroutable { routing_key, .. }) => assert_eq!(routing_key, "no-such-kind"),
         other => panic!("expected Unroutable, got {other:?}"),
     }
     match b
-        .publish_delayed("helixagent.undeclared", "k", Message::new("x"), Duration::from_secs(2))
+        .publish_delayed(
+            "helixagent.undeclared",
+            "k",
+            Message::new("x"),
+            Duration::from_secs(2),
+        )
         .await
     {
         Err(Error::NotFound { kind, name }) => {

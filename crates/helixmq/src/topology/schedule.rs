@@ -275,7 +275,9 @@ mod tests {
         let mut t = Topology::spec(&names);
         assert!(!t.has_scheduling(), "declared on demand, not with the spec");
         t.add_scheduling();
-        for d in [1_000, 1_001, 1_250, 3_000, 5_000, 90_000, 600_000, 86_400_000] {
+        for d in [
+            1_000, 1_001, 1_250, 3_000, 5_000, 90_000, 600_000, 86_400_000,
+        ] {
             let d = Duration::from_millis(d);
             let w = Walk::new(d).unwrap();
             let key = w.routing_key(&names.tasks_exchange(), "llm").unwrap();
@@ -286,7 +288,9 @@ mod tests {
             assert_eq!(queues, ["hx.tasks.llm"], "{d:?}");
         }
         let max = Walk::new(MAX_DELAY).unwrap();
-        let key = max.routing_key(&names.events_exchange(), "debate.x").unwrap();
+        let key = max
+            .routing_key(&names.events_exchange(), "debate.x")
+            .unwrap();
         let (_, waited, mut queues) = walk(&t, &key);
         assert_eq!(waited, MAX_DELAY);
         queues.sort();
@@ -306,7 +310,11 @@ mod tests {
 
     #[test]
     fn delays_outside_the_range_are_refused_with_the_range() {
-        for d in [Duration::ZERO, Duration::from_millis(999), MAX_DELAY + DELAY_UNIT] {
+        for d in [
+            Duration::ZERO,
+            Duration::from_millis(999),
+            MAX_DELAY + DELAY_UNIT,
+        ] {
             let e = Walk::new(d).unwrap_err().to_string();
             assert!(e.contains("from 1s to 30days"), "{e}");
         }
@@ -315,9 +323,15 @@ mod tests {
     #[test]
     fn the_exchange_word_count_keeps_destinations_apart() {
         let a = mirror_pattern("a.b", ExchangeKind::Direct, "c");
-        let key = Walk::new(MIN_DELAY).unwrap().routing_key("a", "b.c").unwrap();
+        let key = Walk::new(MIN_DELAY)
+            .unwrap()
+            .routing_key("a", "b.c")
+            .unwrap();
         assert!(!topic_matches(&a, &key));
-        let key = Walk::new(MIN_DELAY).unwrap().routing_key("a.b", "c").unwrap();
+        let key = Walk::new(MIN_DELAY)
+            .unwrap()
+            .routing_key("a.b", "c")
+            .unwrap();
         assert!(topic_matches(&a, &key));
     }
 
