@@ -339,14 +339,28 @@ impl Broker {
         message: Message,
         at: SystemTime,
     ) -> Result<()> {
-        self.schedule(
+        self.publish_at_with(
             exchange,
             routing_key,
             message,
-            Due::At(at),
+            at,
             &PublishOptions::default(),
         )
         .await
+    }
+
+    /// [`Broker::publish_at`] with options (timeout, priority; a scheduled
+    /// publish is always mandatory).
+    pub async fn publish_at_with(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        message: Message,
+        at: SystemTime,
+        opts: &PublishOptions,
+    ) -> Result<()> {
+        self.schedule(exchange, routing_key, message, Due::At(at), opts)
+            .await
     }
 
     /// Schedule a publish (see [`crate::topology::schedule`] for the route).
@@ -632,7 +646,7 @@ impl Due {
         match self {
             Due::In(d) => Ok(d),
             Due::At(at) => at.duration_since(SystemTime::now()).map_err(|e| {
-                let by = Duration::from_millis(e.duration().as_millis() as u64);
+                let by = Duration::from_secs(e.duration().as_secs().max(1));
                 Error::InvalidDelay {
                     delay: format!("in the past by {}", humantime::format_duration(by)),
                     reason: "a scheduled time must be from 1s to 30days from now".into(),

@@ -50,7 +50,7 @@ impl Walk {
             return Err(Error::InvalidDelay {
                 delay: humantime::format_duration(delay).to_string(),
                 reason: format!(
-                    "a scheduled delay must be from {} to {} (30 days)",
+                    "a scheduled delay must be from {} to {}",
                     humantime::format_duration(MIN_DELAY),
                     humantime::format_duration(MAX_DELAY)
                 ),
