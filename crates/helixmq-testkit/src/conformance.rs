@@ -73,6 +73,7 @@ macro_rules! helixmq_conformance {
             scheduled_publish_routes_like_its_exchange,
             scheduled_short_delay_is_not_held_behind_a_long_one,
             scheduled_publish_refuses_what_it_cannot_keep,
+            scheduled_publish_reaches_a_queue_declared_later,
         );
     };
     (@cases $make:path; $($case:ident),* $(,)?) => {
@@ -1638,4 +1639,39 @@ pub async fn scheduled_publish_refuses_what_it_cannot_keep(fx: Fx) {
         other => panic!("expected NotFound for an undeclared exchange, got {other:?}"),
     }
     assert_eq!(scheduled_waiting(&fx).await, 0, "nothing was scheduled");
+}
+
+/// Case: once a broker has scheduled delivery, a queue it declares later is
+/// mirrored on the due exchange too, so scheduled messages reach it.
+pub async fn scheduled_publish_reaches_a_queue_declared_later(fx: Fx) {
+    let x = fx.names.tasks_exchange();
+    let second = Duration::from_secs(1);
+    let first = Message::new("first scheduled publish: declares the delay levels");
+    let first_id = first.id.clone();
+    fx.broker
+        .publish_delayed(&x, "background", first, second)
+        .await
+        .expect("scheduled publish confirmed");
+    let jobs = format!("{}.jobs", fx.names.prefix());
+    let mut t = Topology::system(&fx.names);
+    t.exchanges.push(helixmq::topology::Exchange {
+        name: x.clone(),
+        kind: helixmq::topology::ExchangeKind::Direct,
+        durable: true,
+    });
+    t.add_work_queue(helixmq::topology::Queue::durable(jobs.clone()), &x, "jobs");
+    fx.broker
+        .declare(&t)
+        .await
+        .expect("declare a new work queue");
+    let m = Message::new("to the new queue");
+    let id = m.id.clone();
+    fx.broker
+        .publish_delayed(&x, "jobs", m, second)
+        .await
+        .expect("scheduled publish to the new queue confirmed");
+    fx.expect_ids(&jobs, &[&id]).await;
+    fx.expect_ids(&fx.names.task_queue("background"), &[&first_id])
+        .await;
+    assert_eq!(scheduled_waiting(&fx).await, 0);
 }
