@@ -1644,22 +1644,19 @@ pub async fn scheduled_publish_refuses_what_it_cannot_keep(fx: Fx) {
 /// Case: once a broker has scheduled delivery, a queue it declares later is
 /// mirrored on the due exchange too, so scheduled messages reach it.
 pub async fn scheduled_publish_reaches_a_queue_declared_later(fx: Fx) {
-    let x = fx.names.tasks_exchange();
     let second = Duration::from_secs(1);
     let first = Message::new("first scheduled publish: declares the delay levels");
     let first_id = first.id.clone();
     fx.broker
-        .publish_delayed(&x, "background", first, second)
+        .publish_delayed(&fx.names.tasks_exchange(), "background", first, second)
         .await
         .expect("scheduled publish confirmed");
+    // A fanout exchange declared before, bound now: the mirror keeps its kind
+    // (any routing key reaches the new queue).
+    let notes = fx.names.notifications_exchange();
     let jobs = format!("{}.jobs", fx.names.prefix());
     let mut t = Topology::system(&fx.names);
-    t.exchanges.push(helixmq::topology::Exchange {
-        name: x.clone(),
-        kind: helixmq::topology::ExchangeKind::Direct,
-        durable: true,
-    });
-    t.add_work_queue(helixmq::topology::Queue::durable(jobs.clone()), &x, "jobs");
+    t.add_work_queue(helixmq::topology::Queue::durable(jobs.clone()), &notes, "");
     fx.broker
         .declare(&t)
         .await
@@ -1667,10 +1664,13 @@ pub async fn scheduled_publish_reaches_a_queue_declared_later(fx: Fx) {
     let m = Message::new("to the new queue");
     let id = m.id.clone();
     fx.broker
-        .publish_delayed(&x, "jobs", m, second)
+        .publish_delayed(&notes, "any.key", m, second)
         .await
         .expect("scheduled publish to the new queue confirmed");
     fx.expect_ids(&jobs, &[&id]).await;
+    for q in ["websocket", "sse", "webhooks"] {
+        fx.expect_ids(&fx.names.notification_queue(q), &[&id]).await;
+    }
     fx.expect_ids(&fx.names.task_queue("background"), &[&first_id])
         .await;
     assert_eq!(scheduled_waiting(&fx).await, 0);

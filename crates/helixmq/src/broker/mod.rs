@@ -216,8 +216,12 @@ impl Broker {
     /// reach its queues.
     pub async fn declare(&self, topology: &Topology) -> Result<()> {
         self.start_mirroring();
-        let mirrors = (!topology.has_scheduling() && self.declared().has_scheduling())
-            .then(|| topology.due_mirrors());
+        let mirrors = (!topology.has_scheduling() && self.declared().has_scheduling()).then(|| {
+            // Exchange kinds from both: a binding may name an exchange declared before.
+            let mut view = self.topology();
+            merge(&mut view, topology);
+            view.due_mirrors(&topology.bindings)
+        });
         self.inner.backend.declare(topology).await?;
         if let Some(m) = &mirrors {
             self.inner.backend.declare(m).await?;

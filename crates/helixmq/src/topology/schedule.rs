@@ -220,11 +220,12 @@ impl Topology {
         })
     }
 
-    /// Only the due exchange and its mirror of this topology's bindings: what a
-    /// broker that already has scheduled delivery declares with a topology of
-    /// its own, so its queues are reachable by scheduled messages too.
-    pub(crate) fn due_mirrors(&self) -> Topology {
-        let mut t = Topology {
+    /// Only the due exchange and its mirror of `bindings` (exchange kinds
+    /// from this topology): what a broker that already has scheduled delivery
+    /// declares with a topology of its own, so its queues are reachable by
+    /// scheduled messages too.
+    pub(crate) fn due_mirrors(&self, bindings: &[Binding]) -> Topology {
+        Topology {
             names: self.names.clone(),
             exchanges: vec![Exchange {
                 name: self.names.delay_due(),
@@ -232,14 +233,8 @@ impl Topology {
                 durable: true,
             }],
             queues: Vec::new(),
-            bindings: Vec::new(),
-        };
-        t.bindings = self
-            .bindings
-            .iter()
-            .filter_map(|b| self.due_mirror(b))
-            .collect();
-        t
+            bindings: bindings.iter().filter_map(|b| self.due_mirror(b)).collect(),
+        }
     }
 }
 
