@@ -74,6 +74,7 @@ macro_rules! helixmq_conformance {
             scheduled_short_delay_is_not_held_behind_a_long_one,
             scheduled_publish_refuses_what_it_cannot_keep,
             scheduled_publish_reaches_a_queue_declared_later,
+            requeue_delayed_brings_a_message_back_to_its_work_queue,
         );
     };
     (@cases $make:path; $($case:ident),* $(,)?) => {
@@ -1673,5 +1674,42 @@ pub async fn scheduled_publish_reaches_a_queue_declared_later(fx: Fx) {
     }
     fx.expect_ids(&fx.names.task_queue("background"), &[&first_id])
         .await;
+    assert_eq!(scheduled_waiting(&fx).await, 0);
+}
+
+/// Case: `requeue_delayed` (a delayed DLQ replay) brings a message back into
+/// a work queue after its delay; a queue this broker did not declare as a work
+/// queue is refused before anything is scheduled, as is a bad delay.
+pub async fn requeue_delayed_brings_a_message_back_to_its_work_queue(fx: Fx) {
+    let opts = PublishOptions::default();
+    let second = Duration::from_secs(1);
+    let llm = fx.names.task_queue("llm");
+    let m = Message::new("replayed later");
+    let id = m.id.clone();
+    let start = Instant::now();
+    fx.broker
+        .requeue_delayed(&llm, m, second, &opts)
+        .await
+        .expect("delayed requeue confirmed");
+    assert_eq!(fx.ready(&llm).await, 0, "not before its time");
+    fx.expect_ids(&llm, &[&id]).await;
+    assert!(start.elapsed() >= second - Duration::from_millis(20));
+    let other = format!("{}.elsewhere", fx.names.prefix());
+    match fx
+        .broker
+        .requeue_delayed(&other, Message::new("x"), second, &opts)
+        .await
+    {
+        Err(Error::Unroutable { routing_key, .. }) => assert_eq!(routing_key, other),
+        other => panic!("expected Unroutable for an undeclared queue, got {other:?}"),
+    }
+    match fx
+        .broker
+        .requeue_delayed(&llm, Message::new("x"), Duration::from_millis(10), &opts)
+        .await
+    {
+        Err(Error::InvalidDelay { .. }) => {}
+        other => panic!("expected InvalidDelay, got {other:?}"),
+    }
     assert_eq!(scheduled_waiting(&fx).await, 0);
 }

@@ -392,6 +392,28 @@ impl Broker {
             .await
     }
 
+    /// Schedule `message` back into work queue `queue` after `delay`,
+    /// through the requeue exchange (as a retry returns): what a delayed DLQ
+    /// replay uses. [`Broker::publish_delayed_with`] to the requeue exchange
+    /// with the queue's name as key: the queue must have been declared through
+    /// this broker as a work queue ([`Topology::add_work_queue`]; else
+    /// [`Error::Unroutable`], and nothing is scheduled). Declaring its binding
+    /// here instead would make every reconnect redeclare a binding to a queue
+    /// this broker does not own (and fail once someone deletes that queue).
+    pub async fn requeue_delayed(
+        &self,
+        queue: &str,
+        message: Message,
+        delay: Duration,
+        opts: &PublishOptions,
+    ) -> Result<()> {
+        let requeue = self.inner.names.requeue_exchange();
+        self.publish_delayed_with(&requeue, queue, message, delay, opts)
+            .await
+    }
+
+    /// A scheduled publish: checked, declared on first use, then published
+    /// to the top delay level.
     async fn schedule(
         &self,
         exchange: &str,
