@@ -35,6 +35,21 @@ pub const MAX_DELAY: Duration = Duration::from_secs(30 * 24 * 3600);
 /// An AMQP routing key is a short string: at most 255 bytes.
 const MAX_ROUTING_KEY: usize = 255;
 
+/// The delay a scheduled publish of `delay` waits: rounded up to
+/// [`DELAY_UNIT`], or [`Error::InvalidDelay`] (naming the range) outside
+/// [`MIN_DELAY`]..=[`MAX_DELAY`]. For checking a user's input before doing
+/// anything else (e.g. `helixmq dlq replay --delay`).
+///
+/// ```
+/// use std::time::Duration;
+/// use helixmq::topology::schedule::check_delay;
+/// assert_eq!(check_delay(Duration::from_millis(1100)).unwrap(), Duration::from_millis(1250));
+/// assert!(check_delay(Duration::from_millis(999)).is_err());
+/// ```
+pub fn check_delay(delay: Duration) -> Result<Duration> {
+    Walk::new(delay).map(|w| w.total())
+}
+
 /// How a delay is walked: the digits (levels) a message passes through,
 /// after rounding up to [`DELAY_UNIT`], and its total.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
