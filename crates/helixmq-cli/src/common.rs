@@ -72,11 +72,26 @@ impl MetricsServer {
 
 /// The topology the configuration describes: the spec's queues under the prefix,
 /// plus the retry tier of the configured `retry_delay`, quorum where
-/// `helixmq.queue_type: quorum` asks for it.
+/// `helixmq.queue_type: quorum` asks for it. Without scheduled delivery: a
+/// worker declares this at every start.
 pub fn spec_topology(cfg: &Config) -> Topology {
+    configured_topology(cfg, false)
+}
+
+/// [`spec_topology`] with scheduled delivery (the delay levels and the due
+/// exchange mirroring every binding): what `topology apply | diff | export |
+/// delete` manage, and what `publish --delay | --at` declares first.
+pub fn applied_topology(cfg: &Config) -> Topology {
+    configured_topology(cfg, true)
+}
+
+fn configured_topology(cfg: &Config, scheduling: bool) -> Topology {
     let names = Names::new(cfg.helixmq.prefix.clone());
     let mut t = Topology::spec(&names);
     t.add_retry_tier(cfg.helixmq.retry_delay);
+    if scheduling {
+        t.add_scheduling();
+    }
     t.with_queue_type(cfg.helixmq.queue_type)
 }
 
@@ -129,6 +144,17 @@ pub fn progress_bar(len: u64, what: &str) -> indicatif::ProgressBar {
 pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     humantime::parse_duration(s)
         .map_err(|e| format!("'{s}' is not a duration ({e}); use e.g. 500ms, 30s, 5m"))
+}
+
+/// An RFC 3339 time (`2026-12-24T18:00:00Z`, `2026-12-24T19:00:00+01:00`).
+pub fn parse_rfc3339(s: &str) -> Result<std::time::SystemTime, String> {
+    time::OffsetDateTime::parse(s.trim(), &time::format_description::well_known::Rfc3339)
+        .map(std::time::SystemTime::from)
+        .map_err(|e| {
+            format!(
+                "'{s}' is not an RFC 3339 time ({e}); use e.g. 2026-12-24T18:00:00Z or 2026-12-24T19:00:00+01:00"
+            )
+        })
 }
 
 /// The last `max` bytes of `s`, cut on a character boundary, trimmed.

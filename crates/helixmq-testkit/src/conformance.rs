@@ -69,6 +69,12 @@ macro_rules! helixmq_conformance {
             drop_head_overflow_dead_letters_the_oldest,
             stats_and_purge,
             deleted_queue_fails_the_subscription,
+            scheduled_publish_arrives_on_time,
+            scheduled_publish_routes_like_its_exchange,
+            scheduled_short_delay_is_not_held_behind_a_long_one,
+            scheduled_publish_refuses_what_it_cannot_keep,
+            scheduled_publish_reaches_a_queue_declared_later,
+            requeue_delayed_brings_a_message_back_to_its_work_queue,
         );
     };
     (@cases $make:path; $($case:ident),* $(,)?) => {
@@ -1397,4 +1403,313 @@ pub async fn shutdown_gives_held_deliveries_back_to_their_queue(fx: Fx) {
     // Both are back in their queue, nothing in the retry queue but the filler.
     fx.expect_ids(&queue, &ids.iter().collect::<Vec<_>>()).await;
     assert_eq!(fx.ready(&tier).await, 1);
+}
+
+// ---------------------------------------------------------------- scheduled
+
+/// How late (positive) or early (negative) a delivery at `at` was for a
+/// publish started at `sent` with `delay`, in milliseconds.
+fn lateness_ms(at: Instant, sent: Instant, delay: Duration) -> i64 {
+    let due = sent + delay;
+    if at >= due {
+        (at - due).as_millis() as i64
+    } else {
+        -((due - at).as_millis() as i64)
+    }
+}
+
+/// Ready messages in every delay level and the final queue (none when the
+/// delay topology was never declared).
+async fn scheduled_waiting(fx: &Fx) -> u64 {
+    if !fx.broker.topology().has_scheduling() {
+        return 0;
+    }
+    let mut n = fx.ready(&fx.names.delay_final()).await;
+    for k in 0..helixmq::topology::schedule::DELAY_LEVELS {
+        n += fx.ready(&fx.names.delay_level(k)).await;
+    }
+    n
+}
+
+/// Case: 1 s and 3 s scheduled publishes reach the handler no earlier than
+/// their time and at most 1 s after it, intact; counted by id: none lost.
+pub async fn scheduled_publish_arrives_on_time(fx: Fx) {
+    let queue = fx.names.task_queue("background");
+    let x = fx.names.tasks_exchange();
+    let ledger = crate::ledger::Ledger::default();
+    let (sub, rec) = subscribe_with(&fx, &queue, fx.opts(10), |_| Ok(Outcome::Ack)).await;
+    let mut sent = Vec::new();
+    for secs in [3, 1] {
+        let delay = Duration::from_secs(secs);
+        let m = Message::new(format!("due in {secs}s")).with_header("tenant", "acme");
+        let id = m.id.clone();
+        let start = Instant::now();
+        let r = fx.broker.publish_delayed(&x, "background", m, delay).await;
+        ledger.published(&id, &r);
+        r.expect("scheduled publish confirmed");
+        sent.push((id, start, delay));
+    }
+    assert_eq!(
+        scheduled_waiting(&fx).await + fx.ready(&queue).await,
+        2,
+        "both wait in the delay levels (none delivered early)"
+    );
+    let calls = rec.wait_for(2, "scheduled deliveries").await;
+    sub.shutdown(WAIT).await;
+    for c in &calls {
+        ledger.consumed(&c.message.id);
+        let (_, start, delay) = sent
+            .iter()
+            .find(|(id, _, _)| *id == c.message.id)
+            .expect("a scheduled id");
+        // Due: the header, set just before the publish (a first use declares
+        // the delay topology first); arrival on the same clock.
+        let due_ms = header_i64(&c.message, header::DUE_AT);
+        let arrived = std::time::SystemTime::now() - c.at.elapsed();
+        let arrived_ms = arrived
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64;
+        let late = arrived_ms - due_ms;
+        assert!(
+            lateness_ms(c.at, *start, *delay) >= -20,
+            "{delay:?}: delivered before its time"
+        );
+        println!("scheduled {delay:?}: arrived {late} ms after its time");
+        assert!(
+            (-20..=1000).contains(&late),
+            "{delay:?}: arrived {late} ms after its time (allowed: 0 to 1000)"
+        );
+        assert_eq!(c.ctx.queue, queue);
+        assert_eq!(c.message.header_str("tenant"), Some("acme"));
+        assert_eq!(c.message.attempt, 1);
+        assert!(c.message.headers.contains_key(header::DUE_AT));
+    }
+    assert_eq!(calls[0].message.id, sent[1].0, "the 1 s one first");
+    let r = ledger.report();
+    assert_eq!((r.confirmed, r.lost, r.duplicates), (2, 0, 0), "{r:?}");
+    let counted = fx
+        .broker
+        .metrics()
+        .scheduled
+        .get_or_create(&helixmq::metrics::ExchangeLabel { exchange: x })
+        .get();
+    assert_eq!(counted, 2, "rabbitmq_scheduled_messages");
+    fx.drain(&queue, 0).await;
+    assert_eq!(scheduled_waiting(&fx).await, 0);
+}
+
+/// Case: a scheduled publish reaches, at its time, the queues its exchange
+/// routes its key to: topic patterns, fanout, and the requeue exchange (what a
+/// delayed DLQ replay uses).
+pub async fn scheduled_publish_routes_like_its_exchange(fx: Fx) {
+    let n = &fx.names;
+    let second = Duration::from_secs(1);
+    let send = |x: String, key: &'static str| {
+        let broker = fx.broker.clone();
+        async move {
+            let m = Message::new("scheduled");
+            let id = m.id.clone();
+            broker
+                .publish_delayed(&x, key, m, second)
+                .await
+                .expect("scheduled publish confirmed");
+            id
+        }
+    };
+    let debate = send(n.events_exchange(), "debate.round.1").await;
+    let note = send(n.notifications_exchange(), "").await;
+    let llm_queue = n.task_queue("llm");
+    let replay = {
+        let m = Message::new("replayed");
+        let id = m.id.clone();
+        fx.broker
+            .publish_delayed(&n.requeue_exchange(), &llm_queue, m, second)
+            .await
+            .expect("scheduled publish to the requeue exchange");
+        id
+    };
+    fx.expect_ids(&n.event_queue("debate"), &[&debate]).await;
+    fx.expect_ids(&n.event_queue("audit"), &[&debate]).await;
+    fx.expect_ids(&n.event_queue("verify"), &[]).await;
+    for q in ["websocket", "sse", "webhooks"] {
+        fx.expect_ids(&n.notification_queue(q), &[&note]).await;
+    }
+    fx.expect_ids(&llm_queue, &[&replay]).await;
+    assert_eq!(scheduled_waiting(&fx).await, 0);
+}
+
+/// Case: a 5 s task published after a 10 min one arrives on time: levels
+/// have queue-wide TTLs, so nothing waits behind a longer delay.
+pub async fn scheduled_short_delay_is_not_held_behind_a_long_one(fx: Fx) {
+    let queue = fx.names.task_queue("debate");
+    let x = fx.names.tasks_exchange();
+    let (sub, rec) = subscribe_with(&fx, &queue, fx.opts(10), |_| Ok(Outcome::Ack)).await;
+    let long = Message::new("in ten minutes");
+    let long_id = long.id.clone();
+    fx.broker
+        .publish_delayed(&x, "debate", long, Duration::from_secs(600))
+        .await
+        .expect("10 min publish confirmed");
+    let short = Message::new("in five seconds");
+    let short_id = short.id.clone();
+    let delay = Duration::from_secs(5);
+    let start = Instant::now();
+    fx.broker
+        .publish_delayed(&x, "debate", short, delay)
+        .await
+        .expect("5 s publish confirmed");
+    let calls = rec.wait_for(1, "the 5 s task").await;
+    assert_eq!(calls[0].message.id, short_id);
+    let late = lateness_ms(calls[0].at, start, delay);
+    println!("5 s behind 10 min: arrived {late} ms after its time");
+    assert!((-20..=1000).contains(&late), "arrived {late} ms late");
+    sub.shutdown(WAIT).await;
+    assert_eq!(
+        rec.calls().len(),
+        1,
+        "the 10 min task is not delivered early"
+    );
+    assert_eq!(scheduled_waiting(&fx).await, 1, "{long_id} still waits");
+}
+
+/// Case: delays outside 1 s..=30 days, a time in the past, a message with an
+/// expiration and a destination known to route nowhere are refused, with
+/// errors that say so; nothing is scheduled for them.
+pub async fn scheduled_publish_refuses_what_it_cannot_keep(fx: Fx) {
+    let x = fx.names.tasks_exchange();
+    let b = &fx.broker;
+    for d in [
+        Duration::ZERO,
+        Duration::from_millis(999),
+        Duration::from_secs(30 * 24 * 3600 + 1),
+    ] {
+        match b
+            .publish_delayed(&x, "background", Message::new("x"), d)
+            .await
+        {
+            Err(e @ Error::InvalidDelay { .. }) => {
+                let text = e.to_string();
+                assert!(text.contains("from 1s to 30days"), "{text}");
+            }
+            other => panic!("{d:?}: expected InvalidDelay, got {other:?}"),
+        }
+    }
+    let past = std::time::SystemTime::now() - Duration::from_secs(5);
+    match b
+        .publish_at(&x, "background", Message::new("x"), past)
+        .await
+    {
+        Err(e @ Error::InvalidDelay { .. }) => {
+            assert!(e.to_string().contains("in the past"), "{e}")
+        }
+        other => panic!("expected InvalidDelay for a past time, got {other:?}"),
+    }
+    let expiring = Message::new("x").with_expiration(Duration::from_secs(5));
+    match b
+        .publish_delayed(&x, "background", expiring, Duration::from_secs(2))
+        .await
+    {
+        Err(Error::InvalidMessage(m)) => assert!(m.contains("expiration"), "{m}"),
+        other => panic!("expected InvalidMessage for an expiration, got {other:?}"),
+    }
+    match b
+        .publish_delayed(
+            &x,
+            "no-such-kind",
+            Message::new("x"),
+            Duration::from_secs(2),
+        )
+        .await
+    {
+        Err(Error::Unroutable { routing_key, .. }) => assert_eq!(routing_key, "no-such-kind"),
+        other => panic!("expected Unroutable, got {other:?}"),
+    }
+    match b
+        .publish_delayed(
+            "helixagent.undeclared",
+            "k",
+            Message::new("x"),
+            Duration::from_secs(2),
+        )
+        .await
+    {
+        Err(Error::NotFound { kind, name }) => {
+            assert_eq!((kind, name.as_str()), ("exchange", "helixagent.undeclared"))
+        }
+        other => panic!("expected NotFound for an undeclared exchange, got {other:?}"),
+    }
+    assert_eq!(scheduled_waiting(&fx).await, 0, "nothing was scheduled");
+}
+
+/// Case: once a broker has scheduled delivery, a queue it declares later is
+/// mirrored on the due exchange too, so scheduled messages reach it.
+pub async fn scheduled_publish_reaches_a_queue_declared_later(fx: Fx) {
+    let second = Duration::from_secs(1);
+    let first = Message::new("first scheduled publish: declares the delay levels");
+    let first_id = first.id.clone();
+    fx.broker
+        .publish_delayed(&fx.names.tasks_exchange(), "background", first, second)
+        .await
+        .expect("scheduled publish confirmed");
+    // A fanout exchange declared before, bound now: the mirror keeps its kind
+    // (any routing key reaches the new queue).
+    let notes = fx.names.notifications_exchange();
+    let jobs = format!("{}.jobs", fx.names.prefix());
+    let mut t = Topology::system(&fx.names);
+    t.add_work_queue(helixmq::topology::Queue::durable(jobs.clone()), &notes, "");
+    fx.broker
+        .declare(&t)
+        .await
+        .expect("declare a new work queue");
+    let m = Message::new("to the new queue");
+    let id = m.id.clone();
+    fx.broker
+        .publish_delayed(&notes, "any.key", m, second)
+        .await
+        .expect("scheduled publish to the new queue confirmed");
+    fx.expect_ids(&jobs, &[&id]).await;
+    for q in ["websocket", "sse", "webhooks"] {
+        fx.expect_ids(&fx.names.notification_queue(q), &[&id]).await;
+    }
+    fx.expect_ids(&fx.names.task_queue("background"), &[&first_id])
+        .await;
+    assert_eq!(scheduled_waiting(&fx).await, 0);
+}
+
+/// Case: `requeue_delayed` (a delayed DLQ replay) brings a message back into
+/// a work queue after its delay; a queue this broker did not declare as a work
+/// queue is refused before anything is scheduled, as is a bad delay.
+pub async fn requeue_delayed_brings_a_message_back_to_its_work_queue(fx: Fx) {
+    let opts = PublishOptions::default();
+    let second = Duration::from_secs(1);
+    let llm = fx.names.task_queue("llm");
+    let m = Message::new("replayed later");
+    let id = m.id.clone();
+    let start = Instant::now();
+    fx.broker
+        .requeue_delayed(&llm, m, second, &opts)
+        .await
+        .expect("delayed requeue confirmed");
+    assert_eq!(fx.ready(&llm).await, 0, "not before its time");
+    fx.expect_ids(&llm, &[&id]).await;
+    assert!(start.elapsed() >= second - Duration::from_millis(20));
+    let other = format!("{}.elsewhere", fx.names.prefix());
+    match fx
+        .broker
+        .requeue_delayed(&other, Message::new("x"), second, &opts)
+        .await
+    {
+        Err(Error::Unroutable { routing_key, .. }) => assert_eq!(routing_key, other),
+        other => panic!("expected Unroutable for an undeclared queue, got {other:?}"),
+    }
+    match fx
+        .broker
+        .requeue_delayed(&llm, Message::new("x"), Duration::from_millis(10), &opts)
+        .await
+    {
+        Err(Error::InvalidDelay { .. }) => {}
+        other => panic!("expected InvalidDelay, got {other:?}"),
+    }
+    assert_eq!(scheduled_waiting(&fx).await, 0);
 }

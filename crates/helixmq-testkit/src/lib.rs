@@ -18,6 +18,7 @@
 //!   each id was consumed; lost, duplicates, and where missing ids are.
 //! - [`scenario`]: the fault-scenario runner: connect, load, consume, and the
 //!   ending every fault test shares (progress, stop, drain, report).
+//! - [`scheduled`]: scheduled publishes' arrivals (due vs arrived) by id.
 //! - [`history`]: the total-queue checker's per-id history and per-fault table.
 //! - [`conformance`]: the conformance suite, written once, run on every backend.
 //! - [`flow`]: the whole helixmq flow on one broker, asserted step by step.
@@ -53,4 +54,5 @@ pub mod postgres;
 pub mod prom;
 pub mod proxy;
 pub mod scenario;
+pub mod scheduled;
 pub mod scripts;

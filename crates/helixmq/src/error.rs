@@ -124,6 +124,17 @@ pub enum Error {
         reason: String,
     },
 
+    /// A scheduled publish ([`Broker::publish_delayed`](crate::Broker::publish_delayed),
+    /// [`Broker::publish_at`](crate::Broker::publish_at)) asked for a delay or
+    /// time helixmq cannot keep.
+    #[error("invalid delay {delay}: {reason}")]
+    InvalidDelay {
+        /// The delay asked for, as written (e.g. `500ms`, or `in the past by 3s`).
+        delay: String,
+        /// Why it is refused and what is allowed.
+        reason: String,
+    },
+
     /// A message could not be encoded or decoded (headers, payload, size).
     #[error("invalid message: {0}")]
     InvalidMessage(String),
@@ -281,6 +292,10 @@ impl Error {
             },
             Error::InvalidPriority { priority, reason } => Error::InvalidPriority {
                 priority: *priority,
+                reason: reason.clone(),
+            },
+            Error::InvalidDelay { delay, reason } => Error::InvalidDelay {
+                delay: delay.clone(),
                 reason: reason.clone(),
             },
             Error::InvalidMessage(m) => Error::InvalidMessage(m.clone()),

@@ -80,6 +80,10 @@ pub enum DlqCmd {
         /// Say what would be replayed; change nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Deliver the copies this much later (1s to 30days; `90s`, `2h`), through
+        /// the delay queues (see `helixmq publish --delay`).
+        #[arg(long, value_parser = parse_duration)]
+        delay: Option<Duration>,
     },
     /// Delete the selected messages for good. Refuses without --yes.
     #[command(group(
@@ -232,12 +236,19 @@ pub async fn run(global: &Global, cmd: DlqCmd) -> anyhow::Result<ExitCode> {
             to,
             limit,
             dry_run,
+            delay,
         } => {
             // clap requires a selector (usage error, 64); --all alone selects everything.
             let _ = all;
             let to = to.map(|q| full(&q));
             let filter = filter.into_lib(ids, full);
-            replay(&dlq, &filter, to.as_deref(), limit, dry_run).await
+            if let Some(d) = delay {
+                helixmq::topology::schedule::check_delay(d)?;
+                // The delay topology copies the work queues' requeue bindings:
+                // this handle must know them.
+                broker.declare(&topology).await?;
+            }
+            replay(&dlq, &filter, to.as_deref(), limit, delay, dry_run).await
         }
         DlqCmd::Delete { ids, filter, yes } => delete(&dlq, &filter.into_lib(ids, full), yes).await,
         DlqCmd::Purge { yes } => purge(&broker, &dlq, yes).await,
@@ -438,6 +449,7 @@ async fn replay(
     filter: &helixmq::dlq::Filter,
     to: Option<&str>,
     limit: Option<usize>,
+    delay: Option<Duration>,
     dry_run: bool,
 ) -> anyhow::Result<ExitCode> {
     if dry_run {
@@ -465,7 +477,7 @@ async fn replay(
     let report = with_bar(
         "replaying",
         &progress,
-        dlq.replay(filter, target, limit, &progress),
+        dlq.replay_after(filter, target, limit, delay, &progress),
     )
     .await
     .with_context(|| read_error(dlq))?;

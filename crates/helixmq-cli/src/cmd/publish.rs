@@ -15,7 +15,10 @@ use clap::{ArgGroup, Args};
 use futures::StreamExt;
 use helixmq::{Message, Priority, PublishOptions};
 
-use crate::common::{connect, full_queue_name, load_config, progress_bar, spec_topology};
+use crate::common::{
+    applied_topology, connect, full_queue_name, load_config, parse_rfc3339, progress_bar,
+    spec_topology,
+};
 use crate::Global;
 
 /// Messages per pipelined batch.
@@ -67,6 +70,15 @@ pub struct PublishArgs {
     /// the broker (to the DLQ, reason `expired`).
     #[arg(long, value_parser = crate::common::parse_duration)]
     pub expiration: Option<std::time::Duration>,
+    /// Deliver after this delay, 1s to 30days (e.g. 90s, 2h, 3days): a
+    /// scheduled publish, confirmed once it waits in the delay levels
+    /// (declared with the configured topology first). Needs --exchange.
+    #[arg(long, value_parser = crate::common::parse_duration, conflicts_with_all = ["at", "queue", "expiration"])]
+    pub delay: Option<std::time::Duration>,
+    /// Deliver at this RFC 3339 time (e.g. 2026-12-24T18:00:00Z), 1 s to 30
+    /// days from now; like --delay otherwise.
+    #[arg(long, value_parser = parse_rfc3339, conflicts_with_all = ["queue", "expiration"])]
+    pub at: Option<std::time::SystemTime>,
     /// Print each confirmed message as a JSON object (id, exchange, routing_key) per line.
     #[arg(long)]
     pub json: bool,
@@ -124,6 +136,24 @@ pub async fn run(global: &Global, args: PublishArgs) -> anyhow::Result<ExitCode>
         m
     };
     let broker = connect(&cfg).await?;
+    let when = match (args.delay, args.at) {
+        (Some(d), _) => Some(When::In(d)),
+        (None, Some(t)) => Some(When::At(t)),
+        (None, None) => None,
+    };
+    if let Some(when) = when {
+        let res = scheduled(
+            &broker,
+            &cfg,
+            &args,
+            when,
+            (&exchange, &routing_key),
+            template,
+        )
+        .await;
+        let _ = broker.close().await;
+        return res;
+    }
     let opts = PublishOptions {
         mandatory: true,
         timeout: args.timeout,
@@ -227,6 +257,81 @@ pub async fn run(global: &Global, args: PublishArgs) -> anyhow::Result<ExitCode>
             )))
         }
     }
+}
+
+/// When a scheduled publish is due.
+#[derive(Debug, Clone, Copy)]
+enum When {
+    /// `--delay`.
+    In(std::time::Duration),
+    /// `--at`.
+    At(std::time::SystemTime),
+}
+
+/// `publish --delay | --at`: declare the configured topology with scheduled
+/// delivery (so the destination's bindings are mirrored on the due exchange),
+/// then schedule each copy; one confirmed id per line, as for a publish.
+async fn scheduled(
+    broker: &helixmq::Broker,
+    cfg: &helixmq::Config,
+    args: &PublishArgs,
+    when: When,
+    (exchange, routing_key): (&str, &str),
+    template: Message,
+) -> anyhow::Result<ExitCode> {
+    broker
+        .declare(&applied_topology(cfg))
+        .await
+        .context("cannot declare the topology with scheduled delivery")?;
+    let opts = PublishOptions {
+        mandatory: true,
+        timeout: args.timeout,
+        priority: None,
+    };
+    for i in 0..args.count {
+        let mut m = template.clone();
+        if i > 0 {
+            m.id = uuid::Uuid::now_v7().to_string();
+        }
+        let id = m.id.clone();
+        let res = match when {
+            When::In(d) => {
+                broker
+                    .publish_delayed_with(exchange, routing_key, m, d, &opts)
+                    .await
+            }
+            When::At(at) => {
+                broker
+                    .publish_at_with(exchange, routing_key, m, at, &opts)
+                    .await
+            }
+        };
+        if let Err(e) = res {
+            if args.count == 1 {
+                return Err(e.into());
+            }
+            return Err(anyhow::Error::new(e).context(format!(
+                "{} of {} scheduled message(s) not confirmed ({i} confirmed, their ids printed)",
+                args.count - i,
+                args.count
+            )));
+        }
+        if args.json {
+            outln!(
+                "{}",
+                serde_json::json!({
+                    "id": id,
+                    "exchange": exchange,
+                    "routing_key": routing_key,
+                    "confirmed": true,
+                    "scheduled": true,
+                })
+            );
+        } else {
+            outln!("{id}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `application/json` when the payload parses as JSON (the spec's service always

@@ -13,7 +13,7 @@ use clap::Subcommand;
 use helixmq::topology::definitions_json;
 use serde_json::Value;
 
-use crate::common::{connect, endpoint, load_config, spec_topology};
+use crate::common::{applied_topology, connect, endpoint, load_config};
 use crate::Global;
 use helixmq::management::Management;
 
@@ -51,7 +51,7 @@ pub async fn run(global: &Global, cmd: TopologyCmd) -> anyhow::Result<ExitCode> 
             Ok(ExitCode::SUCCESS)
         }
         TopologyCmd::Apply => {
-            let t = spec_topology(&cfg);
+            let t = applied_topology(&cfg);
             let broker = connect(&cfg).await?;
             let res = broker.declare(&t).await.context("topology apply failed");
             let _ = broker.close().await;
@@ -75,7 +75,7 @@ pub async fn run(global: &Global, cmd: TopologyCmd) -> anyhow::Result<ExitCode> 
 /// The definitions document as pretty JSON (what `export` prints).
 pub fn export_json(cfg: &helixmq::Config) -> String {
     let doc = definitions_json(
-        &spec_topology(cfg),
+        &applied_topology(cfg),
         &cfg.rabbitmq.vhost,
         &cfg.rabbitmq.username,
     );
@@ -91,7 +91,7 @@ enum Diff {
 }
 
 async fn diff(global: &Global, cfg: &helixmq::Config, json: bool) -> anyhow::Result<ExitCode> {
-    let t = spec_topology(cfg);
+    let t = applied_topology(cfg);
     let want = definitions_json(&t, &cfg.rabbitmq.vhost, &cfg.rabbitmq.username);
     let mgmt = Management::from_config(cfg, global.management_url.as_deref())?;
     let vh = Management::vhost_segment(&cfg.rabbitmq.vhost);
@@ -305,7 +305,7 @@ fn show(v: Option<&Value>) -> String {
 }
 
 async fn delete(global: &Global, cfg: &helixmq::Config, yes: bool) -> anyhow::Result<ExitCode> {
-    let t = spec_topology(cfg);
+    let t = applied_topology(cfg);
     let mut queues: Vec<String> = t.queues.iter().map(|q| q.name.clone()).collect();
     let mut exchanges: Vec<String> = t.exchanges.iter().map(|e| e.name.clone()).collect();
     // Retry tiers of other delays exist only on the broker: find them through the

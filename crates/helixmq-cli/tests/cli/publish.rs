@@ -347,3 +347,92 @@ fn an_unknown_priority_lists_the_names_that_exist() {
         assert!(out.stderr.contains(name), "{name}: {}", out.stderr);
     }
 }
+
+#[test]
+fn publish_delay_and_at_schedule_and_bad_times_are_refused() {
+    let b = Broker::new();
+    let tasks = b.name("tasks");
+    // No `topology apply` first: a scheduled publish declares the topology
+    // with scheduled delivery itself.
+    let one = b
+        .run(&[
+            "publish",
+            "-e",
+            &tasks,
+            "-k",
+            "background",
+            "--payload",
+            "later",
+            "--delay",
+            "1s",
+        ])
+        .ok();
+    assert_eq!(one.lines().len(), 1, "{}", one.stdout);
+    let at =
+        humantime::format_rfc3339_seconds(std::time::SystemTime::now() + Duration::from_secs(3))
+            .to_string();
+    let two = b
+        .run(&[
+            "publish",
+            "-e",
+            &tasks,
+            "-k",
+            "background",
+            "--payload",
+            "at",
+            "--at",
+            &at,
+            "--json",
+        ])
+        .ok();
+    let v: serde_json::Value = serde_json::from_str(two.lines()[0].as_str()).unwrap();
+    assert_eq!(
+        (v["confirmed"].as_bool(), v["scheduled"].as_bool()),
+        (Some(true), Some(true))
+    );
+    b.eventually(
+        Duration::from_secs(20),
+        "both scheduled messages in tasks.background",
+        || b.ready(&b.name("tasks.background")) == 2,
+    );
+
+    let refused = |args: &[&str], code: i32, want: &str| {
+        let mut all = vec![
+            "publish",
+            "-e",
+            &tasks,
+            "-k",
+            "background",
+            "--payload",
+            "x",
+        ];
+        all.extend_from_slice(args);
+        let out = b.run(&all).expect_code(code);
+        assert!(out.stderr.contains(want), "{args:?}: {}", out.stderr);
+        assert!(out.stdout.is_empty(), "nothing confirmed: {}", out.stdout);
+    };
+    refused(&["--delay", "500ms"], 1, "from 1s to 30days");
+    refused(&["--delay", "31days"], 1, "from 1s to 30days");
+    refused(&["--delay", "soon"], 64, "is not a duration");
+    refused(&["--at", "2020-01-01T00:00:00Z"], 1, "in the past");
+    refused(&["--at", "tomorrow"], 64, "is not an RFC 3339 time");
+    refused(
+        &["--delay", "5s", "--expiration", "1s"],
+        64,
+        "cannot be used with",
+    );
+    let out = b
+        .run(&[
+            "publish",
+            "-e",
+            &tasks,
+            "-k",
+            "nope",
+            "--payload",
+            "x",
+            "--delay",
+            "5s",
+        ])
+        .expect_code(1);
+    assert!(out.stderr.contains("unroutable"), "{}", out.stderr);
+}

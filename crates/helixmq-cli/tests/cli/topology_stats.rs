@@ -25,7 +25,9 @@ fn diff_apply_conflict_and_delete() {
 
     let out = b.run(&["topology", "apply"]).ok();
     assert!(
-        out.stdout.contains("declared 6 exchanges, 13 queues"),
+        // The spec's 6 exchanges and 13 queues, and scheduled delivery's 26
+        // exchanges (24 levels, final, due) and 25 queues (24 levels, final).
+        out.stdout.contains("declared 32 exchanges, 38 queues"),
         "{}",
         out.stdout
     );
@@ -100,7 +102,8 @@ fn stats_reports_queues_and_flags_thresholds() {
         .iter()
         .map(|q| q["name"].as_str().unwrap())
         .collect();
-    assert_eq!(names.len(), 13, "only this prefix's queues: {names:?}");
+    // The spec's 13 and scheduled delivery's 25 (24 delay levels, final).
+    assert_eq!(names.len(), 38, "only this prefix's queues: {names:?}");
     assert!(names.contains(&b.name("tasks.llm").as_str()));
     assert!(v["connections"].is_u64() && v["channels"].is_u64());
 

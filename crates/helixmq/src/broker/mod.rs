@@ -15,7 +15,7 @@ pub(crate) use route::RouteHandle;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::watch;
 use tracing::Instrument;
@@ -210,13 +210,28 @@ impl Broker {
         )
     }
 
-    /// Declare `topology` (idempotent) and remember it.
+    /// Declare `topology` (idempotent) and remember it. Once this broker has
+    /// scheduled delivery (declared, or set up by a scheduled publish), the
+    /// due exchange mirrors `topology`'s bindings too, so scheduled messages
+    /// reach its queues.
     pub async fn declare(&self, topology: &Topology) -> Result<()> {
         self.start_mirroring();
+        let mirrors = (!topology.has_scheduling() && self.declared().has_scheduling()).then(|| {
+            // Exchange kinds from both: a binding may name an exchange declared before.
+            let mut view = self.topology();
+            merge(&mut view, topology);
+            view.due_mirrors(&topology.bindings)
+        });
         self.inner.backend.declare(topology).await?;
+        if let Some(m) = &mirrors {
+            self.inner.backend.declare(m).await?;
+        }
         self.inner.metrics.touch(topology);
         let mut t = self.declared();
         merge(&mut t, topology);
+        if let Some(m) = &mirrors {
+            merge(&mut t, m);
+        }
         Ok(())
     }
 
@@ -275,6 +290,240 @@ impl Broker {
         self.inner.metrics.confirms_pending.dec();
         self.inner.metrics.count_publish(exchange, &res, started);
         res
+    }
+
+    /// Publish `message` so that it reaches the queues `exchange` routes
+    /// `routing_key` to after `delay` (1 s to 30 days, rounded up to 250 ms).
+    /// Returns `Ok` once the broker confirmed the scheduled message (it is then
+    /// durable in a delay level); see [`Broker::publish_delayed_with`].
+    ///
+    /// ```
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// use std::time::Duration;
+    /// use helixmq::{Broker, Config, Message, Topology};
+    /// let broker = Broker::embedded(Config::default());
+    /// broker.declare(&Topology::default()).await?;
+    /// let q = broker.names().task_queue("background");
+    /// broker
+    ///     .publish_delayed("helixagent.tasks", "background", Message::new("later"), Duration::from_secs(1))
+    ///     .await?;
+    /// assert!(broker.backend().get(&q).await?.is_none(), "not before its time");
+    /// tokio::time::sleep(Duration::from_millis(1100)).await;
+    /// assert!(broker.backend().get(&q).await?.is_some());
+    /// assert!(broker.publish_delayed("helixagent.tasks", "background", Message::new("x"),
+    ///     Duration::from_millis(500)).await.is_err(), "under 1 s is refused");
+    /// # Ok::<(), helixmq::Error>(()) }).unwrap();
+    /// ```
+    pub async fn publish_delayed(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        message: Message,
+        delay: Duration,
+    ) -> Result<()> {
+        self.publish_delayed_with(
+            exchange,
+            routing_key,
+            message,
+            delay,
+            &PublishOptions::default(),
+        )
+        .await
+    }
+
+    /// [`Broker::publish_delayed`] for a point in time: the delay is `at`
+    /// minus now, refused (like any delay) outside 1 s to 30 days, so a time
+    /// in the past is an error, never an immediate publish. The delay is taken
+    /// again after a first use declared the delay topology (a time by then
+    /// less than 1 s away is kept 1 s).
+    pub async fn publish_at(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        message: Message,
+        at: SystemTime,
+    ) -> Result<()> {
+        self.publish_at_with(
+            exchange,
+            routing_key,
+            message,
+            at,
+            &PublishOptions::default(),
+        )
+        .await
+    }
+
+    /// [`Broker::publish_at`] with options (timeout, priority; a scheduled
+    /// publish is always mandatory).
+    pub async fn publish_at_with(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        message: Message,
+        at: SystemTime,
+        opts: &PublishOptions,
+    ) -> Result<()> {
+        self.schedule(exchange, routing_key, message, Due::At(at), opts)
+            .await
+    }
+
+    /// Schedule a publish (see [`crate::topology::schedule`] for the route).
+    /// The message waits in durable TTL queues (classic or quorum, as the
+    /// topology) and is dead-lettered, at its time, to the queues `exchange`
+    /// routes `routing_key` to then, through the due exchange's mirror of the
+    /// bindings. The destination must have been declared through this broker
+    /// ([`Broker::declare`]), so that its bindings are mirrored. Refused: a
+    /// delay outside 1 s to 30 days ([`Error::InvalidDelay`]), a message with
+    /// an `expiration` (it would expire in a delay level and shorten the
+    /// delay), an exchange this broker did not declare ([`Error::NotFound`]),
+    /// and a routing key it routes nowhere ([`Error::Unroutable`]). The message's
+    /// `x-death` history is dropped: RabbitMQ would take a second pass through
+    /// a queue it names for a dead-letter cycle and drop the message. The delay
+    /// topology is declared on first use if this broker has not declared it.
+    pub async fn publish_delayed_with(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        message: Message,
+        delay: Duration,
+        opts: &PublishOptions,
+    ) -> Result<()> {
+        self.schedule(exchange, routing_key, message, Due::In(delay), opts)
+            .await
+    }
+
+    /// Schedule `message` back into work queue `queue` after `delay`,
+    /// through the requeue exchange (as a retry returns): what a delayed DLQ
+    /// replay uses. [`Broker::publish_delayed_with`] to the requeue exchange
+    /// with the queue's name as key: the queue must have been declared through
+    /// this broker as a work queue ([`Topology::add_work_queue`]; else
+    /// [`Error::Unroutable`], and nothing is scheduled). Declaring its binding
+    /// here instead would make every reconnect redeclare a binding to a queue
+    /// this broker does not own (and fail once someone deletes that queue).
+    pub async fn requeue_delayed(
+        &self,
+        queue: &str,
+        message: Message,
+        delay: Duration,
+        opts: &PublishOptions,
+    ) -> Result<()> {
+        let requeue = self.inner.names.requeue_exchange();
+        self.publish_delayed_with(&requeue, queue, message, delay, opts)
+            .await
+    }
+
+    /// A scheduled publish: checked, declared on first use, then published
+    /// to the top delay level.
+    async fn schedule(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        mut message: Message,
+        due: Due,
+        opts: &PublishOptions,
+    ) -> Result<()> {
+        use crate::topology::schedule::{Walk, MIN_DELAY};
+        self.start_mirroring();
+        let walk = Walk::new(due.delay()?)?;
+        if let Some(e) = message.expiration {
+            return Err(Error::InvalidMessage(format!(
+                "message {} has an expiration ({}): a scheduled message cannot carry one \
+                 (it would expire early in a delay level); drop the expiration",
+                message.id,
+                humantime::format_duration(e)
+            )));
+        }
+        walk.routing_key(exchange, routing_key)?;
+        if let Some(p) = opts.priority {
+            message.priority = Some(p);
+        }
+        self.check_priority(exchange, routing_key, &message)?;
+        {
+            // The due exchange can only mirror bindings this broker knows: a
+            // destination it never declared could be dropped at its time.
+            let t = self.declared();
+            if t.exchange(exchange).is_none() {
+                return Err(Error::NotFound {
+                    kind: "exchange",
+                    name: exchange.to_string(),
+                });
+            }
+            if t.route(exchange, routing_key).is_empty() {
+                return Err(Error::Unroutable {
+                    message_id: message.id.clone(),
+                    exchange: exchange.to_string(),
+                    routing_key: routing_key.to_string(),
+                });
+            }
+        }
+        for h in [
+            crate::backend::memory::dead_letter::X_DEATH,
+            crate::backend::memory::dead_letter::X_FIRST_DEATH_QUEUE,
+            crate::backend::memory::dead_letter::X_FIRST_DEATH_REASON,
+            crate::backend::memory::dead_letter::X_FIRST_DEATH_EXCHANGE,
+        ] {
+            message.headers.remove(h);
+        }
+        self.ensure_scheduling().await?;
+        // The broker starts the clock when it takes the message: after a
+        // first use's declare, a point in time is that much nearer.
+        let walk = match due {
+            Due::In(_) => walk,
+            Due::At(_) => Walk::new(due.delay().unwrap_or(MIN_DELAY).max(MIN_DELAY))?,
+        };
+        let key = walk.routing_key(exchange, routing_key)?;
+        let due_ms = (SystemTime::now() + walk.total())
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        message
+            .headers
+            .insert(crate::message::header::DUE_AT.into(), due_ms.into());
+        let entry = self.declared().schedule_entry();
+        let opts = PublishOptions {
+            mandatory: true,
+            timeout: opts.timeout,
+            priority: None,
+        };
+        self.publish_with(&entry, &key, message, &opts).await?;
+        self.inner
+            .metrics
+            .scheduled
+            .get_or_create(&crate::metrics::ExchangeLabel {
+                exchange: exchange.to_string(),
+            })
+            .inc();
+        Ok(())
+    }
+
+    /// Declare scheduled delivery unless this broker has it: the delay levels
+    /// (queue type as the declared DLQ or the configuration) and the due
+    /// exchange mirroring every binding declared so far.
+    async fn ensure_scheduling(&self) -> Result<()> {
+        let declared = self.topology();
+        if declared.has_scheduling() {
+            return Ok(());
+        }
+        let mut t = Topology {
+            exchanges: Vec::new(),
+            queues: Vec::new(),
+            bindings: Vec::new(),
+            ..declared.clone()
+        };
+        t.add_scheduling();
+        t.bindings.extend(
+            declared
+                .bindings
+                .iter()
+                .filter_map(|b| declared.due_mirror(b)),
+        );
+        let quorum = self.inner.config.helixmq.queue_type == QueueType::Quorum
+            || declared
+                .queue(&self.inner.names.dlq())
+                .is_some_and(|q| q.queue_type == QueueType::Quorum);
+        if quorum {
+            t = t.with_quorum_queues();
+        }
+        self.declare(&t).await
     }
 
     /// Publish many messages pipelined; one result per message, in order.
@@ -405,6 +654,31 @@ impl Broker {
     /// Time to wait for a publish by default.
     pub fn publish_timeout(&self) -> Duration {
         self.inner.config.rabbitmq.publish_timeout
+    }
+}
+
+/// When a scheduled publish is due.
+#[derive(Debug, Clone, Copy)]
+enum Due {
+    /// After this long.
+    In(Duration),
+    /// At this time.
+    At(SystemTime),
+}
+
+impl Due {
+    /// The delay from now; a time in the past is refused.
+    fn delay(self) -> Result<Duration> {
+        match self {
+            Due::In(d) => Ok(d),
+            Due::At(at) => at.duration_since(SystemTime::now()).map_err(|e| {
+                let by = Duration::from_secs(e.duration().as_secs().max(1));
+                Error::InvalidDelay {
+                    delay: format!("in the past by {}", humantime::format_duration(by)),
+                    reason: "a scheduled time must be from 1s to 30days from now".into(),
+                }
+            }),
+        }
     }
 }
 

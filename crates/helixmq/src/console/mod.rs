@@ -40,7 +40,7 @@ use axum::Router;
 
 pub use auth::Auth;
 
-use crate::dlq::DeadLetters;
+use crate::dlq::{DeadLetters, ReadOptions};
 use crate::management::Management;
 use crate::{Broker, Topology};
 
@@ -59,6 +59,8 @@ pub struct ConsoleOptions {
     pub topology: Option<Topology>,
     /// Sample the broker this often (the overview's refresh). Default 2 s.
     pub sample_every: Duration,
+    /// How the workbench holds the DLQ (it lets go 30 s after the last DLQ page).
+    pub read: ReadOptions,
 }
 
 impl Default for ConsoleOptions {
@@ -69,6 +71,7 @@ impl Default for ConsoleOptions {
             management: None,
             topology: None,
             sample_every: Duration::from_secs(2),
+            read: ReadOptions::default(),
         }
     }
 }
@@ -97,7 +100,7 @@ pub fn router(broker: &Broker, opts: ConsoleOptions) -> Router {
         bytes.iter().map(|b| format!("{b:02x}")).collect()
     };
     let state = Arc::new(Console {
-        dlq: DeadLetters::new(broker),
+        dlq: DeadLetters::with_options(broker, opts.read.clone()),
         overview: overview::Sampler::start(
             broker.clone(),
             topology.clone(),

@@ -366,6 +366,26 @@ impl DeadLetters {
         limit: Option<usize>,
         progress: &Progress,
     ) -> Result<ReplayReport> {
+        self.replay_after(filter, target, limit, None, progress)
+            .await
+    }
+
+    /// [`replay`](Self::replay), each copy scheduled to arrive `delay` later
+    /// (see [`Broker::publish_delayed`]); with `None`, at once. The delay is
+    /// checked before any letter is taken. The target queues must have been
+    /// declared through this broker handle (their bindings are copied onto the
+    /// delay topology).
+    pub async fn replay_after(
+        &self,
+        filter: &Filter,
+        target: Target<'_>,
+        limit: Option<usize>,
+        delay: Option<Duration>,
+        progress: &Progress,
+    ) -> Result<ReplayReport> {
+        if let Some(d) = delay {
+            crate::topology::schedule::check_delay(d)?;
+        }
         let _busy = self.busy();
         let index = self.index().await?;
         let taken = self.take(&index, filter, limit, progress);
@@ -424,7 +444,15 @@ impl DeadLetters {
             for (to, group) in by_target {
                 let copies: Vec<Message> =
                     group.iter().map(|(_, h)| h.letter.replay_copy()).collect();
-                let results = broker.publish_batch(&requeue, &to, &copies, &opts).await;
+                let results = match delay {
+                    None => broker.publish_batch(&requeue, &to, &copies, &opts).await,
+                    Some(d) => {
+                        let each = copies
+                            .into_iter()
+                            .map(|c| broker.requeue_delayed(&to, c, d, &opts));
+                        futures::future::join_all(each).await
+                    }
+                };
                 for ((slot, held), res) in group.into_iter().zip(results) {
                     match res {
                         // Confirmed in its queue: now, and only now, it may leave the DLQ.

@@ -35,6 +35,9 @@ pub mod header {
     pub const FIRST_FAILURE: &str = "x-helixmq-first-failure-ms";
     /// Unix milliseconds of the last failure.
     pub const LAST_FAILURE: &str = "x-helixmq-last-failure-ms";
+    /// Unix milliseconds a scheduled message is due (set by
+    /// [`Broker::publish_delayed`](crate::Broker::publish_delayed)).
+    pub const DUE_AT: &str = "x-helixmq-due-at-ms";
 }
 
 /// Message priority 0–10 (the spec's llm queue has `x-max-priority` 10).

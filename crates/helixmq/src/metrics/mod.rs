@@ -59,6 +59,8 @@ pub struct Metrics {
     pub connection_failures: Counter,
     /// Recoveries after a lost connection.
     pub connection_recoveries: Counter,
+    /// Scheduled publishes confirmed (waiting in a delay level), per destination exchange.
+    pub scheduled: Family<ExchangeLabel, Counter>,
     /// Deliveries held unacked because their retry/DLQ copy cannot be placed, per queue.
     pub reroutes_blocked: Family<QueueLabel, Gauge>,
 }
@@ -83,6 +85,7 @@ impl Default for Metrics {
             connection_failures: Counter::default(),
             connection_recoveries: Counter::default(),
             reroutes_blocked: Family::default(),
+            scheduled: Family::default(),
         }
     }
 }
@@ -101,6 +104,11 @@ impl Metrics {
             "publish_failures",
             "Publishes nacked, timed out or unroutable",
             m.publish_failures.clone(),
+        );
+        r.register(
+            "scheduled_messages",
+            "Scheduled publishes confirmed (publish_delayed / publish_at), per destination exchange",
+            m.scheduled.clone(),
         );
         r.register(
             "messages_consumed",

@@ -7,12 +7,18 @@
 //! handler fails ─► {p}.retry[.delay] (fanout exchange + TTL queue)
 //!               ─(TTL expires, dead-lettered)─► {p}.requeue (direct, key = origin queue) ─► origin queue
 //! attempts exhausted / poison ─► {p}.dlx (fanout) ─► {p}.dlq
+//! scheduled publish ─► {p}.delay.23 … {p}.delay.0 (TTL levels, by the delay's digits)
+//!                   ─► {p}.delay.final ─► {p}.delay.due (mirrors every binding) ─► queues
 //! ```
+//! Scheduled delivery ([`schedule`]) is added by [`Topology::add_scheduling`]
+//! (`helixmq topology apply` does), or declared by a broker's first scheduled
+//! publish.
 //! Every name comes from [`Names`].
 
 mod definitions;
 mod names;
 mod quorum;
+pub mod schedule;
 
 pub use definitions::definitions_json;
 pub use names::{Names, DEFAULT_PREFIX, DEFAULT_RETRY_DELAY};
@@ -390,6 +396,11 @@ impl Topology {
             queue: queue.name.clone(),
             routing_key: queue.name.clone(),
         });
+        if self.has_scheduling() {
+            let added = &self.bindings[self.bindings.len() - 2..];
+            let mirrors: Vec<Binding> = added.iter().filter_map(|b| self.due_mirror(b)).collect();
+            self.bindings.extend(mirrors);
+        }
         self.queues.push(queue);
     }
 

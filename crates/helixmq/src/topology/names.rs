@@ -72,6 +72,29 @@ impl Names {
     pub fn requeue_exchange(&self) -> String {
         self.name("requeue")
     }
+    /// `{prefix}.delay.{level}`: the topic exchange and the queue of one delay
+    /// level of scheduled delivery (see [`crate::topology::schedule`]).
+    pub fn delay_level(&self, level: u32) -> String {
+        self.name(&format!("delay.{level}"))
+    }
+    /// `{prefix}.delay.final`: the last hop of every scheduled message (a fanout
+    /// exchange and a queue of one delay unit), whose dead letters go to
+    /// [`Names::delay_due`].
+    pub fn delay_final(&self) -> String {
+        self.name("delay.final")
+    }
+    /// `{prefix}.delay.due`: the topic exchange where a scheduled message is due;
+    /// it mirrors every binding of the topology, so the message reaches the
+    /// queues its destination exchange and routing key would have.
+    pub fn delay_due(&self) -> String {
+        self.name("delay.due")
+    }
+    /// Whether `exchange` is one of the delay levels' exchanges (never mirrored).
+    pub fn is_delay_exchange(&self, exchange: &str) -> bool {
+        exchange
+            .strip_prefix(&self.prefix)
+            .is_some_and(|r| r.starts_with(".delay."))
+    }
     /// Retry tier for `delay`: `{prefix}.retry` for the spec's 60 s, else
     /// `{prefix}.retry.{delay}` (e.g. `helixagent.retry.5s`). The same name is
     /// used for the tier's fanout exchange and its queue.

@@ -13,5 +13,6 @@ mod cluster_quorum;
 mod force_close;
 mod memory_alarm;
 mod publisher_nack;
+mod scheduled_restart;
 mod total_queue;
 mod worker_kill;

@@ -11,5 +11,6 @@ mod privilege_definitions;
 mod privilege_least;
 mod publish;
 mod recovery;
+mod scheduled_quorum;
 mod tls_connect;
 mod tracing_traceparent;

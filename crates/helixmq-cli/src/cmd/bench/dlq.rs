@@ -72,7 +72,18 @@ pub(crate) async fn run(
         b.names().dlq()
     );
 
-    let app = helixmq::console::router(b, helixmq::console::ConsoleOptions::default());
+    // The console lets go of the DLQ 1 s after its last page, so the next
+    // round's library reader does not wait out the default 30 s.
+    let app = helixmq::console::router(
+        b,
+        helixmq::console::ConsoleOptions {
+            read: helixmq::dlq::ReadOptions {
+                idle_release: Duration::from_secs(1),
+                ..Default::default()
+            },
+            ..Default::default()
+        },
+    );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let server = tokio::spawn(async move { axum::serve(listener, app).await });
@@ -98,6 +109,8 @@ pub(crate) async fn run(
         ..Filter::all()
     };
     for _ in 0..rounds {
+        // Each round: let the console's hold go (idle 1 s) before the library reads.
+        tokio::time::sleep(Duration::from_secs(2)).await;
         let dlq = DeadLetters::new(b);
         let t = Instant::now();
         let page = dlq.list(&Filter::all(), Order::NewestFirst, 0, 50).await?;
