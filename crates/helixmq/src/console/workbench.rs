@@ -647,7 +647,7 @@ fn job_progress_view(root: &Root, id: u64, job: &Job) -> JobProgress {
         done,
         total,
         failed: job.progress.failed(),
-        percent: if total == 0 { 100 } else { done * 100 / total },
+        percent: (done * 100).checked_div(total).unwrap_or(100),
         finished: outcome.is_some(),
         ok: outcome.as_ref().is_some_and(|o| o.0),
         outcome: outcome.map(|o| o.1).unwrap_or_default(),
