@@ -463,7 +463,15 @@ pub fn seed_dead_letters(
             "-H",
             &format!("x-helixmq-origin-queue={origin}"),
             "-H",
-            "x-helixmq-last-failure-ms=1764600000000",
+            &format!(
+                "x-helixmq-first-failure-ms={}",
+                helixmq::message::now_unix_millis() - 300_000
+            ),
+            "-H",
+            &format!(
+                "x-helixmq-last-failure-ms={}",
+                helixmq::message::now_unix_millis() - 90_000
+            ),
             "--type",
             "llm.request",
             "-n",
