@@ -195,7 +195,6 @@ async fn an_operator_finds_why_replays_a_group_deletes_one_and_cannot_purge_by_a
         .wait_for_text("#job-outcome", "100 replayed", WAIT)
         .await
         .unwrap();
-    browser.screenshot(shot("replayed.png")).await.unwrap();
 
     // Every replayed id is in the origin queue (confirmed there before it left the DLQ).
     {
