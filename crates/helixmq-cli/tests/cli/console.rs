@@ -405,3 +405,60 @@ fn beyond_loopback_only_with_credentials_which_never_show() {
     );
     let _ = std::fs::remove_file(token_file);
 }
+
+#[test]
+fn retry_tiers_show_how_many_wait_and_when_the_next_is_due() {
+    let b = Broker::new();
+    b.run(&["topology", "apply"]).ok();
+    let bg = b.name("tasks.background");
+    // A retry copy as the consumer writes it: into the tier, failed just now.
+    let failed = helixmq::message::now_unix_millis();
+    b.run(&[
+        "publish",
+        "-e",
+        &b.name("retry"),
+        "-k",
+        &bg,
+        "-H",
+        &format!("x-helixmq-last-failure-ms={failed}"),
+        "-n",
+        "3",
+        "--payload",
+        "{}",
+    ])
+    .ok();
+    let c = Console::start(&b, &[]);
+    let j: serde_json::Value = client()
+        .get(c.at("/api/overview"))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let tier = j["tiers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["queue"] == b.name("retry").as_str())
+        .unwrap_or_else(|| panic!("no retry tier in {j}"))
+        .clone();
+    assert_eq!(tier["waiting"], 3, "{tier}");
+    let due = tier["next_due_ms"].as_i64().unwrap();
+    assert!(
+        (failed + 59_000..=failed + 61_000).contains(&due),
+        "due {due} = last failure {failed} + the tier's 60 s"
+    );
+    let (_, live) = get(&c, "/overview/live");
+    let row = live
+        .lines()
+        .find(|l| l.contains(&format!("<td>{}</td>", b.name("retry"))))
+        .unwrap_or_else(|| panic!("{live}"));
+    assert!(
+        row.contains(r#"<td class="n">3</td>"#) && row.contains("<td>in "),
+        "{row}"
+    );
+    // The peek put the head back: all three still wait.
+    let retry = b.name("retry");
+    b.eventually(Duration::from_secs(15), "3 ready in the tier", || {
+        b.ready(&retry) == 3
+    });
+}
