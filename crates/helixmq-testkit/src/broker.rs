@@ -124,3 +124,26 @@ pub async fn take(broker: &Broker, queue: &str, n: usize, within: Duration) -> V
     }
     got
 }
+
+/// Every message of `queue`, taken with `basic.get` and acked, as ids; ends
+/// after 1 s without one (messages a closed channel hands back may still be
+/// on their way).
+pub async fn drain_ids(broker: &Broker, queue: &str) -> Vec<String> {
+    let mut ids = Vec::new();
+    let mut quiet = 0;
+    while quiet < 10 {
+        match broker.backend().get(queue).await.expect("basic.get") {
+            Some(d) => {
+                d.acker.ack().await.expect("ack");
+                ids.push(d.message.id.clone());
+                quiet = 0;
+            }
+            None => {
+                quiet += 1;
+                // Nothing to await: the broker is returning them by itself.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    ids
+}

@@ -394,26 +394,7 @@ fn a_replay_killed_mid_way_leaves_every_letter_in_the_dlq_or_its_queue() {
     );
 
     // Count by id once the broker took back what the dead process held.
-    let drain = |q: &str| {
-        rt.block_on(async {
-            let mut ids = Vec::new();
-            let mut quiet = 0;
-            while quiet < 10 {
-                match lib.backend().get(q).await.unwrap() {
-                    Some(d) => {
-                        d.acker.ack().await.unwrap();
-                        ids.push(d.message.id.clone());
-                        quiet = 0;
-                    }
-                    None => {
-                        quiet += 1;
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                }
-            }
-            ids
-        })
-    };
+    let drain = |q: &str| rt.block_on(helixmq_testkit::broker::drain_ids(&lib, q));
     let in_queue = drain(&bg);
     let in_dlq = drain(&b.name("dlq"));
     let found: BTreeSet<String> = in_queue.iter().chain(&in_dlq).cloned().collect();

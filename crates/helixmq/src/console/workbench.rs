@@ -448,22 +448,32 @@ fn see_job(root: &Root, id: u64) -> Response {
         .into_response()
 }
 
+/// A POSTed form's fields, or 403 when it lacks the page's CSRF token.
+fn posted(c: &Console, root: &Root, body: &[u8]) -> Result<Pairs, Response> {
+    let p = pairs(body);
+    if csrf_ok(c, &p) {
+        Ok(p)
+    } else {
+        Err(error(
+            c,
+            root,
+            StatusCode::FORBIDDEN,
+            "the form's CSRF token is missing or stale: reload the page and try again".into(),
+            "dlq",
+        ))
+    }
+}
+
 /// `POST /dlq/action`: replay or delete the selection, or everything matching.
 pub(crate) async fn action(
     State(c): State<Arc<Console>>,
     Extension(root): Extension<Root>,
     body: Bytes,
 ) -> Response {
-    let p = pairs(&body);
-    if !csrf_ok(&c, &p) {
-        return error(
-            &c,
-            &root,
-            StatusCode::FORBIDDEN,
-            "the form's CSRF token is missing or stale: reload the page and try again".into(),
-            "dlq",
-        );
-    }
+    let p = match posted(&c, &root, &body) {
+        Ok(p) => p,
+        Err(refused) => return refused,
+    };
     let bad = |m: String| error(&c, &root, StatusCode::BAD_REQUEST, m, "dlq");
     let mut filter = match filter_from(&p) {
         Ok(f) => f,
@@ -577,16 +587,10 @@ pub(crate) async fn purge(
     Extension(root): Extension<Root>,
     body: Bytes,
 ) -> Response {
-    let p = pairs(&body);
-    if !csrf_ok(&c, &p) {
-        return error(
-            &c,
-            &root,
-            StatusCode::FORBIDDEN,
-            "the form's CSRF token is missing or stale: reload the page and try again".into(),
-            "dlq",
-        );
-    }
+    let p = match posted(&c, &root, &body) {
+        Ok(p) => p,
+        Err(refused) => return refused,
+    };
     let name = c.dlq.queue().to_string();
     if value(&p, "confirm") != Some(name.as_str()) {
         return error(

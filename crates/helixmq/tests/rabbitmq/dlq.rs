@@ -33,26 +33,6 @@ async fn seed(b: &Broker, origin: &str, reason: &str, n: usize, ledger: &Ledger)
     }
 }
 
-/// Every message of `queue`, taken and acked, as ids (waits for stragglers).
-async fn drain(b: &Broker, queue: &str) -> Vec<String> {
-    let mut ids = Vec::new();
-    let mut quiet = 0;
-    while quiet < 5 {
-        match b.backend().get(queue).await.unwrap() {
-            Some(d) => {
-                d.acker.ack().await.unwrap();
-                ids.push(d.message.id.clone());
-                quiet = 0;
-            }
-            None => {
-                quiet += 1;
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
-    ids
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_reader_waits_for_the_first_then_sees_every_letter() {
     let p = prefix();
@@ -101,7 +81,7 @@ async fn a_second_reader_waits_for_the_first_then_sees_every_letter() {
         .unwrap();
     assert_eq!(page.matching, 2_000);
     other.release().await;
-    let ids = drain(&b, &names.dlq()).await;
+    let ids = drain_ids(&b, &names.dlq()).await;
     for id in &ids {
         ledger.consumed(id);
     }
@@ -162,8 +142,8 @@ async fn a_replay_cut_by_a_connection_loss_leaves_every_letter_somewhere() {
     dlq.release().await;
 
     // Count by id: every letter is in the DLQ or in its target.
-    let in_target = drain(&b, &target).await;
-    let in_dlq = drain(&b, &names.dlq()).await;
+    let in_target = drain_ids(&b, &target).await;
+    let in_dlq = drain_ids(&b, &names.dlq()).await;
     for id in in_target.iter().chain(&in_dlq) {
         ledger.consumed(id);
     }
