@@ -449,18 +449,18 @@ fn see_job(root: &Root, id: u64) -> Response {
 }
 
 /// A POSTed form's fields, or 403 when it lacks the page's CSRF token.
-fn posted(c: &Console, root: &Root, body: &[u8]) -> Result<Pairs, Response> {
+fn posted(c: &Console, root: &Root, body: &[u8]) -> Result<Pairs, Box<Response>> {
     let p = pairs(body);
     if csrf_ok(c, &p) {
         Ok(p)
     } else {
-        Err(error(
+        Err(Box::new(error(
             c,
             root,
             StatusCode::FORBIDDEN,
             "the form's CSRF token is missing or stale: reload the page and try again".into(),
             "dlq",
-        ))
+        )))
     }
 }
 
@@ -472,7 +472,7 @@ pub(crate) async fn action(
 ) -> Response {
     let p = match posted(&c, &root, &body) {
         Ok(p) => p,
-        Err(refused) => return refused,
+        Err(refused) => return *refused,
     };
     let bad = |m: String| error(&c, &root, StatusCode::BAD_REQUEST, m, "dlq");
     let mut filter = match filter_from(&p) {
@@ -589,7 +589,7 @@ pub(crate) async fn purge(
 ) -> Response {
     let p = match posted(&c, &root, &body) {
         Ok(p) => p,
-        Err(refused) => return refused,
+        Err(refused) => return *refused,
     };
     let name = c.dlq.queue().to_string();
     if value(&p, "confirm") != Some(name.as_str()) {
