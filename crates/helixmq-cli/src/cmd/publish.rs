@@ -135,6 +135,16 @@ pub async fn run(global: &Global, args: PublishArgs) -> anyhow::Result<ExitCode>
         }
         m
     };
+    if let Some(at) = args.at {
+        // Before connecting: the connection and the first declare take time,
+        // and a time already past is the user's mistake, not ours.
+        if at <= std::time::SystemTime::now() {
+            anyhow::bail!(
+                "--at {} is in the past: give a time from now on (RFC 3339, e.g. 2026-12-24T18:00:00Z), or use --delay",
+                humantime::format_rfc3339_seconds(at)
+            );
+        }
+    }
     let broker = connect(&cfg).await?;
     let when = match (args.delay, args.at) {
         (Some(d), _) => Some(When::In(d)),
@@ -298,6 +308,19 @@ async fn scheduled(
             When::In(d) => {
                 broker
                     .publish_delayed_with(exchange, routing_key, m, d, &opts)
+                    .await
+            }
+            // Checked not past at start; if our own connect and declare took
+            // it past since, it goes at the shortest delay (at most 1 s late).
+            When::At(at) if at <= std::time::SystemTime::now() => {
+                broker
+                    .publish_delayed_with(
+                        exchange,
+                        routing_key,
+                        m,
+                        std::time::Duration::from_secs(1),
+                        &opts,
+                    )
                     .await
             }
             When::At(at) => {

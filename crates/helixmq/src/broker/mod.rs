@@ -424,7 +424,12 @@ impl Broker {
     ) -> Result<()> {
         use crate::topology::schedule::{Walk, MIN_DELAY};
         self.start_mirroring();
-        let walk = Walk::new(due.delay()?)?;
+        // A point in time less than the shortest delay ahead goes at the
+        // shortest delay (at most that late); a delay is taken as given.
+        let walk = match due {
+            Due::In(d) => Walk::new(d)?,
+            Due::At(_) => Walk::new(due.delay()?.max(MIN_DELAY))?,
+        };
         if let Some(e) = message.expiration {
             return Err(Error::InvalidMessage(format!(
                 "message {} has an expiration ({}): a scheduled message cannot carry one \
@@ -667,7 +672,8 @@ enum Due {
 }
 
 impl Due {
-    /// The delay from now; a time in the past is refused.
+    /// The delay from now; a time in the past is refused (one less than
+    /// [`MIN_DELAY`] ahead is sent at `MIN_DELAY` by the caller).
     fn delay(self) -> Result<Duration> {
         match self {
             Due::In(d) => Ok(d),
