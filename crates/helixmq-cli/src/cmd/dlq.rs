@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use clap::{Args, Subcommand};
-use helixmq::dlq::{rfc3339_ms, DeadLetter, DeadLetters, Order, Progress, Target};
+use helixmq::dlq::{rfc3339_ms, short_age, DeadLetter, DeadLetters, Order, Progress, Target};
 use serde::Serialize;
 
 use crate::common::{
@@ -349,15 +349,6 @@ async fn groups(
         groups.len()
     );
     Ok(ExitCode::SUCCESS)
-}
-
-fn short_age(s: u64) -> String {
-    match s {
-        0..=59 => format!("{s}s"),
-        60..=3599 => format!("{}m{}s", s / 60, s % 60),
-        3600..=86_399 => format!("{}h{}m", s / 3600, (s % 3600) / 60),
-        _ => format!("{}d{}h", s / 86_400, (s % 86_400) / 3600),
-    }
 }
 
 async fn show(dlq: &DeadLetters, id: &str, json: bool) -> anyhow::Result<ExitCode> {

@@ -18,9 +18,9 @@ use axum::Extension;
 use axum::Json;
 use serde::Serialize;
 
-use super::pages::{fmt_rate, render, since, Base, Root};
+use super::pages::{fmt_rate, render, Base, Root};
 use super::Console;
-use crate::dlq::{retry_tiers, rfc3339_ms};
+use crate::dlq::{retry_tiers, rfc3339_ms, short_age};
 use crate::management::{Management, Thresholds};
 use crate::message::now_unix_millis;
 use crate::{Broker, Topology};
@@ -333,7 +333,11 @@ pub(crate) fn tiers(s: &Sample) -> Vec<Tier> {
                 if due <= now {
                     "now".into()
                 } else {
-                    format!("in {} ({})", since(due - now), rfc3339_ms(due))
+                    format!(
+                        "in {} ({})",
+                        short_age(((due - now) / 1000) as u64),
+                        rfc3339_ms(due)
+                    )
                 }
             }),
         })

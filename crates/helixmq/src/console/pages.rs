@@ -141,17 +141,6 @@ pub(crate) fn thousands(n: u64) -> String {
     out
 }
 
-/// A span of milliseconds as `42s`, `3m10s`, `2h5m`, `4d2h`.
-pub(crate) fn since(ms: i64) -> String {
-    let s = (ms.max(0) / 1000) as u64;
-    match s {
-        0..=59 => format!("{s}s"),
-        60..=3599 => format!("{}m{}s", s / 60, s % 60),
-        3600..=86_399 => format!("{}h{}m", s / 3600, (s % 3600) / 60),
-        _ => format!("{}d{}h", s / 86_400, (s % 86_400) / 3600),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -163,6 +152,5 @@ mod tests {
         assert_eq!(fmt_rate(0.0), "0");
         assert_eq!(fmt_rate(3.25), "3.2");
         assert_eq!(fmt_rate(1250.4), "1,250");
-        assert_eq!(since(190_000), "3m10s");
     }
 }

@@ -15,9 +15,9 @@ use axum::Extension;
 
 use super::auth::csrf_ok;
 use super::overview::{tiers, Tier};
-use super::pages::{error, render, since, thousands, Base, Root};
+use super::pages::{error, render, thousands, Base, Root};
 use super::Console;
-use crate::dlq::{rfc3339_ms, DeadLetter, Filter, Order, Progress, Target};
+use crate::dlq::{rfc3339_ms, short_age, DeadLetter, Filter, Order, Progress, Target};
 use crate::message::now_unix_millis;
 
 /// What a message id must escape to be one path segment (UUIDs stay readable).
@@ -256,7 +256,7 @@ pub(crate) async fn page(
                     origin: l.origin_queue.clone().unwrap_or_else(|| "?".into()),
                     kind: l.kind.clone().unwrap_or_default(),
                     attempts: l.attempts,
-                    age: since(l.age_ms(now)),
+                    age: short_age(l.age_secs_at(now)),
                     reason: l.reason.clone(),
                 })
                 .collect();
@@ -352,7 +352,7 @@ fn copy_view(l: &DeadLetter) -> Copy {
         reason: l.reason.clone(),
         first_failure: l.first_failure_ms.map_or("–".into(), rfc3339_ms),
         last_failure: l.last_failure_ms.map_or("–".into(), rfc3339_ms),
-        age: since(l.age_ms(now_unix_millis())),
+        age: short_age(l.age_secs()),
         correlation_id: dash(&l.correlation_id),
         traceparent: dash(&l.traceparent),
         priority: l.priority.map_or("–".into(), |p| p.to_string()),
@@ -412,14 +412,16 @@ pub(crate) struct Job {
     back: String,
 }
 
-fn start_job(
-    c: &Arc<Console>,
+/// Register a job, run `work` in the background (its outcome: ok, and the
+/// text shown), and send the browser to the job's page.
+fn run_job(
+    c: &Console,
     root: &Root,
     what: String,
     back: String,
     progress: Arc<Progress>,
-) -> (u64, Arc<Job>) {
-    let _ = root;
+    work: impl std::future::Future<Output = (bool, String)> + Send + 'static,
+) -> Response {
     let id = c
         .next_job
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -429,18 +431,21 @@ fn start_job(
         outcome: Mutex::new(None),
         back,
     });
-    let mut jobs = c.jobs.lock().expect("jobs");
-    // Keep the last 100.
-    if jobs.len() >= 100 {
-        if let Some(&oldest) = jobs.keys().min() {
-            jobs.remove(&oldest);
+    {
+        let mut jobs = c.jobs.lock().expect("jobs");
+        // Keep the last 100.
+        if jobs.len() >= 100 {
+            if let Some(&oldest) = jobs.keys().min() {
+                jobs.remove(&oldest);
+            }
         }
+        jobs.insert(id, job.clone());
     }
-    jobs.insert(id, job.clone());
-    (id, job)
-}
-
-fn see_job(root: &Root, id: u64) -> Response {
+    tokio::spawn(async move {
+        let outcome = work.await;
+        tracing::info!(job = id, what = %job.what, outcome = %outcome.1, "console action");
+        *job.outcome.lock().expect("job") = Some(outcome);
+    });
     (
         StatusCode::SEE_OTHER,
         [(header::LOCATION, format!("{}/jobs/{id}", root.0))],
@@ -511,11 +516,10 @@ pub(crate) async fn action(
                 describe(scope, &filter),
                 to.as_deref().unwrap_or("their origin queues")
             );
-            let (id, job) = start_job(&c, &root, what, back, progress.clone());
-            tokio::spawn(async move {
+            let p2 = progress.clone();
+            let work = async move {
                 let target = to.as_deref().map_or(Target::Origin, Target::Queue);
-                let r = dlq.replay(&filter, target, None, &progress).await;
-                let outcome = match r {
+                match dlq.replay(&filter, target, None, &p2).await {
                     Ok(r) => {
                         let mut text = format!(
                             "{} replayed (each confirmed in its queue, then removed from the DLQ), {} failed, {} skipped",
@@ -527,14 +531,14 @@ pub(crate) async fn action(
                                 r.duplicated
                             ));
                         }
-                        for e in &r.errors {
-                            text.push_str(&format!("\n{e}"));
-                        }
                         if r.interrupted > 0 {
                             text.push_str(&format!(
                                 ", {} not tried (still in the DLQ)",
                                 r.interrupted
                             ));
+                        }
+                        for e in &r.errors {
+                            text.push_str(&format!("\n{e}"));
                         }
                         (
                             r.failed + r.skipped + r.duplicated + r.interrupted == 0,
@@ -545,27 +549,23 @@ pub(crate) async fn action(
                         false,
                         format!("replay failed: {e}; nothing was removed that was not replayed"),
                     ),
-                };
-                tracing::info!(job = id, outcome = %outcome.1, "console replay");
-                *job.outcome.lock().expect("job") = Some(outcome);
-            });
-            see_job(&root, id)
+                }
+            };
+            run_job(&c, &root, what, back, progress, work)
         }
         "delete" => {
             let what = format!("Delete {}", describe(scope, &filter));
-            let (id, job) = start_job(&c, &root, what, back, progress.clone());
-            tokio::spawn(async move {
-                let outcome = match dlq.delete(&filter, None, &progress).await {
+            let p2 = progress.clone();
+            let work = async move {
+                match dlq.delete(&filter, None, &p2).await {
                     Ok(n) => (
-                        progress.failed() == 0,
-                        format!("{n} deleted, {} failed", progress.failed()),
+                        p2.failed() == 0,
+                        format!("{n} deleted, {} failed", p2.failed()),
                     ),
                     Err(e) => (false, format!("delete failed: {e}")),
-                };
-                tracing::info!(job = id, outcome = %outcome.1, "console delete");
-                *job.outcome.lock().expect("job") = Some(outcome);
-            });
-            see_job(&root, id)
+                }
+            };
+            run_job(&c, &root, what, back, progress, work)
         }
         other => bad(format!("unknown action '{other}': replay or delete")),
     }
@@ -602,23 +602,22 @@ pub(crate) async fn purge(
         );
     }
     let progress = Progress::new();
-    let (id, job) = start_job(
+    let dlq = c.dlq.clone();
+    let p2 = progress.clone();
+    let work = async move {
+        match dlq.purge(&p2).await {
+            Ok(n) => (true, format!("{n} message(s) purged")),
+            Err(e) => (false, format!("purge failed: {e}")),
+        }
+    };
+    run_job(
         &c,
         &root,
         format!("Purge {name}"),
         format!("{}/dlq", root.0),
-        progress.clone(),
-    );
-    let dlq = c.dlq.clone();
-    tokio::spawn(async move {
-        let outcome = match dlq.purge(&progress).await {
-            Ok(n) => (true, format!("{n} message(s) purged")),
-            Err(e) => (false, format!("purge failed: {e}")),
-        };
-        tracing::info!(job = id, outcome = %outcome.1, "console purge");
-        *job.outcome.lock().expect("job") = Some(outcome);
-    });
-    see_job(&root, id)
+        progress,
+        work,
+    )
 }
 
 #[derive(Template)]

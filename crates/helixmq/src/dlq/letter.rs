@@ -109,9 +109,14 @@ impl DeadLetter {
         (now_ms - since).max(0)
     }
 
+    /// Age in whole seconds at `now_ms`.
+    pub fn age_secs_at(&self, now_ms: i64) -> u64 {
+        (self.age_ms(now_ms) / 1000) as u64
+    }
+
     /// Age in whole seconds, now.
     pub fn age_secs(&self) -> u64 {
-        (self.age_ms(now_unix_millis()) / 1000) as u64
+        self.age_secs_at(now_unix_millis())
     }
 
     /// The payload as text (lossy), pretty-printed when it is JSON.
@@ -167,6 +172,16 @@ pub fn group_key(reason: &str) -> String {
     out
 }
 
+/// An age or a wait in seconds, short: `42s`, `3m10s`, `2h5m`, `4d2h`.
+pub fn short_age(s: u64) -> String {
+    match s {
+        0..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m{}s", s / 60, s % 60),
+        3600..=86_399 => format!("{}h{}m", s / 3600, (s % 3600) / 60),
+        _ => format!("{}d{}h", s / 86_400, (s % 86_400) / 3600),
+    }
+}
+
 /// Unix milliseconds as RFC 3339 with milliseconds.
 pub fn rfc3339_ms(ms: i64) -> String {
     let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
@@ -188,6 +203,7 @@ mod tests {
             "timeout after #s (id #)"
         );
         assert_eq!(group_key("no digits"), "no digits");
+        assert_eq!(short_age(190), "3m10s");
     }
 
     #[test]

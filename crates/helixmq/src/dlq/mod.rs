@@ -50,7 +50,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 pub use filter::Filter;
-pub use letter::{group_key, rfc3339_ms, DeadLetter};
+pub use letter::{group_key, rfc3339_ms, short_age, DeadLetter};
 pub use tiers::{retry_tiers, TierStatus};
 
 use hold::{Held, Hold, Index};
