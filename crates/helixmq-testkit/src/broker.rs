@@ -15,9 +15,102 @@ pub const HELIXAGENT: (&str, &str) = ("helixagent", "helixagent123");
 /// A user with no permissions at all.
 pub const NOPERM: (&str, &str) = ("hx_noperm", "hx_noperm");
 
-/// A fresh prefix `helixagent.t<random>`.
-pub fn prefix() -> String {
-    format!("helixagent.t{:08x}", rand::random::<u32>())
+/// A test's own name prefix on the shared broker, `helixagent.t<random>`
+/// (under the least-privilege user's pattern). Dropping it deletes every queue
+/// and exchange under it ([`sweep`]), whether the test passed or panicked, so
+/// no test leaves its topology behind on the broker the others share.
+///
+/// It reads as a `&str` (`&p`, `format!("{p}")`); it is not `Clone`, because
+/// the first copy dropped would sweep the prefix from under the test: take
+/// `p.to_string()` for a task that needs its own.
+#[derive(Debug)]
+pub struct Prefix(String);
+
+impl Prefix {
+    /// The prefix itself.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::ops::Deref for Prefix {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl AsRef<str> for Prefix {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<&Prefix> for String {
+    fn from(p: &Prefix) -> String {
+        p.0.clone()
+    }
+}
+
+impl std::fmt::Display for Prefix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl Drop for Prefix {
+    fn drop(&mut self) {
+        sweep(&self.0);
+    }
+}
+
+/// A fresh [`Prefix`] `helixagent.t<random>`, swept when dropped.
+pub fn prefix() -> Prefix {
+    Prefix(format!("helixagent.t{:08x}", rand::random::<u32>()))
+}
+
+/// Delete every queue and exchange named `<prefix>.…` on the shared broker,
+/// through its management API as guest (errors ignored: a sweep is best
+/// effort, and a test's own cleanup has usually done it already). Runs on a
+/// thread of its own, so it may be called from a Tokio runtime (a test's
+/// `Drop`), where a blocking HTTP client must not run.
+pub fn sweep(prefix: &str) {
+    let dotted = format!("{prefix}.");
+    let swept = std::thread::spawn(move || {
+        let client = reqwest::blocking::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .expect("an HTTP client");
+        let api = "http://127.0.0.1:15672/api";
+        for kind in ["queues", "exchanges"] {
+            let Ok(list) = client
+                .get(format!("{api}/{kind}/%2F?columns=name"))
+                .basic_auth(GUEST.0, Some(GUEST.1))
+                .send()
+                .and_then(|r| r.json::<serde_json::Value>())
+            else {
+                continue;
+            };
+            for name in list
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|o| o["name"].as_str())
+                .filter(|n| n.starts_with(&dotted))
+            {
+                let _ = client
+                    .delete(format!("{api}/{kind}/%2F/{}", encode_segment(name)))
+                    .basic_auth(GUEST.0, Some(GUEST.1))
+                    .send();
+            }
+        }
+    });
+    let _ = swept.join();
+}
+
+/// A name as one path segment of the management API.
+pub fn encode_segment(s: &str) -> String {
+    s.replace('%', "%25").replace('/', "%2F")
 }
 
 /// Configuration for the local broker as `user`, with short retry timings.

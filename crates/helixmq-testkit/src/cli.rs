@@ -198,7 +198,10 @@ impl Broker {
 
     /// Ready messages in a queue, from the management API.
     pub fn ready(&self, queue: &str) -> u64 {
-        let v = mgmt_get(&format!("queues/%2F/{}", enc(queue)));
+        let v = mgmt_get(&format!(
+            "queues/%2F/{}",
+            crate::broker::encode_segment(queue)
+        ));
         v["messages_ready"].as_u64().unwrap_or(0)
     }
 
@@ -218,31 +221,8 @@ impl Broker {
 
 impl Drop for Broker {
     fn drop(&mut self) {
-        let p = format!("{}.", self.prefix);
-        let client = reqwest::blocking::Client::new();
-        for (kind, list) in [
-            ("queues", mgmt_get("queues/%2F")),
-            ("exchanges", mgmt_get("exchanges/%2F")),
-        ] {
-            for n in list
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|o| o["name"].as_str())
-            {
-                if n.starts_with(&p) {
-                    let _ = client
-                        .delete(format!("http://127.0.0.1:15672/api/{kind}/%2F/{}", enc(n)))
-                        .basic_auth("guest", Some("guest"))
-                        .send();
-                }
-            }
-        }
+        crate::broker::sweep(&self.prefix);
     }
-}
-
-fn enc(s: &str) -> String {
-    s.replace('%', "%25").replace('/', "%2F")
 }
 
 /// GET from the local management API as guest.
@@ -260,7 +240,7 @@ pub fn mgmt_put_queue(name: &str, arguments: serde_json::Value) {
     let r = reqwest::blocking::Client::new()
         .put(format!(
             "http://127.0.0.1:15672/api/queues/%2F/{}",
-            enc(name)
+            crate::broker::encode_segment(name)
         ))
         .basic_auth("guest", Some("guest"))
         .json(&serde_json::json!({"durable": true, "auto_delete": false, "arguments": arguments}))
@@ -274,7 +254,7 @@ pub fn mgmt_delete_queue(name: &str) {
     let _ = reqwest::blocking::Client::new()
         .delete(format!(
             "http://127.0.0.1:15672/api/queues/%2F/{}",
-            enc(name)
+            crate::broker::encode_segment(name)
         ))
         .basic_auth("guest", Some("guest"))
         .send();
@@ -285,7 +265,7 @@ pub fn mgmt_peek(queue: &str, n: u32) -> Vec<serde_json::Value> {
     let r = reqwest::blocking::Client::new()
         .post(format!(
             "http://127.0.0.1:15672/api/queues/%2F/{}/get",
-            enc(queue)
+            crate::broker::encode_segment(queue)
         ))
         .basic_auth("guest", Some("guest"))
         .json(&serde_json::json!({"count": n, "ackmode": "ack_requeue_true", "encoding": "auto"}))

@@ -64,7 +64,7 @@ fn from_url(url: &str) -> helixmq::Config {
     let env = EnvSource::map([("RABBITMQ_URL", url)]);
     let mut c = load_from_str("", &env).unwrap_or_else(|e| panic!("{url} should load: {e}"));
     c.rabbitmq.connect_timeout = Duration::from_secs(10);
-    c.helixmq.prefix = prefix();
+    c.helixmq.prefix = prefix().to_string();
     c
 }
 

@@ -125,7 +125,7 @@ async fn rabbitmq_every_header_value_round_trips() {
 #[tokio::test]
 async fn embedded_every_header_value_round_trips() {
     let mut c = Config::default();
-    c.helixmq.prefix = broker::prefix();
+    c.helixmq.prefix = broker::prefix().to_string();
     let b = Broker::embedded(c);
     every_value_round_trips(&b).await;
 }

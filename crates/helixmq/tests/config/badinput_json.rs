@@ -189,7 +189,7 @@ async fn rabbitmq_bad_json_goes_to_the_dlq_and_the_subscription_keeps_running() 
 #[tokio::test]
 async fn embedded_bad_json_goes_to_the_dlq_and_the_subscription_keeps_running() {
     let mut c = Config::default();
-    c.helixmq.prefix = broker::prefix();
+    c.helixmq.prefix = broker::prefix().to_string();
     let b = Broker::embedded(c);
     bad_json_goes_to_the_dlq_and_the_subscription_keeps_running(b.clone()).await;
     b.close().await.unwrap();

@@ -59,7 +59,7 @@ async fn worker_killed_mid_handler_messages_redelivered() {
             "--test-threads=1",
         ])
         .env(QUEUE_ENV, &queue)
-        .env(PREFIX_ENV, &p)
+        .env(PREFIX_ENV, p.as_str())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())

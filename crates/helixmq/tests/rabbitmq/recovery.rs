@@ -58,7 +58,7 @@ async fn twenty_thousand_messages_survive_three_forced_closes() {
         let tally = tally.clone();
         let state = b.state();
         let b = b.clone();
-        let p = p.clone();
+        let p = p.to_string();
         tokio::spawn(async move {
             let mut recoveries = Vec::new();
             for i in 0..FAULTS {
@@ -182,7 +182,7 @@ async fn twenty_thousand_messages_survive_three_forced_closes() {
 /// A broker whose connection goes through a cuttable proxy.
 async fn broker_via_proxy(
     tweak: impl FnOnce(&mut helixmq::Config),
-) -> (helixmq::Broker, Proxy, String) {
+) -> (helixmq::Broker, Proxy, Prefix) {
     let proxy = Proxy::start("127.0.0.1:5672".parse().unwrap()).await;
     let p = prefix();
     let mut cfg = config(GUEST, &p);

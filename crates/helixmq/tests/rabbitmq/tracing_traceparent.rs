@@ -177,7 +177,7 @@ fn capture() -> (Spans, tracing::subscriber::DefaultGuard) {
 async fn traceparent_reaches_the_handler_on_the_embedded_broker() {
     let (spans, _g) = capture();
     let mut config = Config::default();
-    config.helixmq.prefix = broker::prefix();
+    config.helixmq.prefix = broker::prefix().to_string();
     propagate(Broker::embedded(config), spans).await;
 }
 
