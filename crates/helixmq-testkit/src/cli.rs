@@ -207,15 +207,23 @@ impl Broker {
 
     /// Poll until `f()` holds or `timeout` passes (the management API refreshes
     /// its counters every few seconds: there is nothing to await).
-    pub fn eventually(&self, timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
+    pub fn eventually(&self, timeout: Duration, what: &str, f: impl FnMut() -> bool) {
+        if !self.try_eventually(timeout, f) {
+            panic!("timed out after {timeout:?} waiting for: {what}");
+        }
+    }
+
+    /// [`Broker::eventually`] that answers whether `f()` came to hold, for a
+    /// caller that reports what it saw on the way.
+    pub fn try_eventually(&self, timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
         let end = std::time::Instant::now() + timeout;
         while std::time::Instant::now() < end {
             if f() {
-                return;
+                return true;
             }
             std::thread::sleep(Duration::from_millis(250));
         }
-        panic!("timed out after {timeout:?} waiting for: {what}");
+        false
     }
 }
 

@@ -196,19 +196,41 @@ fn stats_shows_real_publish_rates_and_diff_speaks_json() {
     b.run(&["publish", "-q", &q, "--payload", "x", "--count", "3000"])
         .ok();
     let mut last = String::new();
-    b.eventually(
-        Duration::from_secs(30),
-        "a publish rate for the burst",
-        || {
-            let out = b.run(&["stats", "--json"]);
-            last = out.stdout.clone();
-            let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap_or_default();
-            v["queues"].as_array().into_iter().flatten().any(|r| {
-                r["name"] == q.as_str()
-                    && r["published_total"] == 3000
-                    && r["publish_rate_1m"].as_f64().unwrap_or(0.0) > 0.0
-            })
-        },
+    let mut tries = Vec::new();
+    let started = std::time::Instant::now();
+    let waited = b.try_eventually(Duration::from_secs(30), || {
+        let t = std::time::Instant::now();
+        let out = b.run(&["stats", "--json"]);
+        last = out.stdout.clone();
+        let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap_or_default();
+        let row = v["queues"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|r| r["name"] == q.as_str())
+            .cloned();
+        // What each look saw, for the failure message: when, how long the
+        // command took, and the queue's counters (or the command's error).
+        tries.push(format!(
+            "at {:.1?} ({:.1?}): {}",
+            started.elapsed(),
+            t.elapsed(),
+            match &row {
+                Some(r) => format!(
+                    "published_total {} publish_rate_1m {}",
+                    r["published_total"], r["publish_rate_1m"]
+                ),
+                None => format!("no row; exit {}, stderr {}", out.code, out.stderr.trim()),
+            }
+        ));
+        row.is_some_and(|r| {
+            r["published_total"] == 3000 && r["publish_rate_1m"].as_f64().unwrap_or(0.0) > 0.0
+        })
+    });
+    assert!(
+        waited,
+        "no publish rate for the burst of 3000 within 30 s; each look:\n{}",
+        tries.join("\n")
     );
     println!("captured `stats --json`:\n{last}");
     let text = b.run(&["stats"]);
