@@ -137,12 +137,43 @@ pub fn connection_name(prefix: &str) -> String {
 
 /// A broker over a RabbitMQ connection named [`connection_name`].
 pub async fn broker(config: Config) -> helixmq::Result<Broker> {
+    Ok(rabbit(config).await?.1)
+}
+
+/// [`broker`], with its RabbitMQ backend for what only it knows (the server
+/// version, the endpoint it is connected to).
+pub async fn rabbit(config: Config) -> helixmq::Result<(Arc<RabbitBackend>, Broker)> {
     let name = connection_name(&config.helixmq.prefix);
     let metrics = Metrics::default();
-    let backend = RabbitBackend::connect_named(&config.rabbitmq, metrics.clone(), &name).await?;
-    Ok(Broker::builder(config)
+    let backend =
+        Arc::new(RabbitBackend::connect_named(&config.rabbitmq, metrics.clone(), &name).await?);
+    let broker = Broker::builder(config)
         .metrics(metrics)
-        .custom_backend(Arc::new(backend)))
+        .custom_backend(backend.clone());
+    Ok((backend, broker))
+}
+
+/// Wait until `queue` holds exactly `n` ready messages (real time: TTLs and
+/// the broker's own dead-lettering move them; nothing to await). Panics with
+/// the count it last saw.
+pub async fn wait_depth(broker: &Broker, queue: &str, n: u64, within: Duration) {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let s = broker
+            .backend()
+            .queue_stats(queue)
+            .await
+            .expect("queue stats");
+        if s.messages == n {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{queue} holds {} messages, expected {n}, after {within:?}",
+            s.messages
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Delete every queue and exchange of `t` and of what `broker` declared (ignoring errors).

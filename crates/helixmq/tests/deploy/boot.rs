@@ -9,7 +9,6 @@
 //! any client declared it; declaring the code's topology again is accepted (the
 //! definitions file and the code agree, no 406); a message goes through.
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,54 +16,29 @@ use std::time::Duration;
 use helixmq::backend::rabbitmq::RabbitBackend;
 use helixmq::{Broker, Message, Metrics, Names, Outcome, Secret, SubscribeOptions, Topology};
 use helixmq_testkit::broker;
+use helixmq_testkit::node::Node;
+use helixmq_testkit::scripts::{repo_root, script};
 use tokio::sync::mpsc;
 
 const NODE: &str = "hqdeploy";
 const PORT: u16 = 5694;
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .unwrap()
-}
-
-fn node(args: &[&str]) -> std::process::Output {
-    let out = Command::new(root().join("scripts/node"))
-        .args(args)
-        .output()
-        .expect("scripts/node runs");
-    eprint!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-/// Stops the node and removes the test folder however the test ends.
-struct Cleanup(PathBuf);
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        node(&["stop", NODE]);
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 #[tokio::test]
 async fn deployment_config_boots_and_serves_the_topology() {
-    let work =
-        std::env::temp_dir().join(format!("hx-deploy-boot-{}", uuid::Uuid::new_v4().simple()));
+    // Removed after the node (declared first, dropped last).
+    let work = tempfile::Builder::new()
+        .prefix("hx-deploy-boot-")
+        .tempdir()
+        .unwrap();
+    let work = work.path();
     let defs_dir = work.join("definitions.d");
-    std::fs::create_dir_all(&work).unwrap();
-    let _cleanup = Cleanup(work.clone());
+    let root = repo_root();
     // A leftover node from an interrupted run would keep its old definitions.
-    node(&["stop", NODE]);
+    script("node", &["stop", NODE]);
 
     // The definitions the compose files mount (generated from the code).
     let names = Names::new(helixmq::topology::DEFAULT_PREFIX);
-    let defs = root().join("configs/rabbitmq/definitions.json");
+    let defs = root.join("configs/rabbitmq/definitions.json");
     assert!(
         defs.exists(),
         "{} is missing: generate it with `helixmq topology export`",
@@ -73,7 +47,7 @@ async fn deployment_config_boots_and_serves_the_topology() {
 
     // The container's entrypoint, in "definitions only" mode.
     let password = format!("pw-{}", uuid::Uuid::new_v4().simple());
-    let out = Command::new(root().join("deploy/rabbitmq/entrypoint.sh"))
+    let out = Command::new(root.join("deploy/rabbitmq/entrypoint.sh"))
         .env("HELIXMQ_DEFS_ONLY", "1")
         .env("HELIXMQ_DEFINITIONS", &defs)
         .env("DEFS_DIR", &defs_dir)
@@ -89,7 +63,7 @@ async fn deployment_config_boots_and_serves_the_topology() {
 
     // configs/rabbitmq/rabbitmq.conf, minus the ports scripts/node assigns, with
     // the definitions folder where this test put it.
-    let conf = std::fs::read_to_string(root().join("configs/rabbitmq/rabbitmq.conf")).unwrap();
+    let conf = std::fs::read_to_string(root.join("configs/rabbitmq/rabbitmq.conf")).unwrap();
     let mut snippet = String::new();
     let mut loads = 0;
     for line in conf.lines() {
@@ -109,25 +83,14 @@ async fn deployment_config_boots_and_serves_the_topology() {
         }
     }
     assert_eq!(loads, 1, "rabbitmq.conf must set load_definitions once");
-    let snippet_path = work.join("rabbitmq.conf.snippet");
-    std::fs::write(&snippet_path, snippet).unwrap();
     // The node runs as `rabbitmq`: let it read the folder.
     Command::new("chmod")
         .args(["-R", "a+rX"])
-        .arg(&work)
+        .arg(work)
         .status()
         .unwrap();
-
-    let out = node(&[
-        "start",
-        NODE,
-        &PORT.to_string(),
-        snippet_path.to_str().unwrap(),
-    ]);
-    assert!(
-        out.status.success(),
-        "the node did not boot with the deployment configuration"
-    );
+    // Stopped when dropped, also when an assertion fails.
+    let _node = Node::start(NODE, PORT, Some(&snippet));
 
     // The spec's user, with the password from the environment, least privilege.
     let mut config = broker::config(("helixagent", &password), helixmq::topology::DEFAULT_PREFIX);

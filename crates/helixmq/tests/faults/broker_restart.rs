@@ -65,3 +65,65 @@ async fn broker_app_stopped_and_started_mid_run() {
         "publishes must wait for the broker, not fail, while it is down"
     );
 }
+
+/// A transient queue vanishes with the broker application; only the client's
+/// redeclare after reconnecting brings it back (the durable queue above
+/// survives by itself, so it cannot show that), with its binding, and the
+/// subscription on it is restored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_redeclares_a_transient_queue_and_restores_its_consumer() {
+    init_logging();
+    ensure_dedicated_node().await;
+    let p = prefix();
+    let b = connect(config(node_port(), &p)).await;
+    let names = helixmq::Names::new(&p);
+    let transient = format!("{p}.tasks.transient");
+    let mut t = helixmq::Topology::spec(&names);
+    let mut q = helixmq::topology::Queue::durable(&transient);
+    q.durable = false;
+    t.add_work_queue(q, &names.tasks_exchange(), "transient");
+    b.declare(&t).await.unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::channel(8);
+    let sub = b
+        .subscribe(
+            &transient,
+            move |m: helixmq::Message, _| {
+                let tx = tx.clone();
+                async move {
+                    tx.send(m.id).await.unwrap();
+                    Ok(helixmq::Outcome::Ack)
+                }
+            },
+            helixmq::SubscribeOptions::default(),
+        )
+        .await
+        .unwrap();
+    let rx_state = b.state();
+    let before = b.metrics().connection_recoveries.get();
+    let stopped = tokio::task::spawn_blocking(|| {
+        let mut s = AppStopped::stop();
+        s.start();
+        s
+    })
+    .await
+    .unwrap();
+    drop(stopped);
+    await_reconnect(&b, rx_state, before, Duration::from_secs(45))
+        .await
+        .expect("client reconnects by itself after start_app");
+
+    let m = helixmq::Message::new("after restart");
+    let id = m.id.clone();
+    b.publish(&names.tasks_exchange(), "transient", m)
+        .await
+        .expect("the redeclared queue and binding take the message");
+    let got = tokio::time::timeout(Duration::from_secs(20), rx.recv())
+        .await
+        .expect("the restored subscription consumes")
+        .unwrap();
+    assert_eq!(got, id);
+    assert!(sub.is_active());
+    sub.shutdown(Duration::from_secs(5)).await;
+    helixmq_testkit::broker::cleanup(&b, None).await;
+    b.close().await.unwrap();
+}

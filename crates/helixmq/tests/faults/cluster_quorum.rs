@@ -9,83 +9,17 @@
 //! - `x-delivery-limit` dead-letters a message requeued too often.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use helixmq::backend::rabbitmq::RabbitBackend;
 use helixmq::topology::{Queue, QueueType, ServerVersion};
-use helixmq::{
-    Broker, Config, Error, Message, Metrics, Names, Outcome, RetryPolicy, Secret, SubscribeOptions,
-    Topology,
-};
+use helixmq::{Broker, Error, Message, Names, Outcome, RetryPolicy, SubscribeOptions, Topology};
+use helixmq_testkit::broker::{self, cleanup, prefix, wait_depth, GUEST};
 use lapin::options::QueueDeclareOptions;
 use lapin::types::{AMQPValue, FieldTable, LongString};
 
-fn config(prefix: &str) -> Config {
-    let mut c = Config::default();
-    c.rabbitmq.host = "127.0.0.1".into();
-    c.rabbitmq.port = 5672;
-    c.rabbitmq.username = "guest".into();
-    c.rabbitmq.password = Secret::new("guest");
-    c.rabbitmq.vhost = "/".into();
-    c.rabbitmq.connect_timeout = Duration::from_secs(10);
-    c.rabbitmq.publish_timeout = Duration::from_secs(30);
-    c.helixmq.prefix = prefix.into();
-    c
-}
-
-fn prefix() -> String {
-    format!("helixagent.q{:08x}", rand::random::<u32>())
-}
-
 async fn connect(prefix: &str) -> (Arc<RabbitBackend>, Broker) {
-    let cfg = config(prefix);
-    let metrics = Metrics::default();
-    let backend = Arc::new(
-        RabbitBackend::connect_named(&cfg.rabbitmq, metrics.clone(), &format!("hxtest-{prefix}"))
-            .await
-            .unwrap(),
-    );
-    let b = Broker::builder(cfg)
-        .metrics(metrics)
-        .custom_backend(backend.clone());
-    (backend, b)
-}
-
-async fn cleanup(b: &Broker, extra: &[&str]) {
-    let t = b.topology();
-    let prefix = format!("{}.", b.names().prefix());
-    for q in t
-        .queues
-        .iter()
-        .map(|q| q.name.as_str())
-        .chain(extra.iter().copied())
-    {
-        if q.starts_with(&prefix) {
-            let _ = b.backend().delete_queue(q).await;
-        }
-    }
-    for e in &t.exchanges {
-        if e.name.starts_with(&prefix) {
-            let _ = b.backend().delete_exchange(&e.name).await;
-        }
-    }
-}
-
-/// Wait (real time: TTLs and the broker's own dead-lettering) until `queue` holds `n`.
-async fn wait_messages(b: &Broker, queue: &str, n: u64, within: Duration) {
-    let deadline = Instant::now() + within;
-    loop {
-        let s = b.backend().queue_stats(queue).await.unwrap();
-        if s.messages == n {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{queue} holds {} messages, expected {n}, after {within:?}",
-            s.messages
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    broker::rabbit(broker::config(GUEST, prefix)).await.unwrap()
 }
 
 #[tokio::test]
@@ -201,7 +135,7 @@ async fn what_validation_refuses_rabbitmq_refuses_and_helixmq_says_so_first() {
     // The spec topology made quorum is accepted as is.
     let spec = Topology::spec(&names).with_quorum_queues();
     b.declare(&spec).await.unwrap();
-    cleanup(&b, &[&transient, &prio]).await;
+    cleanup(&b, None).await; // and the prefix sweeps the strays
     b.close().await.unwrap();
 }
 
@@ -244,7 +178,7 @@ async fn quorum_spec_topology_retries_to_the_origin_then_dead_letters() {
     b.publish(&names.tasks_exchange(), "background", m)
         .await
         .unwrap();
-    wait_messages(&b, &names.dlq(), 1, Duration::from_secs(30)).await;
+    wait_depth(&b, &names.dlq(), 1, Duration::from_secs(30)).await;
     assert_eq!(
         *attempts.lock().unwrap(),
         vec![1, 2, 3],
@@ -271,7 +205,7 @@ async fn quorum_spec_topology_retries_to_the_origin_then_dead_letters() {
         .expect("still in the DLQ");
     assert_eq!(d.message.id, id);
     d.acker.ack().await.unwrap();
-    cleanup(&b, &[]).await;
+    cleanup(&b, None).await;
     b.close().await.unwrap();
 }
 
@@ -300,11 +234,11 @@ async fn the_delivery_limit_dead_letters_a_message_requeued_too_often() {
         assert!(deliveries <= 10, "the delivery limit did not stop it");
         d.acker.nack(true).await.unwrap();
     }
-    wait_messages(&b, &names.dlq(), 1, Duration::from_secs(20)).await;
+    wait_depth(&b, &names.dlq(), 1, Duration::from_secs(20)).await;
     assert_eq!(
         deliveries, 3,
         "delivered 1 + limit 2 times, then dead-lettered"
     );
-    cleanup(&b, &[&poison]).await;
+    cleanup(&b, None).await; // and the prefix sweeps the strays
     b.close().await.unwrap();
 }

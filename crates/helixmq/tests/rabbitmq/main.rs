@@ -1,9 +1,8 @@
 //! The library against the real RabbitMQ (the shared broker on 5672, and the
-//! dedicated nodes some of these tests start): one module per behaviour.
+//! TLS node of `scripts/tls` for `tls_connect`): one module per behaviour.
 
 mod backpressure;
 mod consume;
-mod dedicated_node;
 mod dlq;
 mod errors;
 mod http_health;
