@@ -2,7 +2,10 @@
 //! consumed. From it: lost (confirmed but never consumed) and duplicates
 //! (deliveries to a handler beyond the first), the two numbers every fault
 //! scenario reports — the way RabbitMQ's Jepsen checker counts them — and,
-//! when a wait times out, which ids are missing.
+//! when a wait times out, which ids are missing. Where the expected ids come
+//! from elsewhere than publish answers (the outbox: the rows a database
+//! committed), [`Ledger::counts_of`] and [`Ledger::wait_consumed`] count
+//! against those.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -66,6 +69,19 @@ pub struct Report {
     pub consumed_nacked: usize,
     /// The first few other errors, for the failure message.
     pub errors: Vec<String>,
+}
+
+/// Lost and duplicates of a set of expected ids ([`Ledger::counts_of`]).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Counts {
+    /// Expected ids.
+    pub expected: usize,
+    /// Of them, consumed at least once.
+    pub consumed: usize,
+    /// Expected and never consumed.
+    pub lost: usize,
+    /// Deliveries beyond the first, summed over the expected ids.
+    pub duplicates: u64,
 }
 
 impl Default for Ledger {
@@ -217,6 +233,42 @@ impl Ledger {
             .await
             .unwrap_or_default();
             panic!("{e}; queues (name ready unacked consumers):\n{depths}");
+        }
+    }
+
+    /// Consumption of the ids in `expected` (whatever their publishes answered).
+    pub fn counts_of<'a>(&self, expected: impl IntoIterator<Item = &'a String>) -> Counts {
+        let s = self.state.lock().unwrap();
+        let mut c = Counts::default();
+        for id in expected {
+            c.expected += 1;
+            match s.consumed.get(id) {
+                Some(n) => {
+                    c.consumed += 1;
+                    c.duplicates += u64::from(n - 1);
+                }
+                None => c.lost += 1,
+            }
+        }
+        c
+    }
+
+    /// Wait until every id of `expected` was consumed, or `limit` passed;
+    /// the counts then.
+    pub async fn wait_consumed(&self, expected: &[String], limit: Duration) -> Counts {
+        let mut rx = self.tick.subscribe();
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let c = self.counts_of(expected);
+            if c.lost == 0 {
+                return c;
+            }
+            if tokio::time::timeout_at(deadline, rx.changed())
+                .await
+                .is_err()
+            {
+                return c;
+            }
         }
     }
 

@@ -31,7 +31,7 @@
 //! - [`logs`]: test logging (`RUST_LOG`) and a per-thread log capture.
 //! - [`cli`]: running the built `helixmq` binary under a unique prefix.
 //! - [`postgres`]: a PostgreSQL schema per test (outbox, inbox), faults aimed
-//!   at this test's connections only, a tally of consumed ids.
+//!   at this test's connections only.
 //! - [`browser`]: a headless chromium driven through chromedriver (WebDriver),
 //!   killed on drop: open a page, wait for an element or a text, click, fill,
 //!   read, screenshot.

@@ -1,14 +1,14 @@
 //! Helpers of the PostgreSQL tests (outbox, inbox): a schema per test, a
-//! RabbitMQ prefix per test, faults aimed only at this test's connections,
-//! and a tally of consumed ids. Both are removed when the guard drops, also
-//! when the test panics.
+//! RabbitMQ prefix per test, and faults aimed only at this test's
+//! connections (consumed ids are counted by the kit's one
+//! [`crate::ledger::Ledger`]). The schema and the prefix are removed when the
+//! guard drops, also when the test panics.
 //!
 //! The database is `helixmq_test` on 127.0.0.1:5432 (`scripts/provision`
 //! creates it); `HELIXMQ_TEST_DATABASE_URL` points elsewhere.
 
-use std::collections::HashMap;
 use std::str::FromStr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use helixmq::backend::rabbitmq::RabbitBackend;
@@ -16,7 +16,6 @@ use helixmq::topology::{Exchange, ExchangeKind, Queue};
 use helixmq::{Broker, Config, Metrics, Names, Secret, Topology};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
-use tokio::sync::watch;
 
 /// Routing key of the work queue.
 pub const WORK: &str = "work";
@@ -297,87 +296,5 @@ fn ctl(args: &[&str]) -> Result<String, String> {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {
         Err(String::from_utf8_lossy(&out.stderr).into_owned())
-    }
-}
-
-/// How often each message id was delivered to a handler.
-#[derive(Debug)]
-pub struct Tally {
-    seen: Mutex<HashMap<String, u32>>,
-    tick: watch::Sender<u64>,
-}
-
-impl Default for Tally {
-    fn default() -> Self {
-        Tally {
-            seen: Mutex::default(),
-            tick: watch::channel(0).0,
-        }
-    }
-}
-
-/// Lost and duplicates of a set of expected ids.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Counts {
-    /// Expected ids.
-    pub expected: usize,
-    /// Of them, delivered at least once.
-    pub consumed: usize,
-    /// Expected and never delivered.
-    pub lost: usize,
-    /// Deliveries beyond the first, summed over ids.
-    pub duplicates: u64,
-}
-
-impl Tally {
-    /// Record one delivery of `id`.
-    pub fn hit(&self, id: &str) {
-        *self.seen.lock().unwrap().entry(id.to_string()).or_default() += 1;
-        self.tick.send_modify(|t| *t += 1);
-    }
-
-    /// Deliveries of `id`.
-    pub fn times(&self, id: &str) -> u32 {
-        self.seen.lock().unwrap().get(id).copied().unwrap_or(0)
-    }
-
-    /// Distinct ids delivered.
-    pub fn distinct(&self) -> usize {
-        self.seen.lock().unwrap().len()
-    }
-
-    /// Counts against `expected`.
-    pub fn counts<'a>(&self, expected: impl IntoIterator<Item = &'a String>) -> Counts {
-        let seen = self.seen.lock().unwrap();
-        let mut c = Counts::default();
-        for id in expected {
-            c.expected += 1;
-            match seen.get(id) {
-                Some(n) => {
-                    c.consumed += 1;
-                    c.duplicates += u64::from(n - 1);
-                }
-                None => c.lost += 1,
-            }
-        }
-        c
-    }
-
-    /// Wait until every id of `expected` was delivered, or `limit` passed.
-    pub async fn wait_all(&self, expected: &[String], limit: Duration) -> Counts {
-        let mut rx = self.tick.subscribe();
-        let deadline = tokio::time::Instant::now() + limit;
-        loop {
-            let c = self.counts(expected);
-            if c.lost == 0 {
-                return c;
-            }
-            if tokio::time::timeout_at(deadline, rx.changed())
-                .await
-                .is_err()
-            {
-                return c;
-            }
-        }
     }
 }

@@ -23,7 +23,8 @@ use std::time::{Duration, Instant};
 use helixmq::inbox::Inbox;
 use helixmq::outbox::Outbox;
 use helixmq::{Message, Outcome, RetryPolicy, SubscribeOptions};
-use kit::{tag, Rabbit, Tally, TestDb, WORK};
+use helixmq_testkit::ledger::Ledger;
+use kit::{tag, Rabbit, TestDb, WORK};
 
 /// Committed business rows.
 const ROWS: usize = 10_000;
@@ -91,7 +92,7 @@ async fn relay_killed_and_connections_cut_lose_nothing_and_apply_once() {
 
     // The consumer: effects written in the inbox transaction.
     let consumer = rabbit.broker("consume").await;
-    let runs = Arc::new(Tally::default());
+    let runs = Arc::new(Ledger::default());
     let opts = SubscribeOptions {
         prefetch: Some(100),
         concurrency: Some(8),
@@ -107,7 +108,7 @@ async fn relay_killed_and_connections_cut_lose_nothing_and_apply_once() {
         .subscribe(
             &rabbit.queue,
             move |m: Message, _ctx| {
-                r.hit(&m.id);
+                r.consumed(&m.id);
                 async move {
                     let tx = helixmq::inbox::transaction().ok_or("no inbox transaction")?;
                     sqlx::query("INSERT INTO effects VALUES ($1)")
@@ -240,8 +241,8 @@ async fn relay_killed_and_connections_cut_lose_nothing_and_apply_once() {
     let _ = relay.child.wait();
     sub.shutdown(Duration::from_secs(10)).await;
 
-    let c = runs.counts(&ok);
-    let leaked = runs.counts(&rolled).consumed;
+    let c = runs.counts_of(&ok);
+    let leaked = runs.counts_of(&rolled).consumed;
     let effects = db.count("SELECT count(*) FROM effects").await;
     let twice = db
         .count("SELECT count(*) FROM (SELECT message_id FROM effects GROUP BY 1 HAVING count(*) > 1) x")

@@ -8,7 +8,8 @@ use helixmq::outbox::{relay::relay_batch, Outbox, RelayOptions, Retention};
 use helixmq::{Broker, Message, Outcome, SubscribeOptions, Subscription};
 use sqlx::PgPool;
 
-use helixmq_testkit::postgres::{tag, Rabbit, Tally, TestDb, WORK};
+use helixmq_testkit::ledger::Ledger;
+use helixmq_testkit::postgres::{tag, Rabbit, TestDb, WORK};
 
 /// A relay that polls often: tests wait on it.
 fn fast() -> RelayOptions {
@@ -18,12 +19,12 @@ fn fast() -> RelayOptions {
     }
 }
 
-/// A subscription that records every delivery in `tally` (and, for the
+/// A subscription that records every delivery in `ledger` (and, for the
 /// ordering test, the payloads in delivery order).
 async fn consume(
     broker: &Broker,
     queue: &str,
-    tally: Arc<Tally>,
+    ledger: Arc<Ledger>,
     order: Option<Arc<Mutex<Vec<String>>>>,
     concurrency: usize,
 ) -> Subscription {
@@ -31,7 +32,7 @@ async fn consume(
         .subscribe(
             queue,
             move |m: Message, _ctx| {
-                tally.hit(&m.id);
+                ledger.consumed(&m.id);
                 if let Some(o) = &order {
                     o.lock()
                         .unwrap()
@@ -83,8 +84,8 @@ async fn relays_committed_rows_and_never_rolled_back_ones() {
     let rabbit = Rabbit::new(&t);
     business_table(&db.pool).await;
     let broker = rabbit.broker("relay").await;
-    let tally = Arc::new(Tally::default());
-    let sub = consume(&broker, &rabbit.queue, tally.clone(), None, 8).await;
+    let ledger = Arc::new(Ledger::default());
+    let sub = consume(&broker, &rabbit.queue, ledger.clone(), None, 8).await;
     let relay = Outbox::relay(db.pool_named("relay", 3).await, broker.clone(), fast());
 
     let (mut committed, mut rolled_back) = (Vec::new(), Vec::new());
@@ -97,12 +98,14 @@ async fn relays_committed_rows_and_never_rolled_back_ones() {
             rolled_back.push(id);
         }
     }
-    let c = tally.wait_all(&committed, Duration::from_secs(60)).await;
+    let c = ledger
+        .wait_consumed(&committed, Duration::from_secs(60))
+        .await;
     assert_eq!(c.lost, 0, "committed rows never consumed: {c:?}");
     // The outbox is empty once every confirmed row was deleted.
     let report = relay.shutdown().await;
     assert_eq!(db.count("SELECT count(*) FROM helixmq_outbox").await, 0);
-    let leaked = tally.counts(&rolled_back).consumed;
+    let leaked = ledger.counts_of(&rolled_back).consumed;
     println!(
         "relay: committed={} rolled_back={} consumed={} lost={} duplicates={} rolled_back_consumed={leaked} relayed={}",
         committed.len(),
@@ -134,8 +137,8 @@ async fn late_commit_is_never_skipped() {
     let rabbit = Rabbit::new(&t);
     business_table(&db.pool).await;
     let broker = rabbit.broker("relay").await;
-    let tally = Arc::new(Tally::default());
-    let sub = consume(&broker, &rabbit.queue, tally.clone(), None, 8).await;
+    let ledger = Arc::new(Ledger::default());
+    let sub = consume(&broker, &rabbit.queue, ledger.clone(), None, 8).await;
     let relays = [
         Outbox::relay(db.pool_named("relay", 3).await, broker.clone(), fast()),
         Outbox::relay(db.pool_named("relay", 3).await, broker.clone(), fast()),
@@ -173,15 +176,15 @@ async fn late_commit_is_never_skipped() {
         rows.extend(w.await.unwrap());
     }
     let ids: Vec<String> = rows.iter().map(|(m, _)| m.clone()).collect();
-    let c = tally.wait_all(&ids, Duration::from_secs(60)).await;
+    let c = ledger.wait_consumed(&ids, Duration::from_secs(60)).await;
     assert_eq!(c.lost, 0, "rows committed around the late one: {c:?}");
     let above = rows.iter().filter(|(_, r)| *r > late_row).count();
     assert_eq!(above, rows.len(), "every other row has a higher id");
     // Everything above it went out; it is still invisible, not skipped.
-    assert_eq!(tally.times(&late_msg.id), 0);
+    assert_eq!(ledger.times_consumed(&late_msg.id), 0);
     late.commit().await.unwrap();
-    let c_late = tally
-        .wait_all(std::slice::from_ref(&late_msg.id), Duration::from_secs(30))
+    let c_late = ledger
+        .wait_consumed(std::slice::from_ref(&late_msg.id), Duration::from_secs(30))
         .await;
     let mut relayed = 0;
     for r in relays {
@@ -222,13 +225,13 @@ async fn ordering_key_is_published_in_commit_order() {
             .unwrap();
     }
     let broker = rabbit.broker("relay").await;
-    let tally = Arc::new(Tally::default());
+    let ledger = Arc::new(Ledger::default());
     let order = Arc::new(Mutex::new(Vec::new()));
     // One handler at a time: the consumed order is the queue's order.
     let sub = consume(
         &broker,
         &rabbit.queue,
-        tally.clone(),
+        ledger.clone(),
         Some(order.clone()),
         1,
     )
@@ -278,7 +281,7 @@ async fn ordering_key_is_published_in_commit_order() {
     for w in writers {
         ids.extend(w.await.unwrap());
     }
-    let c = tally.wait_all(&ids, Duration::from_secs(90)).await;
+    let c = ledger.wait_consumed(&ids, Duration::from_secs(90)).await;
     for r in relays {
         r.shutdown().await;
     }
@@ -314,8 +317,8 @@ async fn several_relays_publish_each_row_once() {
     let rabbit = Rabbit::new(&t);
     business_table(&db.pool).await;
     let broker = rabbit.broker("relay").await;
-    let tally = Arc::new(Tally::default());
-    let sub = consume(&broker, &rabbit.queue, tally.clone(), None, 8).await;
+    let ledger = Arc::new(Ledger::default());
+    let sub = consume(&broker, &rabbit.queue, ledger.clone(), None, 8).await;
     let mut relays = Vec::new();
     for _ in 0..3 {
         let opts = RelayOptions {
@@ -345,7 +348,7 @@ async fn several_relays_publish_each_row_once() {
     for w in writers {
         ids.extend(w.await.unwrap());
     }
-    let c = tally.wait_all(&ids, Duration::from_secs(60)).await;
+    let c = ledger.wait_consumed(&ids, Duration::from_secs(60)).await;
     let mut shares = Vec::new();
     for r in relays {
         shares.push(r.shutdown().await.relayed);
