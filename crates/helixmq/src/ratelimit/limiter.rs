@@ -143,30 +143,24 @@ impl Limiter {
             p = self.permits.lock() => p,
         };
         let permit = self.next(&mut permits, halt).await?;
-        let mut chunks = Vec::new();
         if let (Some(tokens), Some(chunk)) = (&self.tokens, self.spec.token_chunk()) {
             let mut tokens = tokio::select! {
                 _ = halt.cancelled() => return None,
                 t = tokens.lock() => t,
             };
-            let have = *self.credit.lock().unwrap();
-            let mut need = estimate as i64 - have;
-            while need > 0 {
-                chunks.push(self.next(&mut tokens, halt).await?);
-                need -= chunk as i64;
+            // Chunks are acked as they come (the consumer's prefetch is 1) and
+            // kept as credit: a start cut short by `halt` leaves them for the next.
+            while *self.credit.lock().unwrap() < estimate as i64 {
+                let d = self.next(&mut tokens, halt).await?;
+                ack(&d, &self.spec.key).await;
+                *self.credit.lock().unwrap() += chunk as i64;
             }
-            *self.credit.lock().unwrap() += (chunks.len() as u64 * chunk) as i64 - estimate as i64;
+            *self.credit.lock().unwrap() -= estimate as i64;
         }
         // A pause heard while waiting holds this start back too.
         self.wait_pause(halt).await?;
         drop(permits);
-        for d in chunks.iter().chain(std::iter::once(&permit)) {
-            if let Err(e) = d.acker.ack().await {
-                // The permit returns to the pool with the channel: this start
-                // is not counted against the limit (at most one per channel loss).
-                tracing::debug!(key = %self.spec.key, error = %e, "permit ack failed");
-            }
-        }
+        ack(&permit, &self.spec.key).await;
         self.wait.observe(started.elapsed().as_secs_f64());
         Some(Taken { estimate })
     }
@@ -310,6 +304,15 @@ impl Limiter {
 impl Drop for Limiter {
     fn drop(&mut self) {
         self.stop.cancel();
+    }
+}
+
+/// Take a permit or chunk for good. If the ack is lost with the channel, the
+/// broker requeues it: that one start is not counted against the limit (at
+/// most one per channel loss).
+async fn ack(d: &Delivery, key: &str) {
+    if let Err(e) = d.acker.ack().await {
+        tracing::debug!(key = %key, error = %e, "permit ack failed");
     }
 }
 

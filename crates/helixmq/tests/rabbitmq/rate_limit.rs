@@ -6,8 +6,10 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use helixmq::message::header;
 use helixmq::metrics::RateLimitLabel;
-use helixmq::ratelimit::RateLimit;
+use helixmq::ratelimit::{report_tokens, RateLimit};
+use helixmq::HeaderValue;
 use helixmq::{
     Broker, Message, Names, Outcome, RetryPolicy, SubscribeOptions, Subscription, Topology,
 };
@@ -223,4 +225,82 @@ async fn another_handle_takes_the_lease_when_the_refiller_goes() {
         (36..=44).contains(&n),
         "{n} starts in 4 s after the handover (want 40 ± 4)"
     );
+}
+
+/// Two handles share 60,000 tokens/min (1,000/s; requests not binding). Each
+/// message estimates `estimate` tokens and the handler reports `used`: the
+/// starts follow what was used, not what was estimated.
+async fn token_rate(key: &str, estimate: i64, used: u64) -> usize {
+    let p = prefix();
+    let bs = brokers(&p, 2).await;
+    let names = Names::new(&p);
+    let l = RateLimit::new(key, 6000).tokens_per_minute(60_000);
+    let msgs: Vec<Message> = (0..400)
+        .map(|i| {
+            let mut m = Message::new(format!("{i}"));
+            m.headers
+                .insert(header::TOKEN_ESTIMATE.into(), HeaderValue::Int(estimate));
+            m
+        })
+        .collect();
+    for r in bs[0]
+        .publish_batch(
+            &names.tasks_exchange(),
+            "background",
+            &msgs,
+            &Default::default(),
+        )
+        .await
+    {
+        r.unwrap();
+    }
+    let starts: Starts = Default::default();
+    let mut subs = Vec::new();
+    for b in &bs {
+        let starts = starts.clone();
+        let opts = SubscribeOptions {
+            prefetch: Some(4),
+            rate_limit: Some(l.clone()),
+            ..Default::default()
+        };
+        let s = b
+            .subscribe(
+                &names.task_queue("background"),
+                move |_m: Message, _ctx| {
+                    let starts = starts.clone();
+                    async move {
+                        starts.lock().unwrap().push((Instant::now(), false));
+                        report_tokens(used);
+                        Ok(Outcome::Ack)
+                    }
+                },
+                opts,
+            )
+            .await
+            .unwrap();
+        subs.push(s);
+    }
+    let t0 = Instant::now() + Duration::from_secs(2);
+    tokio::time::sleep_until((t0 + Duration::from_secs(4)).into()).await;
+    let n = between(&starts, t0, t0 + Duration::from_secs(4));
+    for s in subs {
+        s.shutdown(Duration::from_secs(5)).await;
+    }
+    clean(&bs, &l).await;
+    eprintln!("tokens: estimate {estimate}, used {used}: {n} starts in 4 s");
+    n
+}
+
+#[tokio::test]
+async fn tokens_used_beyond_the_estimate_are_taken_before_the_next_start() {
+    // 1,000 tokens/s at 200 used each: 5/s (the estimate alone would allow 10/s).
+    let n = token_rate("overrun", 100, 200).await;
+    assert!((16..=24).contains(&n), "{n} starts in 4 s (want 20 ± 4)");
+}
+
+#[tokio::test]
+async fn tokens_estimated_but_not_used_go_back_to_the_pool() {
+    // 1,000 tokens/s at 50 used each: 20/s (the estimate alone would allow 5/s).
+    let n = token_rate("giveback", 200, 50).await;
+    assert!((68..=92).contains(&n), "{n} starts in 4 s (want 80 ± 12)");
 }
