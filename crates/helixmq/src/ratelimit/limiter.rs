@@ -447,6 +447,7 @@ async fn mint_due(l: &Limiter, r: &mut Refill, c: &Counters) {
         n
     };
     let permits = due(l.spec.requests_per_minute as f64, &mut r.permits);
+
     let chunks = l
         .spec
         .chunks_per_minute()
