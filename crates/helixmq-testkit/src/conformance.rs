@@ -75,6 +75,8 @@ macro_rules! helixmq_conformance {
             scheduled_publish_refuses_what_it_cannot_keep,
             scheduled_publish_reaches_a_queue_declared_later,
             requeue_delayed_brings_a_message_back_to_its_work_queue,
+            single_active_consumer_hands_over_when_the_active_one_goes,
+            rate_limit_is_shared_by_subscriptions_and_paused_by_retry_after,
         );
     };
     (@cases $make:path; $($case:ident),* $(,)?) => {
@@ -1712,4 +1714,163 @@ pub async fn requeue_delayed_brings_a_message_back_to_its_work_queue(fx: Fx) {
         other => panic!("expected InvalidDelay, got {other:?}"),
     }
     assert_eq!(scheduled_waiting(&fx).await, 0);
+}
+
+/// `x-single-active-consumer`: only the oldest consumer receives; when it
+/// goes, what it held and what waits go to the next one.
+pub async fn single_active_consumer_hands_over_when_the_active_one_goes(fx: Fx) {
+    let q = format!("{}.sac", fx.names.prefix());
+    let x = fx.names.tasks_exchange();
+    let t = Topology {
+        names: fx.names.clone(),
+        exchanges: vec![],
+        queues: vec![helixmq::topology::Queue::durable(&q).single_active_consumer()],
+        bindings: vec![helixmq::topology::Binding {
+            exchange: x.clone(),
+            queue: q.clone(),
+            routing_key: "sac".into(),
+        }],
+    };
+    fx.broker
+        .declare(&t)
+        .await
+        .expect("declare a single-active-consumer queue");
+    let backend = fx.broker.backend();
+    let mut first = backend.consume(&q, 1, "first").await.expect("consume");
+    let mut second = backend.consume(&q, 1, "second").await.expect("consume");
+    let ids = fx.publish_n(&x, "sac", 2).await;
+    let d = tokio::time::timeout(WAIT, first.next())
+        .await
+        .expect("the active consumer gets the first")
+        .expect("open")
+        .expect("delivery");
+    assert_eq!(d.message.id, ids[0]);
+    let idle = tokio::time::timeout(Duration::from_millis(500), second.next()).await;
+    assert!(
+        idle.is_err(),
+        "the second consumer got a message while the first was active"
+    );
+    drop(d);
+    drop(first);
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        let d = tokio::time::timeout(WAIT, second.next())
+            .await
+            .expect("the next consumer takes over")
+            .expect("open")
+            .expect("delivery");
+        got.push((d.message.id.clone(), d.redelivered));
+        d.acker.ack().await.expect("ack");
+    }
+    assert_eq!(got, [(ids[0].clone(), true), (ids[1].clone(), false)]);
+    drop(second);
+}
+
+/// Two subscriptions sharing a key at 600/min together start 10 handlers a
+/// second; a `RetryAfter` pauses both until its time.
+pub async fn rate_limit_is_shared_by_subscriptions_and_paused_by_retry_after(fx: Fx) {
+    use helixmq::ratelimit::RateLimit;
+    let l = RateLimit {
+        burst: Some(1),
+        ..RateLimit::new("conformance", 600)
+    };
+    // Declared through the broker so the case's cleanup removes it.
+    fx.broker
+        .declare(&l.topology(&fx.names, "cleanup"))
+        .await
+        .expect("declare the rate limit");
+    let q = fx.names.task_queue("background");
+    let starts: Arc<std::sync::Mutex<Vec<(Instant, bool)>>> = Default::default();
+    let mut subs = Vec::new();
+    for _ in 0..2 {
+        let starts = starts.clone();
+        let opts = SubscribeOptions {
+            rate_limit: Some(l.clone()),
+            ..fx.opts(4)
+        };
+        let s = fx
+            .broker
+            .subscribe(
+                &q,
+                move |m: Message, _ctx: Context| {
+                    let starts = starts.clone();
+                    async move {
+                        let limited = &m.payload[..] == b"429" && m.attempt == 1;
+                        starts.lock().unwrap().push((Instant::now(), limited));
+                        Ok(if limited {
+                            Outcome::RetryAfter(Duration::from_secs(2))
+                        } else {
+                            Outcome::Ack
+                        })
+                    }
+                },
+                opts,
+            )
+            .await
+            .expect("subscribe with a rate limit");
+        subs.push(s);
+    }
+    fx.publish_n(&fx.names.tasks_exchange(), "background", 40)
+        .await;
+    let count = |from: Instant, to: Instant| {
+        starts
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(t, _)| *t >= from && *t < to)
+            .count()
+    };
+    let t0 = Instant::now() + Duration::from_millis(500);
+    tokio::time::sleep_until((t0 + Duration::from_secs(3)).into()).await;
+    let n = count(t0, t0 + Duration::from_secs(3));
+    assert!(
+        (26..=34).contains(&n),
+        "{n} starts in 3 s at 600/min (want 30 ± 4)"
+    );
+    fx.broker
+        .publish(
+            &fx.names.tasks_exchange(),
+            "background",
+            Message::new("429"),
+        )
+        .await
+        .expect("publish");
+    // More behind it, so there is work when the pause ends.
+    fx.publish_n(&fx.names.tasks_exchange(), "background", 30)
+        .await;
+    let t429 = loop {
+        let at = starts
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(_, l)| *l)
+            .map(|(t, _)| *t);
+        if let Some(t) = at {
+            break t;
+        }
+        assert!(t0.elapsed() < WAIT, "the 429 never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    tokio::time::sleep_until((t429 + Duration::from_secs(3)).into()).await;
+    let during = count(
+        t429 + Duration::from_millis(200),
+        t429 + Duration::from_secs(2),
+    );
+    let after = count(t429 + Duration::from_secs(2), t429 + Duration::from_secs(3));
+    for s in subs {
+        s.shutdown(WAIT).await;
+    }
+    assert_eq!(during, 0, "{during} starts during the 2 s pause");
+    let timeline: Vec<i64> = starts
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(t, _)| {
+            t.duration_since(t0).as_millis() as i64 - t429.duration_since(t0).as_millis() as i64
+        })
+        .collect();
+    assert!(
+        after >= 5,
+        "{after} starts in the second after the pause; ms after the 429: {timeline:?}"
+    );
 }

@@ -135,6 +135,18 @@ pub enum Error {
         reason: String,
     },
 
+    /// A rate limit ([`RateLimit`](crate::ratelimit::RateLimit)) is malformed.
+    #[error(
+        "invalid rate limit '{spec}': {reason}; the form is {}",
+        crate::ratelimit::RATE_LIMIT_FORM
+    )]
+    InvalidRateLimit {
+        /// The limit as written.
+        spec: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+
     /// A message could not be encoded or decoded (headers, payload, size).
     #[error("invalid message: {0}")]
     InvalidMessage(String),
@@ -296,6 +308,10 @@ impl Error {
             },
             Error::InvalidDelay { delay, reason } => Error::InvalidDelay {
                 delay: delay.clone(),
+                reason: reason.clone(),
+            },
+            Error::InvalidRateLimit { spec, reason } => Error::InvalidRateLimit {
+                spec: spec.clone(),
                 reason: reason.clone(),
             },
             Error::InvalidMessage(m) => Error::InvalidMessage(m.clone()),

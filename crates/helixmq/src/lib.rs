@@ -20,6 +20,8 @@
 //!   workbench — as an axum router.
 //! - [`dlq`]: the dead-letter queue read and worked on (list, filter, group,
 //!   replay, delete, purge) without losing anything; the CLI and the console use it.
+//! - [`ratelimit`]: limits shared by every process using the same key (permits
+//!   in a queue, one refiller elected by single active consumer, pauses on 429).
 //! - [`metrics`]: Prometheus counters; [`http`]: `/metrics` and `/health` router.
 //! - [`error`]: the one [`Error`] enum.
 //! - `management` (feature `management`): RabbitMQ's management HTTP API — queue
@@ -45,6 +47,7 @@ pub mod message;
 pub mod metrics;
 #[cfg(feature = "postgres")]
 pub mod outbox;
+pub mod ratelimit;
 pub mod topology;
 
 pub use backend::{Backend, BackendKind, ConnectionState};

@@ -10,6 +10,7 @@ mod demo;
 mod dlq;
 mod outbox;
 mod publish;
+mod rate_limit;
 mod topology_stats;
 mod worker;
 mod worker_health;

@@ -640,11 +640,25 @@ impl Broker {
             }
         }
         self.declare(&tiers).await?;
+        let limiter = match &opts.rate_limit {
+            Some(spec) => Some(
+                crate::ratelimit::Limiter::start(
+                    spec.clone(),
+                    self.inner.backend.clone(),
+                    self.inner.names.clone(),
+                    &self.inner.metrics,
+                    self.publish_timeout(),
+                )
+                .await?,
+            ),
+            None => None,
+        };
         consumer::start(
             self.route_handle(),
             queue.to_string(),
             Arc::new(handler),
             opts,
+            limiter,
         )
         .await
     }

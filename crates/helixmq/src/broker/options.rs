@@ -98,6 +98,10 @@ pub struct SubscribeOptions {
     /// ([`crate::inbox`]). Default off.
     #[cfg(feature = "postgres")]
     pub inbox: Option<crate::inbox::Inbox>,
+    /// Optional rate limit shared with every subscription, in any process,
+    /// that names the same key ([`crate::ratelimit`]): each handler start
+    /// waits for a permit. Default off.
+    pub rate_limit: Option<crate::ratelimit::RateLimit>,
 }
 
 #[cfg(feature = "postgres")]
@@ -125,6 +129,7 @@ pub(crate) struct Resolved {
     pub dedup: Option<DedupOptions>,
     #[cfg(feature = "postgres")]
     pub inbox: Option<crate::inbox::Inbox>,
+    pub rate_limit: Option<crate::ratelimit::RateLimit>,
 }
 
 impl SubscribeOptions {
@@ -153,6 +158,7 @@ impl SubscribeOptions {
             dedup: self.dedup,
             #[cfg(feature = "postgres")]
             inbox: self.inbox,
+            rate_limit: self.rate_limit,
         }
     }
 }

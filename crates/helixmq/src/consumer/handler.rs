@@ -23,6 +23,12 @@ pub enum Outcome {
     },
     /// Poison: straight to the DLQ with this reason.
     DeadLetter(String),
+    /// The provider said "rate limited, retry after this long" (HTTP 429 +
+    /// `Retry-After`): the message is retried as [`Outcome::Retry`] with this
+    /// delay, and a subscription with a
+    /// [`rate_limit`](crate::SubscribeOptions::rate_limit) pauses its key for
+    /// every worker sharing it until then.
+    RetryAfter(Duration),
 }
 
 impl Outcome {

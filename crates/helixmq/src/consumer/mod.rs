@@ -33,6 +33,7 @@ use crate::broker::{RetryPolicy, RouteHandle};
 use crate::error::{Error, Result};
 use crate::message::{header, now_unix_millis, HeaderValue, Message};
 use crate::metrics::QueueLabel;
+use crate::ratelimit::Limiter;
 use dedup::Dedup;
 use prometheus_client::metrics::counter::Counter;
 
@@ -154,6 +155,8 @@ struct Runner {
     /// Exactly-once effects through a database transaction (`crate::inbox`).
     #[cfg(feature = "postgres")]
     inbox: Option<crate::inbox::Inbox>,
+    /// The shared rate limit every handler start waits for.
+    limiter: Option<Arc<Limiter>>,
 }
 
 pub(crate) async fn start(
@@ -161,12 +164,21 @@ pub(crate) async fn start(
     queue: String,
     handler: Arc<dyn Handler>,
     opts: crate::broker::options_resolved::Resolved,
+    limiter: Option<Arc<Limiter>>,
 ) -> Result<Subscription> {
     let tag = opts
         .consumer_tag
         .clone()
         .unwrap_or_else(|| format!("helixmq-{queue}-{}", uuid::Uuid::now_v7().simple()));
-    let stream = route.consume(&queue, opts.prefetch, &tag).await?;
+    let stream = match route.consume(&queue, opts.prefetch, &tag).await {
+        Ok(s) => s,
+        Err(e) => {
+            if let Some(l) = &limiter {
+                l.close().await;
+            }
+            return Err(e);
+        }
+    };
     let status = Arc::new(watch::channel(SubscriptionStatus::Active).0);
     let stop = CancellationToken::new();
     let drain = Arc::new(Mutex::new(Duration::from_secs(30)));
@@ -184,6 +196,7 @@ pub(crate) async fn start(
             .map(|d| Mutex::new(Dedup::new(d.capacity, d.ttl))),
         #[cfg(feature = "postgres")]
         inbox: opts.inbox.clone(),
+        limiter,
     });
     let task = tokio::spawn(run(
         runner,
@@ -259,7 +272,14 @@ async fn run(
     };
     // Dropping the stream closes the consumer channel: anything unacked is requeued.
     drop(stream);
-    let failed = failed.lock().unwrap().take();
+    if let Some(l) = &runner.limiter {
+        l.close().await;
+    }
+    let failed = failed
+        .lock()
+        .unwrap()
+        .take()
+        .or_else(|| runner.limiter.as_ref().and_then(|l| l.failure()));
     status.send_replace(match failed {
         Some(f) => SubscriptionStatus::Failed(f),
         None => SubscriptionStatus::Stopped,
@@ -320,6 +340,15 @@ impl Runner {
                 return self.skip_duplicate(d).await;
             }
         }
+        // The permit is taken before the inbox opens its transaction: waiting
+        // for it must not hold a database connection.
+        let taken = match &self.limiter {
+            Some(l) => match l.acquire(token_estimate(&d.message), halt).await {
+                Some(t) => Some(t),
+                None => return self.give_back(d, l, halt).await,
+            },
+            None => None,
+        };
         #[cfg(feature = "postgres")]
         let claim = crate::inbox::Claim::of(self.inbox.as_ref(), &self.queue, &d.message).await;
         #[cfg(feature = "postgres")]
@@ -337,12 +366,41 @@ impl Runner {
             queue = %self.queue,
             attempt = d.message.attempt,
         );
-        let handled = self.run_handler(&d);
+        // The tokens the handler reported, for the rate limit's reconcile.
+        let mut used = None;
+        let handled = async {
+            let (outcome, reported) = self.run_handler(&d).await;
+            used = reported;
+            outcome
+        };
         // The handler runs in the inbox transaction, committed on Ack.
         #[cfg(feature = "postgres")]
         let handled = claim.run(handled);
         let outcome = handled.instrument(span.clone()).await;
+        let outcome = match (&self.limiter, taken) {
+            (Some(l), Some(t)) => {
+                l.reconcile(t, used).await;
+                if let Outcome::RetryAfter(delay) = &outcome {
+                    tracing::info!(key = %l.key(), delay = ?delay, "rate limited: pausing the key for every worker");
+                    l.pause_all(*delay).await;
+                }
+                outcome
+            }
+            _ => outcome,
+        };
         self.settle(d, key, outcome, halt).instrument(span).await;
+    }
+
+    /// No permit came (shutdown, or the permits were lost): the delivery goes
+    /// back to its queue untouched, its handler not run.
+    async fn give_back(&self, d: Delivery, l: &Limiter, halt: &CancellationToken) {
+        if l.failure().is_some() {
+            halt.cancel();
+        }
+        self.counters.nacked.inc();
+        if let Err(e) = d.acker.nack(true).await {
+            tracing::debug!(error = %e, "nack failed; message will be redelivered");
+        }
     }
 
     /// Ack a delivery already handled without running its handler again.
@@ -353,7 +411,9 @@ impl Runner {
         }
     }
 
-    async fn run_handler(&self, d: &Delivery) -> Outcome {
+    /// Run the handler; its outcome and the tokens it reported
+    /// ([`crate::ratelimit::report_tokens`]).
+    async fn run_handler(&self, d: &Delivery) -> (Outcome, Option<u64>) {
         let m = &self.route.metrics;
         let ctx = Context {
             queue: self.queue.clone(),
@@ -363,12 +423,18 @@ impl Runner {
         };
         m.handlers_in_flight.inc();
         let started = Instant::now();
-        let fut =
-            AssertUnwindSafe(self.handler.handle(Message::clone(&d.message), ctx)).catch_unwind();
+        let fut = AssertUnwindSafe(crate::ratelimit::hearing_tokens(
+            self.handler.handle(Message::clone(&d.message), ctx),
+        ))
+        .catch_unwind();
         let res = tokio::time::timeout(self.handler_timeout, fut).await;
         m.handlers_in_flight.dec();
         m.handler_duration.observe(started.elapsed().as_secs_f64());
-        match res {
+        let used = match &res {
+            Ok(Ok((_, used))) => *used,
+            _ => None,
+        };
+        let outcome = match res.map(|r| r.map(|(o, _)| o)) {
             Ok(Ok(Ok(o))) => o,
             Ok(Ok(Err(e))) => Outcome::retry(format!("handler error: {e}")),
             Ok(Err(p)) => {
@@ -383,7 +449,8 @@ impl Runner {
                 "handler timed out after {:?}",
                 self.handler_timeout
             )),
-        }
+        };
+        (outcome, used)
     }
 
     /// Settle a delivery. Once its outcome is safe (the handler's Ack, or the
@@ -400,6 +467,17 @@ impl Runner {
         let c = &self.counters;
         let attempt = d.message.attempt;
         let outcome = match outcome {
+            // Retried like any transient failure; the pause was sent in `process`.
+            Outcome::RetryAfter(delay) => Outcome::Retry {
+                delay: Some(delay),
+                reason: format!(
+                    "rate limited: retry after {}",
+                    humantime::format_duration(delay)
+                ),
+            },
+            o => o,
+        };
+        let outcome = match outcome {
             Outcome::Retry { reason, .. } if attempt >= self.retry.max_attempts => {
                 Outcome::DeadLetter(format!(
                     "gave up after {attempt} attempts (max_attempts {}): {reason}",
@@ -410,6 +488,7 @@ impl Runner {
         };
         let placed = match &outcome {
             Outcome::Ack => true,
+            Outcome::RetryAfter(_) => unreachable!("RetryAfter was turned into Retry above"),
             Outcome::Retry { delay, reason } => {
                 let wait = self.retry.delay_after(attempt, *delay);
                 let tier = self.route.names.retry_tier(wait);
@@ -594,6 +673,16 @@ impl QueueCounters {
             dead_lettered: get(&m.dead_lettered),
             duplicates_skipped: get(&m.duplicates_skipped),
         }
+    }
+}
+
+/// The tokens a message says it will cost ([`header::TOKEN_ESTIMATE`]); 0 if
+/// it does not say (the handler's report is then owed after it ran).
+fn token_estimate(m: &Message) -> u64 {
+    match m.headers.get(header::TOKEN_ESTIMATE) {
+        Some(HeaderValue::Int(i)) => (*i).max(0) as u64,
+        Some(HeaderValue::String(s)) => s.trim().parse().unwrap_or(0),
+        _ => 0,
     }
 }
 

@@ -38,6 +38,10 @@ pub mod header {
     /// Unix milliseconds a scheduled message is due (set by
     /// [`Broker::publish_delayed`](crate::Broker::publish_delayed)).
     pub const DUE_AT: &str = "x-helixmq-due-at-ms";
+    /// Tokens a message is expected to cost (an integer), taken from a
+    /// token-limited subscription's pool before its handler starts
+    /// ([`crate::ratelimit`]).
+    pub const TOKEN_ESTIMATE: &str = "x-helixmq-token-estimate";
 }
 
 /// Message priority 0–10 (the spec's llm queue has `x-max-priority` 10).

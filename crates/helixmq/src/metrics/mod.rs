@@ -24,6 +24,20 @@ pub struct QueueLabel {
     pub queue: String,
 }
 
+/// Label set for per-rate-limit series (bounded: keys come from the subscriptions).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RateLimitLabel {
+    /// The rate limit's key.
+    pub key: String,
+}
+
+/// A histogram family whose histograms share one set of buckets.
+pub type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn rate_limit_wait_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 2.0, 18))
+}
+
 /// Every metric helixmq exports. Names follow the spec (`rabbitmq_*`).
 #[derive(Clone, Debug)]
 pub struct Metrics {
@@ -63,6 +77,12 @@ pub struct Metrics {
     pub scheduled: Family<ExchangeLabel, Counter>,
     /// Deliveries held unacked because their retry/DLQ copy cannot be placed, per queue.
     pub reroutes_blocked: Family<QueueLabel, Gauge>,
+    /// How long a delivery waited for its rate limit's permit (and tokens), per key.
+    pub rate_limit_wait: HistogramFamily<RateLimitLabel>,
+    /// Permits minted by this process while it held a key's refiller lease.
+    pub rate_limit_permits_minted: Family<RateLimitLabel, Counter>,
+    /// Pauses ("retry after") this process heard, per key.
+    pub rate_limit_pauses: Family<RateLimitLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -86,6 +106,9 @@ impl Default for Metrics {
             connection_recoveries: Counter::default(),
             reroutes_blocked: Family::default(),
             scheduled: Family::default(),
+            rate_limit_wait: Family::new_with_constructor(rate_limit_wait_histogram),
+            rate_limit_permits_minted: Family::default(),
+            rate_limit_pauses: Family::default(),
         }
     }
 }
@@ -182,6 +205,22 @@ impl Metrics {
             "reroutes_blocked",
             "Deliveries held unacked because their retry/DLQ copy cannot be placed (full queue, missing route, broker blocked)",
             m.reroutes_blocked.clone(),
+        );
+        r.register_with_unit(
+            "rate_limit_wait",
+            "Time a delivery waited for its shared rate limit's permit (and tokens), per key",
+            prometheus_client::registry::Unit::Seconds,
+            m.rate_limit_wait.clone(),
+        );
+        r.register(
+            "rate_limit_permits_minted",
+            "Permits minted by this process while it held the key's refiller lease",
+            m.rate_limit_permits_minted.clone(),
+        );
+        r.register(
+            "rate_limit_pauses",
+            "Pauses (a handler's retry-after) heard, per rate limit key",
+            m.rate_limit_pauses.clone(),
         );
         m
     }

@@ -32,6 +32,7 @@ pub fn definitions_json(topology: &Topology, vhost: &str, user: &str) -> Value {
                     match v {
                         ArgValue::Int(i) => json!(i),
                         ArgValue::Str(s) => json!(s),
+                        ArgValue::Bool(b) => json!(b),
                     },
                 );
             }

@@ -158,6 +158,12 @@ pub struct Queue {
     pub delivery_limit: Option<u32>,
     /// `x-dead-letter-strategy` (quorum only); `None` is RabbitMQ's default, at-most-once.
     pub dead_letter_strategy: Option<DeadLetterStrategy>,
+    /// `x-single-active-consumer`: only the oldest consumer receives messages;
+    /// when it goes, the next one takes over (the rate limiter's refiller lease).
+    pub single_active_consumer: bool,
+    /// `x-expires`: the queue is deleted after this long without consumers
+    /// (a per-process queue left by a process that died).
+    pub expires: Option<Duration>,
 }
 
 impl Queue {
@@ -175,7 +181,19 @@ impl Queue {
             queue_type: QueueType::Classic,
             delivery_limit: None,
             dead_letter_strategy: None,
+            single_active_consumer: false,
+            expires: None,
         }
+    }
+    /// Set `x-single-active-consumer`.
+    pub fn single_active_consumer(mut self) -> Self {
+        self.single_active_consumer = true;
+        self
+    }
+    /// Set `x-expires`.
+    pub fn expires(mut self, after: Duration) -> Self {
+        self.expires = Some(after);
+        self
     }
     /// Set `x-max-priority`.
     pub fn max_priority(mut self, p: u8) -> Self {
@@ -252,6 +270,12 @@ impl Queue {
         if let Some(s) = self.dead_letter_strategy {
             a.push(("x-dead-letter-strategy", ArgValue::Str(s.as_str().into())));
         }
+        if self.single_active_consumer {
+            a.push(("x-single-active-consumer", ArgValue::Bool(true)));
+        }
+        if let Some(e) = self.expires {
+            a.push(("x-expires", ArgValue::Int(e.as_millis() as i64)));
+        }
         a
     }
 }
@@ -264,6 +288,8 @@ pub enum ArgValue {
     Int(i64),
     /// String argument.
     Str(String),
+    /// Boolean argument.
+    Bool(bool),
 }
 
 /// A binding from an exchange to a queue.

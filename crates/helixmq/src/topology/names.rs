@@ -89,6 +89,29 @@ impl Names {
     pub fn delay_due(&self) -> String {
         self.name("delay.due")
     }
+    /// `{prefix}.ratelimit`, the direct exchange of every shared rate limit:
+    /// permits, token chunks, leases and pauses, routed by `{key}.{what}`.
+    pub fn rate_limit_exchange(&self) -> String {
+        self.name("ratelimit")
+    }
+    /// `{prefix}.ratelimit.{key}`: the request permits of rate limit `key`.
+    pub fn rate_limit_permits(&self, key: &str) -> String {
+        self.name(&format!("ratelimit.{key}"))
+    }
+    /// `{prefix}.ratelimit.{key}.tokens`: the token chunks of rate limit `key`.
+    pub fn rate_limit_tokens(&self, key: &str) -> String {
+        self.name(&format!("ratelimit.{key}.tokens"))
+    }
+    /// `{prefix}.ratelimit.{key}.lease`: the refiller lease of rate limit `key`
+    /// (a single-active-consumer queue).
+    pub fn rate_limit_lease(&self, key: &str) -> String {
+        self.name(&format!("ratelimit.{key}.lease"))
+    }
+    /// `{prefix}.ratelimit.{key}.pause.{member}`: where one limiter of `key`
+    /// hears pauses (one queue per subscription, removed when it goes).
+    pub fn rate_limit_listener(&self, key: &str, member: &str) -> String {
+        self.name(&format!("ratelimit.{key}.pause.{member}"))
+    }
     /// Whether `exchange` is one of the delay levels' exchanges (never mirrored).
     pub fn is_delay_exchange(&self, exchange: &str) -> bool {
         exchange

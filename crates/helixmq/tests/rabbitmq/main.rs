@@ -9,6 +9,7 @@ mod http_health;
 mod privilege_definitions;
 mod privilege_least;
 mod publish;
+mod rate_limit;
 mod recovery;
 mod scheduled_quorum;
 mod tls_connect;

@@ -3,7 +3,9 @@
 //! The command runs in its own process group, so a timeout (or the end of the
 //! message) kills everything it started, not just the shell. Payload on stdin;
 //! metadata in `HELIXMQ_*` environment variables. Exit status → outcome:
-//! 0 ack, 65 (EX_DATAERR) dead letter with stderr's tail, anything else retry.
+//! 0 ack, 65 (EX_DATAERR) dead letter with stderr's tail, 75 (EX_TEMPFAIL)
+//! with a `retry-after: N` line on stderr "rate limited, retry after N s"
+//! (pausing a `--rate-limit` key for every worker), anything else retry.
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -18,6 +20,8 @@ use crate::common::tail;
 
 /// EX_DATAERR from sysexits.h: the input is bad, retrying will not help.
 pub const EX_DATAERR: i32 = 65;
+/// EX_TEMPFAIL from sysexits.h: with `retry-after: N` on stderr, rate limited.
+pub const EX_TEMPFAIL: i32 = 75;
 /// How much of stderr is kept for the reason.
 const STDERR_TAIL: usize = 2048;
 
@@ -233,6 +237,10 @@ impl ExecHandler {
                 Some(EX_DATAERR) => {
                     Outcome::dead_letter(format!("command exited 65 (EX_DATAERR): {err_tail}"))
                 }
+                Some(EX_TEMPFAIL) => match retry_after(&err_tail) {
+                    Some(d) => Outcome::RetryAfter(d),
+                    None => Outcome::retry(format!("command exited 75: {err_tail}")),
+                },
                 Some(code) => Outcome::retry(format!("command exited {code}: {err_tail}")),
                 None => {
                     use std::os::unix::process::ExitStatusExt;
@@ -246,9 +254,37 @@ impl ExecHandler {
     }
 }
 
+/// The last `retry-after: N` (seconds, case-insensitive) line of stderr.
+fn retry_after(stderr: &str) -> Option<Duration> {
+    stderr.lines().rev().find_map(|l| {
+        let (name, value) = l.trim().split_once(':')?;
+        if !name.trim().eq_ignore_ascii_case("retry-after") {
+            return None;
+        }
+        let secs = value.trim().parse::<f64>().ok()?;
+        (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retry_after_is_read_from_the_last_stderr_line_that_says_it() {
+        let d = |s| retry_after(s);
+        assert_eq!(
+            d("rate limited\nretry-after: 3\n"),
+            Some(Duration::from_secs(3))
+        );
+        assert_eq!(d("Retry-After: 1.5"), Some(Duration::from_millis(1500)));
+        assert_eq!(
+            d("retry-after: 1\nretry-after: 2"),
+            Some(Duration::from_secs(2))
+        );
+        assert_eq!(d("retry-after: soon"), None);
+        assert_eq!(d("rate limited"), None);
+    }
 
     fn ctx() -> Context {
         Context {

@@ -4,7 +4,8 @@
 //! `X-HelixMQ-Attempt`, `X-HelixMQ-Header-<name>`, ...). The answer decides:
 //! 2xx ack; 408, 429, 5xx, a timeout or a connection error retry (after
 //! `Retry-After` when given); any other 4xx is poison → DLQ with the status and
-//! the body's tail.
+//! the body's tail. A 429 with `Retry-After` is `Outcome::RetryAfter`: it also
+//! pauses a `--rate-limit` key for every worker sharing it.
 
 use std::time::{Duration, SystemTime};
 
@@ -94,6 +95,12 @@ fn classify(status: StatusCode, delay: Option<Duration>, reason: String) -> Outc
         || status.is_server_error()
         // 1xx/3xx as a final answer: not the endpoint's verdict on the message.
         || !status.is_client_error();
+    if status == StatusCode::TOO_MANY_REQUESTS {
+        // "Rate limited, retry after": pauses a --rate-limit key for every worker.
+        if let Some(d) = delay {
+            return Outcome::RetryAfter(d);
+        }
+    }
     if transient {
         Outcome::Retry { delay, reason }
     } else {
@@ -133,6 +140,15 @@ mod tests {
         assert!(matches!(r(503), Outcome::Retry { .. }));
         assert!(matches!(r(429), Outcome::Retry { .. }));
         assert!(matches!(r(408), Outcome::Retry { .. }));
+        let after = Some(Duration::from_secs(7));
+        assert_eq!(
+            classify(StatusCode::TOO_MANY_REQUESTS, after, "r".into()),
+            Outcome::RetryAfter(Duration::from_secs(7))
+        );
+        assert!(matches!(
+            classify(StatusCode::SERVICE_UNAVAILABLE, after, "r".into()),
+            Outcome::Retry { delay: Some(_), .. }
+        ));
         assert!(matches!(r(400), Outcome::DeadLetter(_)));
         assert!(matches!(r(404), Outcome::DeadLetter(_)));
         assert!(matches!(r(422), Outcome::DeadLetter(_)));

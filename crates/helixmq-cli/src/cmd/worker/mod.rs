@@ -81,6 +81,14 @@ pub struct WorkerArgs {
     /// Do not declare the spec topology on start (queues declared by someone else).
     #[arg(long)]
     pub no_declare: bool,
+    /// Share a rate limit with every worker naming the same key, on any host:
+    /// KEY=N/min[,Ntokens/min][,burst=N] (also /s, /h), e.g.
+    /// openai-key-1=500/min,90000tokens/min. Each handler start takes a permit;
+    /// a 429 with Retry-After (--http), or exit 75 with `retry-after: N` on
+    /// stderr (--exec), pauses the key for all of them. A message's token
+    /// estimate is its x-helixmq-token-estimate header.
+    #[arg(long, value_name = "KEY=RATE", value_parser = parse_rate_limit)]
+    pub rate_limit: Option<helixmq::ratelimit::RateLimit>,
     /// Serve Prometheus `GET /metrics` and `GET /health` on this address (e.g. 127.0.0.1:9090).
     #[arg(long, value_name = "HOST:PORT")]
     pub metrics_addr: Option<std::net::SocketAddr>,
@@ -260,6 +268,10 @@ pub async fn run(global: &Global, mut args: WorkerArgs) -> anyhow::Result<ExitCo
     }
 }
 
+fn parse_rate_limit(s: &str) -> Result<helixmq::ratelimit::RateLimit, String> {
+    s.parse().map_err(|e: helixmq::Error| e.to_string())
+}
+
 /// Start-up failed half-way: release what was started.
 async fn stop_all(subs: Vec<Subscription>, broker: &helixmq::Broker, timeout: Duration) {
     for s in subs {
@@ -297,6 +309,7 @@ async fn start_one(
         concurrency: args.concurrency.map(|c| c as usize),
         handler_timeout: Some(args.handler_timeout + BACKSTOP),
         retry: Some(retry.clone()),
+        rate_limit: args.rate_limit.clone(),
         ..SubscribeOptions::default()
     };
     let handler = move |m: Message, ctx: helixmq::Context| {

@@ -314,6 +314,12 @@ impl QueueState {
     }
 
     fn pick_consumer(&mut self) -> Option<usize> {
+        if self.def.single_active_consumer {
+            // Only the oldest consumer still attached receives; the others wait
+            // until it goes (RabbitMQ's single active consumer).
+            let i = self.consumers.iter().position(|c| !c.cancelled)?;
+            return self.consumers[i].has_room().then_some(i);
+        }
         let n = self.consumers.len();
         for k in 0..n {
             let i = (self.rr + k) % n;
@@ -544,6 +550,35 @@ mod tests {
         .collect();
         assert_eq!(seen, want);
         assert_eq!(q.ready(), 0);
+    }
+
+    #[test]
+    fn single_active_consumer_delivers_to_the_oldest_until_it_goes() {
+        let mut q = QueueState::new(1, &Queue::durable("q").single_active_consumer());
+        let mut fx = Effects::default();
+        q.add_consumer(1, 1, Arc::new(Notify::new()), &mut fx);
+        q.add_consumer(2, 1, Arc::new(Notify::new()), &mut fx);
+        q.enqueue(stored("a", None), &mut fx);
+        q.enqueue(stored("b", None), &mut fx);
+        let (a, _, _) = take_id(&mut q, 1).unwrap();
+        assert_eq!(a, "a");
+        assert!(
+            take_id(&mut q, 2).is_none(),
+            "the second consumer is not active"
+        );
+        assert_eq!(q.ready(), 1, "b waits for the active consumer's room");
+        q.remove_consumer(1, &mut fx);
+        let got: Vec<(String, bool)> = std::iter::from_fn(|| {
+            let (id, tag, r) = take_id(&mut q, 2)?;
+            q.settle(Holder::Consumer(2), tag, Settle::Ack, &mut fx);
+            Some((id, r))
+        })
+        .collect();
+        assert_eq!(
+            got,
+            [("a".to_string(), true), ("b".to_string(), false)],
+            "the next consumer takes over, the held message first"
+        );
     }
 
     #[test]

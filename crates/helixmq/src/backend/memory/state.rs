@@ -40,6 +40,7 @@ fn describe(v: Option<&ArgValue>) -> String {
         None => "none".into(),
         Some(ArgValue::Int(i)) => i.to_string(),
         Some(ArgValue::Str(s)) => format!("'{s}'"),
+        Some(ArgValue::Bool(b)) => b.to_string(),
     }
 }
 

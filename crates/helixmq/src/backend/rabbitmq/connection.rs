@@ -240,6 +240,7 @@ pub(crate) fn queue_arguments(q: &Queue) -> FieldTable {
         let v = match v {
             ArgValue::Int(i) => AMQPValue::LongLongInt(i),
             ArgValue::Str(s) => AMQPValue::LongString(LongString::from(s.into_bytes())),
+            ArgValue::Bool(b) => AMQPValue::Boolean(b),
         };
         t.insert(ShortString::from(k), v);
     }
