@@ -158,6 +158,10 @@ pub struct Queue {
     pub delivery_limit: Option<u32>,
     /// `x-dead-letter-strategy` (quorum only); `None` is RabbitMQ's default, at-most-once.
     pub dead_letter_strategy: Option<DeadLetterStrategy>,
+    /// `x-expires`: the broker deletes the queue once it went this long without
+    /// a consumer (or a redeclare). Used by reply queues, so an abandoned one
+    /// disappears.
+    pub expires: Option<Duration>,
 }
 
 impl Queue {
@@ -175,6 +179,7 @@ impl Queue {
             queue_type: QueueType::Classic,
             delivery_limit: None,
             dead_letter_strategy: None,
+            expires: None,
         }
     }
     /// Set `x-max-priority`.
@@ -191,6 +196,11 @@ impl Queue {
     pub fn max_length(mut self, len: u64, overflow: Overflow) -> Self {
         self.max_length = Some(len);
         self.overflow = Some(overflow);
+        self
+    }
+    /// Set `x-expires`: deleted by the broker after `after` unused.
+    pub fn expires(mut self, after: Duration) -> Self {
+        self.expires = Some(after);
         self
     }
     /// Set `x-dead-letter-exchange`.
@@ -251,6 +261,9 @@ impl Queue {
         }
         if let Some(s) = self.dead_letter_strategy {
             a.push(("x-dead-letter-strategy", ArgValue::Str(s.as_str().into())));
+        }
+        if let Some(e) = self.expires {
+            a.push(("x-expires", ArgValue::Int(e.as_millis() as i64)));
         }
         a
     }
