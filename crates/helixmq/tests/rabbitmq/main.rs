@@ -10,6 +10,7 @@ mod privilege_definitions;
 mod privilege_least;
 mod publish;
 mod recovery;
+mod request;
 mod scheduled_quorum;
 mod tls_connect;
 mod tracing_traceparent;
