@@ -10,6 +10,7 @@ mod demo;
 mod dlq;
 mod outbox;
 mod publish;
+mod request;
 mod topology_stats;
 mod worker;
 mod worker_health;

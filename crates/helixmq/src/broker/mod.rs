@@ -656,9 +656,12 @@ impl Broker {
     }
 
     /// Close: wait for outstanding confirms, then close channels and connection.
-    /// Subscriptions should be shut down first to drain their handlers.
+    /// Subscriptions should be shut down first to drain their handlers. A
+    /// request still waiting fails with [`Error::Closed`], and this handle's
+    /// reply queue (if it made requests) is deleted.
     pub async fn close(&self) -> Result<()> {
         self.start_mirroring();
+        self.inner.requester.close(self).await;
         self.inner.backend.close().await
     }
 

@@ -22,7 +22,8 @@
 //! its requests within their deadline — the connection manager redeclares it
 //! with the rest of the topology, and the reply consumer reattaches. It has
 //! `x-expires` ([`REPLY_QUEUE_EXPIRES`]), so the queue of a requester gone for
-//! good disappears, and a max length, so it stays bounded. Replies are
+//! good disappears (one closed with [`Broker::close`] deletes it at once), and
+//! a max length, so it stays bounded. Replies are
 //! transient (no disk write: a requester does not outlive a broker restart
 //! waiting for one) and carry the request's remaining time as `expiration`.
 //!
@@ -150,6 +151,23 @@ impl Requester {
     }
 }
 
+impl Requester {
+    /// On [`Broker::close`]: stop the reply consumer, tell every waiting
+    /// caller (`Closed`), and delete the reply queue if this handle made one
+    /// (nothing can read it any more; `x-expires` is for a requester that
+    /// could not say goodbye).
+    pub(crate) async fn close(&self, broker: &Broker) {
+        let task = self.consumer.lock().await.take();
+        let Some(task) = task else { return };
+        self.stop.cancel();
+        let _ = task.await;
+        lock(&self.waiters).clear();
+        if let Err(e) = broker.backend().delete_queue(&self.queue).await {
+            tracing::debug!(queue = %self.queue, error = %e, "delete the reply queue on close");
+        }
+    }
+}
+
 /// A caller's entry in the waiters, removed when the request ends however it
 /// ends (reply, timeout, error, or the caller dropping the future).
 struct Waiting<'a> {
@@ -186,11 +204,11 @@ async fn consume_replies(
         };
         let Delivery { message, acker, .. } = match next {
             Some(Ok(d)) => d,
-            Some(Err(e)) => {
+            Some(Err(e)) if !matches!(e, Error::Closed) => {
                 tracing::warn!(queue, error = %e, "reply consumer stopped; the next request starts it again");
                 break;
             }
-            None => {
+            Some(Err(_)) | None => {
                 // Closed: nobody will answer; callers get `Closed` now, not at their deadline.
                 lock(&waiters).clear();
                 break;
