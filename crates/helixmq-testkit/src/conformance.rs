@@ -1829,6 +1829,19 @@ pub async fn request_nobody_answers_times_out_and_expires_in_its_queue(fx: Fx) {
         "timed out after {took:?}"
     );
     assert_eq!(requests(&fx, RequestOutcome::Timeout), 1);
+    match fx
+        .broker
+        .request(
+            &fx.names.tasks_exchange(),
+            "background",
+            Message::new("x"),
+            Duration::MAX,
+        )
+        .await
+    {
+        Err(Error::InvalidMessage(e)) => assert!(e.contains("longer than"), "{e}"),
+        other => panic!("a timeout RabbitMQ cannot carry is refused, got {other:?}"),
+    }
     let dead = fx.drain(&fx.names.dlq(), 1).await;
     assert_eq!(dead[0].message.id, id);
     assert_eq!(

@@ -66,6 +66,10 @@ pub const MAX_PENDING: usize = 10_000;
 /// times out).
 pub const REPLY_QUEUE_EXPIRES: Duration = Duration::from_secs(600);
 
+/// The longest timeout of a request: RabbitMQ takes per-message TTLs up to
+/// 2^32 - 1 ms (~49 days).
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(30 * 24 * 3600);
+
 /// Unacked replies the reply consumer may hold: it only hands them over.
 const REPLY_PREFETCH: u16 = 512;
 
@@ -237,18 +241,18 @@ async fn consume_replies(
 }
 
 impl Broker {
-    /// Publish `message` as a request to `exchange` with `routing_key` and
-    /// wait up to `timeout` for its reply: the message a handler answered with
-    /// [`Outcome::Reply`](crate::Outcome::Reply). The request carries
-    /// `reply_to` (this handle's reply queue), a correlation id (the message's
-    /// own if set, else its id), `expiration` = the time left (shorter if the
-    /// message had a shorter one) and the deadline header, so a request whose
-    /// caller gave up is not handled. Fails with [`Error::RequestTimeout`]
-    /// when no reply came in time (the request may still run), with the
-    /// publish's error if it was not confirmed, and with
-    /// [`Error::InvalidMessage`] if a request with the same correlation id is
-    /// already waiting here. Works under the spec's least-privilege
-    /// permissions: see [`crate::broker::request`] for the design.
+    /// Publish `message` as a request to `exchange` with `routing_key` and wait
+    /// up to `timeout` for its reply: the message a handler answered with
+    /// [`Outcome::Reply`](crate::Outcome::Reply). The request carries `reply_to`
+    /// (this handle's reply queue), a correlation id (the message's own if set,
+    /// else its id), `expiration` = the time left (shorter if the message had a
+    /// shorter one) and the deadline header, so a request whose caller gave up is
+    /// not handled. Fails with [`Error::RequestTimeout`] when no reply came in
+    /// time (the request may still run), with the publish's error if it was not
+    /// confirmed, and with [`Error::InvalidMessage`] if a request with the same
+    /// correlation id is already waiting here or the timeout is over
+    /// [`MAX_TIMEOUT`]. Works under the spec's least-privilege permissions: see
+    /// [`crate::broker::request`] for the design.
     ///
     /// ```
     /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
@@ -276,6 +280,14 @@ impl Broker {
         timeout: Duration,
     ) -> Result<Message> {
         self.start_mirroring();
+        if timeout > MAX_TIMEOUT {
+            return Err(Error::InvalidMessage(format!(
+                "request timeout {} is longer than the longest allowed, {} (it travels \
+                 as the request's expiration)",
+                humantime::format_duration(timeout),
+                humantime::format_duration(MAX_TIMEOUT)
+            )));
+        }
         let deadline = tokio::time::Instant::now() + timeout;
         let wall_deadline = SystemTime::now() + timeout;
         let metrics = &self.inner.metrics;
