@@ -311,7 +311,7 @@ async fn requester_whose_connection_is_force_closed_still_gets_its_replies() {
     // dropped as unroutable.
     let before = requester.metrics().connection_recoveries.get();
     let mut state = requester.state();
-    let p2 = p.clone();
+    let p2 = p.to_string();
     let closing = tokio::task::spawn_blocking(move || close_connections(&my_connection_pids(&p2)));
     tokio::time::timeout(
         Duration::from_secs(15),
