@@ -5,7 +5,7 @@
 //!   logging, dispatch, exit codes.
 //! - [`common`]: configuration loading, connecting, the topology a command works on.
 //! - [`mgmt`]: a small client of RabbitMQ's management HTTP API (`stats`, `topology diff`).
-//! - `cmd/`: one file per command — `config`, `topology`, `publish`, `worker/`
+//! - `cmd/`: one file per command — `config`, `topology`, `publish`, `request`, `worker/`
 //!   (`exec`, `pipe`, `http` handlers), `dlq`, `stats`, `demo`.
 //!
 //! # Exit codes
@@ -99,6 +99,8 @@ enum Command {
     Topology(cmd::topology::TopologyCmd),
     /// Publish messages with publisher confirms; prints each confirmed id.
     Publish(cmd::publish::PublishArgs),
+    /// Send a request and print its reply (request-reply; see `worker --exec`).
+    Request(cmd::request::RequestArgs),
     /// Consume queues, running a command or calling an HTTP endpoint per message.
     Worker(cmd::worker::WorkerArgs),
     /// Inspect, replay and purge the dead-letter queue without losing messages.
@@ -169,6 +171,7 @@ fn main() -> ExitCode {
             Command::Config(c) => cmd::config::run(&global, c).await,
             Command::Topology(c) => cmd::topology::run(&global, c).await,
             Command::Publish(a) => cmd::publish::run(&global, a).await,
+            Command::Request(a) => cmd::request::run(&global, a).await,
             Command::Worker(a) => cmd::worker::run(&global, a).await,
             Command::Dlq(c) => cmd::dlq::run(&global, c).await,
             Command::Stats(a) => cmd::stats::run(&global, a).await,

@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use futures::FutureExt;
 use helixmq::backend::Delivery;
 use helixmq::message::header;
+use helixmq::metrics::{RequestLabel, RequestOutcome};
 use helixmq::{
     Broker, Context, Error, HeaderValue, Message, Names, Outcome, Priority, PublishOptions,
     RetryPolicy, SubscribeOptions, Subscription, SubscriptionStatus, Topology,
@@ -77,6 +78,10 @@ macro_rules! helixmq_conformance {
             requeue_delayed_brings_a_message_back_to_its_work_queue,
             single_active_consumer_hands_over_when_the_active_one_goes,
             rate_limit_is_shared_by_subscriptions_and_paused_by_retry_after,
+            request_gets_its_reply,
+            request_nobody_answers_times_out_and_expires_in_its_queue,
+            request_past_its_deadline_is_not_handled,
+            reply_to_a_gone_caller_is_counted_not_dead_lettered,
         );
     };
     (@cases $make:path; $($case:ident),* $(,)?) => {
@@ -1873,4 +1878,252 @@ pub async fn rate_limit_is_shared_by_subscriptions_and_paused_by_retry_after(fx:
         after >= 5,
         "{after} starts in the second after the pause; ms after the 429: {timeline:?}"
     );
+}
+
+// ---------------------------------------------------------------- request-reply
+
+/// `rabbitmq_requests_total{outcome}` of the case's broker now.
+pub fn requests(fx: &Fx, outcome: RequestOutcome) -> u64 {
+    fx.broker
+        .metrics()
+        .requests
+        .get_or_create(&RequestLabel { outcome })
+        .get()
+}
+
+/// Wait until `rabbitmq_requests_total{outcome}` reaches `n` (it is counted
+/// after the settlement the test cannot await). Fails after [`WAIT`].
+pub async fn wait_requests(fx: &Fx, outcome: RequestOutcome, n: u64) {
+    let limit = Instant::now() + WAIT;
+    while requests(fx, outcome) < n {
+        assert!(
+            Instant::now() < limit,
+            "requests{{outcome={}}} stayed at {} (want {n}) for {WAIT:?}",
+            outcome.as_str(),
+            requests(fx, outcome)
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Case: request gets its reply — 20 concurrent requests, each answered by
+/// a handler with its own payload, matched by correlation id; nothing left
+/// in the work queue, the reply queue or the DLQ.
+pub async fn request_gets_its_reply(fx: Fx) {
+    let llm = fx.names.task_queue("llm");
+    let (sub, rec) = subscribe_with(&fx, &llm, fx.opts(8), |m| {
+        assert!(m.reply_to.is_some(), "a request carries reply_to");
+        assert!(
+            m.expiration.is_some(),
+            "a request carries its deadline as expiration"
+        );
+        assert!(m.deadline().is_some(), "and as the deadline header");
+        let answer = format!("re: {}", String::from_utf8_lossy(&m.payload));
+        Ok(Outcome::reply(Message::new(answer)))
+    })
+    .await;
+    let tasks = fx.names.tasks_exchange();
+    let calls = (0..20).map(|i| {
+        let b = fx.broker.clone();
+        let tasks = tasks.clone();
+        async move {
+            let m = Message::new(format!("q{i}"));
+            let id = m.id.clone();
+            let reply = b
+                .request(&tasks, "llm", m, Duration::from_secs(10))
+                .await
+                .expect("reply within the timeout");
+            (i, id, reply)
+        }
+    });
+    for (i, id, reply) in futures::future::join_all(calls).await {
+        assert_eq!(String::from_utf8_lossy(&reply.payload), format!("re: q{i}"));
+        assert_eq!(
+            reply.correlation_id.as_deref(),
+            Some(id.as_str()),
+            "the correlation id is the request's id"
+        );
+    }
+    assert_eq!(rec.calls().len(), 20, "each request handled once");
+    assert_eq!(requests(&fx, RequestOutcome::Replied), 20);
+    assert_eq!(requests(&fx, RequestOutcome::LateReply), 0);
+    sub.shutdown(WAIT).await;
+    fx.drain(&llm, 0).await;
+    fx.drain(&fx.names.dlq(), 0).await;
+    let reply_queue = fx
+        .broker
+        .topology()
+        .queues
+        .iter()
+        .map(|q| q.name.clone())
+        .find(|n| n.starts_with(&format!("{}.", fx.names.replies_exchange())))
+        .expect("the reply queue was declared through the broker");
+    fx.drain(&reply_queue, 0).await;
+}
+
+/// Case: request nobody answers times out (`RequestTimeout` at its timeout,
+/// counted), and then expires in its queue (dead-lettered as `expired`, like
+/// any expired message), so no worker will spend time on it later.
+pub async fn request_nobody_answers_times_out_and_expires_in_its_queue(fx: Fx) {
+    let timeout = Duration::from_millis(400);
+    let m = Message::new("anyone?");
+    let id = m.id.clone();
+    let start = Instant::now();
+    match fx
+        .broker
+        .request(&fx.names.tasks_exchange(), "background", m, timeout)
+        .await
+    {
+        Err(Error::RequestTimeout {
+            message_id,
+            timeout: t,
+            ..
+        }) => {
+            assert_eq!(message_id, id);
+            assert_eq!(t, timeout);
+        }
+        other => panic!("expected RequestTimeout, got {other:?}"),
+    }
+    let took = start.elapsed();
+    assert!(
+        took >= timeout && took < timeout + Duration::from_secs(2),
+        "timed out after {took:?}"
+    );
+    assert_eq!(requests(&fx, RequestOutcome::Timeout), 1);
+    match fx
+        .broker
+        .request(
+            &fx.names.tasks_exchange(),
+            "background",
+            Message::new("x"),
+            Duration::MAX,
+        )
+        .await
+    {
+        Err(Error::InvalidMessage(e)) => assert!(e.contains("longer than"), "{e}"),
+        other => panic!("a timeout RabbitMQ cannot carry is refused, got {other:?}"),
+    }
+    let dead = fx.drain(&fx.names.dlq(), 1).await;
+    assert_eq!(dead[0].message.id, id);
+    assert_eq!(
+        dead[0].message.header_str("x-first-death-reason"),
+        Some("expired")
+    );
+    fx.drain(&fx.names.task_queue("background"), 0).await;
+}
+
+/// Case: request past its deadline is not handled. A request prefetched by a
+/// busy worker (so the broker cannot expire it: it is delivered) waits until
+/// its caller timed out; the worker then skips it (acked, counted
+/// `expired`) without running the handler, and goes on with the next message.
+pub async fn request_past_its_deadline_is_not_handled(fx: Fx) {
+    let q = fx.names.task_queue("debate");
+    let gate = Arc::new(Semaphore::new(0));
+    let g = gate.clone();
+    let rec = Recorder::default();
+    let r = rec.clone();
+    let mut opts = fx.opts(2);
+    opts.concurrency = Some(1);
+    let sub = fx
+        .broker
+        .subscribe(
+            &q,
+            move |m: Message, ctx: Context| {
+                let (g, r) = (g.clone(), r.clone());
+                async move {
+                    r.record(&m, &ctx);
+                    if &m.payload[..] == b"blocker" {
+                        let _ = g.acquire().await;
+                    }
+                    Ok(Outcome::reply(Message::new("answer")))
+                }
+            },
+            opts,
+        )
+        .await
+        .unwrap();
+    let x = fx.names.tasks_exchange();
+    fx.broker
+        .publish(&x, "debate", Message::new("blocker"))
+        .await
+        .unwrap();
+    rec.wait_for(1, "the blocker is being handled").await;
+    match fx
+        .broker
+        .request(
+            &x,
+            "debate",
+            Message::new("late"),
+            Duration::from_millis(300),
+        )
+        .await
+    {
+        Err(Error::RequestTimeout { .. }) => {}
+        other => panic!("expected RequestTimeout behind the blocker, got {other:?}"),
+    }
+    let after = Message::new("after");
+    let after_id = after.id.clone();
+    fx.broker.publish(&x, "debate", after).await.unwrap();
+    gate.add_permits(1);
+    let calls = rec
+        .wait_for(2, "the message after the expired request")
+        .await;
+    assert_eq!(
+        calls[1].message.id, after_id,
+        "the expired request was not handled"
+    );
+    wait_requests(&fx, RequestOutcome::Expired, 1).await;
+    sub.shutdown(WAIT).await;
+    assert_eq!(rec.calls().len(), 2);
+    // The blocker and "after" asked for no reply: dropped, counted.
+    assert_eq!(requests(&fx, RequestOutcome::ReplyDropped), 2);
+    assert_eq!(requests(&fx, RequestOutcome::Expired), 1);
+    fx.drain(&q, 0).await;
+    fx.drain(&fx.names.dlq(), 0).await;
+}
+
+/// Case: reply to a gone caller is counted, not dead-lettered: a request
+/// whose reply queue does not exist — before any requester declared the
+/// replies exchange, and after — is answered, the answer dropped and
+/// counted `reply_dropped`, the request acked; nothing reaches the DLQ.
+pub async fn reply_to_a_gone_caller_is_counted_not_dead_lettered(fx: Fx) {
+    let q = fx.names.task_queue("verification");
+    let (sub, rec) = subscribe_with(&fx, &q, fx.opts(4), |m| {
+        Ok(Outcome::reply(Message::new(m.payload.clone())))
+    })
+    .await;
+    let x = fx.names.tasks_exchange();
+    let deadline = helixmq::message::now_unix_millis() + 30_000;
+    let orphan = |what: &str| {
+        let mut m = Message::new(what.to_string())
+            .with_correlation_id(format!("gone-{what}"))
+            .with_header(header::DEADLINE, deadline);
+        m.reply_to = Some(fx.names.reply_queue("gone"));
+        m
+    };
+    // No replies exchange yet: nobody ever made a request here.
+    fx.broker
+        .publish(&x, "verification", orphan("first"))
+        .await
+        .unwrap();
+    wait_requests(&fx, RequestOutcome::ReplyDropped, 1).await;
+    // A live caller declares the replies exchange and gets its answer...
+    let reply = fx
+        .broker
+        .request(&x, "verification", Message::new("alive"), WAIT)
+        .await
+        .expect("reply");
+    assert_eq!(&reply.payload[..], b"alive");
+    // ...and a gone one's answer is unroutable there.
+    fx.broker
+        .publish(&x, "verification", orphan("second"))
+        .await
+        .unwrap();
+    wait_requests(&fx, RequestOutcome::ReplyDropped, 2).await;
+    sub.shutdown(WAIT).await;
+    assert_eq!(rec.calls().len(), 3);
+    assert_eq!(requests(&fx, RequestOutcome::Replied), 1);
+    assert_eq!(requests(&fx, RequestOutcome::LateReply), 0);
+    fx.drain(&q, 0).await;
+    fx.drain(&fx.names.dlq(), 0).await;
 }

@@ -106,6 +106,22 @@ pub enum Error {
         routing_key: String,
     },
 
+    /// No reply to a request ([`Broker::request`](crate::Broker::request))
+    /// arrived within its timeout. Not retryable as such: the request may
+    /// still be running (or have run) on a worker, so sending it again may
+    /// run it twice.
+    #[error("no reply to request {message_id} (exchange '{exchange}', routing key '{routing_key}') within {timeout:?}: is a worker consuming that queue, and can it answer in time? (raise the timeout, or check the worker)")]
+    RequestTimeout {
+        /// The request's message id.
+        message_id: String,
+        /// Exchange it was published to.
+        exchange: String,
+        /// Routing key it was published with.
+        routing_key: String,
+        /// The timeout that elapsed.
+        timeout: Duration,
+    },
+
     /// A referenced queue or exchange does not exist (AMQP 404).
     #[error("{kind} '{name}' not found: declare the topology first (`helixmq topology apply`) or check the name")]
     NotFound {
@@ -297,6 +313,17 @@ impl Error {
                 message_id: message_id.clone(),
                 exchange: exchange.clone(),
                 routing_key: routing_key.clone(),
+            },
+            Error::RequestTimeout {
+                message_id,
+                exchange,
+                routing_key,
+                timeout,
+            } => Error::RequestTimeout {
+                message_id: message_id.clone(),
+                exchange: exchange.clone(),
+                routing_key: routing_key.clone(),
+                timeout: *timeout,
             },
             Error::NotFound { kind, name } => Error::NotFound {
                 kind,

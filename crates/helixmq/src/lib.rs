@@ -11,7 +11,8 @@
 //! - [`topology`]: exchanges, queues, bindings as data; every name from [`Names`];
 //!   RabbitMQ definitions export.
 //! - [`message`]: the [`Message`] model and its AMQP mapping.
-//! - [`broker`]: the [`Broker`] handle — connect, publish (confirmed), subscribe, close.
+//! - [`broker`]: the [`Broker`] handle — connect, publish (confirmed), subscribe, close;
+//!   request-reply ([`Broker::request`], answered by [`Outcome::Reply`]).
 //! - [`consumer`]: the reliable consumer written once for every backend: handlers,
 //!   [`Outcome`]s, retries, dead-lettering, duplicate guard, graceful shutdown.
 //! - [`backend`]: the [`Backend`] seam, with [`backend::memory`] (embedded broker)

@@ -7,6 +7,7 @@ pub mod demo;
 pub mod dlq;
 pub mod outbox;
 pub mod publish;
+pub mod request;
 pub mod stats;
 pub mod topology;
 pub mod worker;

@@ -359,7 +359,7 @@ async fn scheduled(
 
 /// `application/json` when the payload parses as JSON (the spec's service always
 /// sent it, and foreign consumers check it); nothing otherwise.
-fn json_content_type(payload: &[u8]) -> Option<String> {
+pub fn json_content_type(payload: &[u8]) -> Option<String> {
     let text = std::str::from_utf8(payload).ok()?.trim();
     if text.is_empty() {
         return None;

@@ -243,3 +243,72 @@ fn bench_names_an_unreachable_broker() {
     assert!(err.contains("127.0.0.1"), "{err}");
     assert!(!err.contains("s3cret"), "password leaked: {err}");
 }
+
+#[test]
+fn bench_request_json_has_its_figures_and_leaves_nothing_behind() {
+    let out = Command::new(env!("CARGO_BIN_EXE_helixmq"))
+        .args([
+            "bench",
+            "--request",
+            "--json",
+            "--rounds",
+            "1",
+            "--request-messages",
+            "300",
+            "--request-in-flight",
+            "8",
+            "--request-latency-messages",
+            "100",
+            "--request-rate",
+            "200",
+            "--url",
+            "amqp://helixagent:helixagent123@127.0.0.1:5672/%2f",
+        ])
+        .output()
+        .expect("run helixmq bench --request");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "helixmq bench --request failed:\n{stderr}"
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "stdout is not JSON ({e}):\n{}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    });
+    let per_sec = positive(&v, "throughput_per_sec");
+    let rounds = field(&v, "throughput_rounds").as_array().expect("rounds");
+    assert_eq!(rounds.len(), 1);
+    assert_eq!(rounds[0]["requests"], 300);
+    // Consistent: 300 requests in `seconds` is the rate reported.
+    let seconds = positive(&rounds[0], "seconds");
+    assert!((300.0 / seconds - per_sec).abs() < 1.0, "{v:#}");
+    assert_eq!(field(&v, "latency.requests"), 100);
+    let p50 = positive(&v, "latency.p50_ms");
+    let p99 = positive(&v, "latency.p99_ms");
+    assert!(p50 <= p99 && p99 <= positive(&v, "latency.max_ms"), "{v:#}");
+    positive(&v, "embedded.per_sec");
+    assert!(field(&v, "throughput_target_met").is_boolean());
+    assert!(
+        stderr.contains("request-reply"),
+        "summary missing:\n{stderr}"
+    );
+
+    let prefix = stderr
+        .split("queues under '")
+        .nth(1)
+        .and_then(|s| s.split('\'').next())
+        .expect("the prefix is announced on stderr");
+    for what in ["list_queues", "list_exchanges"] {
+        let o = Command::new("rabbitmqctl")
+            .args([what, "name", "-q"])
+            .output()
+            .expect("rabbitmqctl runs");
+        let list = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            !list.contains(prefix),
+            "{what}: left behind under {prefix}:\n{list}"
+        );
+    }
+}

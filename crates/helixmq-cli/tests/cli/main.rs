@@ -11,6 +11,7 @@ mod dlq;
 mod outbox;
 mod publish;
 mod rate_limit;
+mod request;
 mod topology_stats;
 mod worker;
 mod worker_health;

@@ -2,11 +2,13 @@
 //!
 //! A `Broker` is a cheap handle (`Clone`) over one [`Backend`]. It owns the
 //! topology it declared, so it can refuse a priority a queue would ignore and
-//! route retries back to the queue a message came from.
+//! route retries back to the queue a message came from. [`request`]:
+//! request-reply ([`Broker::request`]) on a reply queue of its own.
 
 mod builder;
 pub(crate) mod options;
 pub(crate) use options as options_resolved;
+pub mod request;
 mod route;
 
 pub use builder::BrokerBuilder;
@@ -51,6 +53,8 @@ pub(crate) struct Inner {
     metrics: Metrics,
     /// Deliveries held by this broker's subscriptions (see `consumer::hold`).
     pub(crate) holds: Arc<crate::consumer::Holds>,
+    /// Request-reply: this handle's reply queue and the callers waiting on it.
+    requester: request::Requester,
     /// Whether the task mirroring the connection state into the gauge runs:
     /// a broker made outside a Tokio runtime starts it on first use inside one.
     mirroring: AtomicBool,
@@ -108,6 +112,7 @@ impl Broker {
     fn assemble(backend: Arc<dyn Backend>, config: Config, metrics: Metrics) -> Broker {
         let names = Names::new(config.helixmq.prefix.clone());
         let topology = Topology::system(&names);
+        let requester = request::Requester::new(&names);
         metrics
             .connection_state
             .set(backend.state().borrow().gauge());
@@ -121,6 +126,7 @@ impl Broker {
                     metrics.reroutes_blocked.clone(),
                 )),
                 metrics,
+                requester,
                 mirroring: AtomicBool::new(false),
             }),
         };
@@ -664,9 +670,12 @@ impl Broker {
     }
 
     /// Close: wait for outstanding confirms, then close channels and connection.
-    /// Subscriptions should be shut down first to drain their handlers.
+    /// Subscriptions should be shut down first to drain their handlers. A
+    /// request still waiting fails with [`Error::Closed`], and this handle's
+    /// reply queue (if it made requests) is deleted.
     pub async fn close(&self) -> Result<()> {
         self.start_mirroring();
+        self.inner.requester.close(self).await;
         self.inner.backend.close().await
     }
 

@@ -9,7 +9,9 @@ use crate::error::BoxError;
 use crate::message::Message;
 
 /// What to do with a message after its handler ran.
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// `PartialEq` but not `Eq`: a [`Outcome::Reply`] holds a [`Message`].
+#[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
     /// Done: acknowledge it.
     Ack,
@@ -29,6 +31,14 @@ pub enum Outcome {
     /// [`rate_limit`](crate::SubscribeOptions::rate_limit) pauses its key for
     /// every worker sharing it until then.
     RetryAfter(Duration),
+    /// Done, and this is the answer to the request (see
+    /// [`Broker::request`](crate::Broker::request)): it is published to the
+    /// requester's reply queue (confirmed), then the request is acked. A reply
+    /// whose caller is gone, or past the request's deadline, is dropped and
+    /// counted (`rabbitmq_requests_total{outcome="reply_dropped"}`), never
+    /// dead-lettered; so is a reply to a message that asked for none. Boxed: a
+    /// message is far larger than the other outcomes. [`Outcome::reply`] makes one.
+    Reply(Box<Message>),
 }
 
 impl Outcome {
@@ -38,6 +48,11 @@ impl Outcome {
             delay: None,
             reason: reason.into(),
         }
+    }
+    /// `Reply` with `message` (its correlation id and reply-to are set from
+    /// the request when it is sent).
+    pub fn reply(message: Message) -> Self {
+        Outcome::Reply(Box::new(message))
     }
     /// `DeadLetter`.
     pub fn dead_letter(reason: impl Into<String>) -> Self {

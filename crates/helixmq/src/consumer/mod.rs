@@ -18,7 +18,7 @@ pub(crate) use hold::Holds;
 
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use futures::FutureExt;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -32,7 +32,7 @@ use crate::backend::{Delivery, Outgoing};
 use crate::broker::{RetryPolicy, RouteHandle};
 use crate::error::{Error, Result};
 use crate::message::{header, now_unix_millis, HeaderValue, Message};
-use crate::metrics::QueueLabel;
+use crate::metrics::{QueueLabel, RequestOutcome};
 use crate::ratelimit::Limiter;
 use dedup::Dedup;
 use prometheus_client::metrics::counter::Counter;
@@ -330,6 +330,11 @@ async fn worker(
 impl Runner {
     async fn process(&self, d: Delivery, halt: &CancellationToken) {
         let c = &self.counters;
+        // RabbitMQ expires a request only at its queue's head; one prefetched
+        // (or behind a longer-lived one) may reach us after its caller gave up.
+        if d.message.deadline().is_some_and(|t| t <= SystemTime::now()) {
+            return self.skip_expired(d).await;
+        }
         // The duplicate guard keys on (id, attempt): a retried copy keeps its id.
         let key = self
             .dedup
@@ -400,6 +405,15 @@ impl Runner {
         self.counters.nacked.inc();
         if let Err(e) = d.acker.nack(true).await {
             tracing::debug!(error = %e, "nack failed; message will be redelivered");
+        }
+    }
+
+    /// Ack a request whose caller stopped waiting, without running its handler.
+    async fn skip_expired(&self, d: Delivery) {
+        self.route.metrics.request(RequestOutcome::Expired);
+        tracing::debug!(message_id = %d.message.id, queue = %self.queue, "request past its deadline: skipped");
+        if let Err(e) = d.acker.ack().await {
+            tracing::warn!(error = %e, "ack of expired request failed; it will be redelivered");
         }
     }
 
@@ -489,6 +503,7 @@ impl Runner {
         let placed = match &outcome {
             Outcome::Ack => true,
             Outcome::RetryAfter(_) => unreachable!("RetryAfter was turned into Retry above"),
+            Outcome::Reply(reply) => self.send_reply(&d, reply, halt).await,
             Outcome::Retry { delay, reason } => {
                 let wait = self.retry.delay_after(attempt, *delay);
                 let tier = self.route.names.retry_tier(wait);
@@ -580,6 +595,81 @@ impl Runner {
             }
             if matches!(err, Error::Closed) {
                 return false;
+            }
+            let wait = crate::backoff::jittered(HOLD_BACKOFF_BASE, HOLD_BACKOFF_MAX, attempt);
+            tokio::select! {
+                _ = halt.cancelled() => return false,
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    /// Publish `reply` to the requester of `d` (confirmed, mandatory, through
+    /// the replies exchange); true once it is placed or dropped for good. A
+    /// reply whose caller is gone (no reply queue: unroutable), or that would
+    /// arrive past the request's deadline, is dropped and counted, never
+    /// dead-lettered. Any other failure holds `d` (as an unplaced copy does)
+    /// and sends again until the deadline; false only on shutdown first.
+    async fn send_reply(&self, d: &Delivery, reply: &Message, halt: &CancellationToken) -> bool {
+        let m = &self.route.metrics;
+        let Some(to) = d.message.reply_to.as_deref() else {
+            tracing::warn!("the handler replied to a message that asked for no reply (no reply_to): reply dropped");
+            m.request(RequestOutcome::ReplyDropped);
+            return true;
+        };
+        let mut reply = reply.clone();
+        reply.correlation_id = d
+            .message
+            .correlation_id
+            .clone()
+            .or_else(|| Some(d.message.id.clone()));
+        reply.reply_to = None;
+        // Nobody needs a reply after a broker restart: its caller has gone too.
+        reply.delivery_mode = crate::message::DeliveryMode::Transient;
+        if reply.traceparent.is_none() {
+            reply.traceparent = d.message.traceparent().map(str::to_string);
+        }
+        let deadline = d.message.deadline();
+        let exchange = self.route.names.replies_exchange();
+        let mut held: Option<hold::HoldGuard> = None;
+        let mut attempt = 0u32;
+        loop {
+            attempt = attempt.saturating_add(1);
+            if let Some(t) = deadline {
+                match t.duration_since(SystemTime::now()) {
+                    // It expires in the reply queue when its caller stops waiting.
+                    Ok(left) if left >= Duration::from_millis(1) => {
+                        reply.expiration = Some(Duration::from_millis(left.as_millis() as u64))
+                    }
+                    _ => {
+                        tracing::debug!(reply_to = to, "request past its deadline: reply dropped");
+                        m.request(RequestOutcome::ReplyDropped);
+                        return true;
+                    }
+                }
+            }
+            let sent = tokio::select! {
+                _ = halt.cancelled(), if held.is_some() => return false,
+                r = self.republish(&exchange, to, &reply) => r,
+            };
+            let reason = match sent {
+                Ok(()) => return true,
+                // No reply queue (or not even the replies exchange: no requester ever
+                // declared it): whoever asked is gone.
+                Err(Error::Unroutable { .. } | Error::NotFound { .. }) => {
+                    tracing::debug!(
+                        reply_to = to,
+                        "the requester's reply queue is gone: reply dropped"
+                    );
+                    m.request(RequestOutcome::ReplyDropped);
+                    return true;
+                }
+                Err(Error::Closed) => return false,
+                Err(e) => format!("reply to {to}: {e}"),
+            };
+            match &held {
+                None => held = Some(self.route.holds.hold(&self.queue, reason)),
+                Some(h) => h.update(reason),
             }
             let wait = crate::backoff::jittered(HOLD_BACKOFF_BASE, HOLD_BACKOFF_MAX, attempt);
             tokio::select! {

@@ -241,8 +241,9 @@ impl InboxTx {
             return outcome;
         };
         match outcome {
-            Outcome::Ack => match tx.commit().await {
-                Ok(()) => Outcome::Ack,
+            // A reply is a success too: its effects commit before it is sent.
+            done @ (Outcome::Ack | Outcome::Reply(_)) => match tx.commit().await {
+                Ok(()) => done,
                 Err(e) => Outcome::retry(format!("inbox: commit failed: {e}")),
             },
             other => {

@@ -42,6 +42,10 @@ pub mod header {
     /// token-limited subscription's pool before its handler starts
     /// ([`crate::ratelimit`]).
     pub const TOKEN_ESTIMATE: &str = "x-helixmq-token-estimate";
+    /// Unix milliseconds after which a request's caller no longer waits (set
+    /// by [`Broker::request`](crate::Broker::request)): a worker skips a request
+    /// past it instead of running its handler.
+    pub const DEADLINE: &str = "x-helixmq-deadline-ms";
 }
 
 /// Message priority 0–10 (the spec's llm queue has `x-max-priority` 10).
@@ -244,6 +248,12 @@ impl Message {
                 .get(header::TRACEPARENT)
                 .and_then(HeaderValue::as_str)
         })
+    }
+    /// The deadline of a request ([`header::DEADLINE`]): after it, its caller
+    /// no longer waits for the reply. `None` for a message that is no request.
+    pub fn deadline(&self) -> Option<SystemTime> {
+        let ms = self.headers.get(header::DEADLINE)?.as_i64()?;
+        Some(UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0)))
     }
     /// A string header.
     pub fn header_str(&self, key: &str) -> Option<&str> {

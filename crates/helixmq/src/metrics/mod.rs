@@ -38,6 +38,60 @@ fn rate_limit_wait_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.001, 2.0, 18))
 }
 
+/// How one request of request-reply ended, as counted in
+/// `rabbitmq_requests_total{outcome}` (a closed set: every value is created at 0).
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum RequestOutcome {
+    /// The requester got its reply (counted by the requester).
+    Replied,
+    /// The requester's deadline passed without a reply.
+    Timeout,
+    /// A worker skipped a request whose deadline had passed before its handler started.
+    Expired,
+    /// A worker's reply was dropped: its caller was gone (no reply queue), its
+    /// deadline had passed, or the request asked for no reply.
+    ReplyDropped,
+    /// A reply reached a requester that no longer waited for it (late or duplicate).
+    LateReply,
+}
+
+impl RequestOutcome {
+    /// Every outcome, for initialising the series.
+    pub const ALL: [RequestOutcome; 5] = [
+        RequestOutcome::Replied,
+        RequestOutcome::Timeout,
+        RequestOutcome::Expired,
+        RequestOutcome::ReplyDropped,
+        RequestOutcome::LateReply,
+    ];
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RequestOutcome::Replied => "replied",
+            RequestOutcome::Timeout => "timeout",
+            RequestOutcome::Expired => "expired",
+            RequestOutcome::ReplyDropped => "reply_dropped",
+            RequestOutcome::LateReply => "late_reply",
+        }
+    }
+}
+
+impl prometheus_client::encoding::EncodeLabelValue for RequestOutcome {
+    fn encode(
+        &self,
+        encoder: &mut prometheus_client::encoding::LabelValueEncoder<'_>,
+    ) -> Result<(), std::fmt::Error> {
+        std::fmt::Write::write_str(encoder, self.as_str())
+    }
+}
+
+/// Label set of `rabbitmq_requests_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabel {
+    /// How the request ended.
+    pub outcome: RequestOutcome,
+}
+
 /// Every metric helixmq exports. Names follow the spec (`rabbitmq_*`).
 #[derive(Clone, Debug)]
 pub struct Metrics {
@@ -83,6 +137,8 @@ pub struct Metrics {
     pub rate_limit_permits_minted: Family<RateLimitLabel, Counter>,
     /// Pauses ("retry after") this process heard, per key.
     pub rate_limit_pauses: Family<RateLimitLabel, Counter>,
+    /// Request-reply outcomes, requester and worker side (`rabbitmq_requests_total{outcome}`).
+    pub requests: Family<RequestLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -109,6 +165,7 @@ impl Default for Metrics {
             rate_limit_wait: Family::new_with_constructor(rate_limit_wait_histogram),
             rate_limit_permits_minted: Family::default(),
             rate_limit_pauses: Family::default(),
+            requests: Family::default(),
         }
     }
 }
@@ -222,7 +279,20 @@ impl Metrics {
             "Pauses (a handler's retry-after) heard, per rate limit key",
             m.rate_limit_pauses.clone(),
         );
+        r.register(
+            "requests",
+            "Request-reply outcomes: replied, timeout, expired (skipped by a worker), reply_dropped, late_reply",
+            m.requests.clone(),
+        );
+        for outcome in RequestOutcome::ALL {
+            let _ = m.requests.get_or_create(&RequestLabel { outcome });
+        }
         m
+    }
+
+    /// Count one request-reply outcome.
+    pub(crate) fn request(&self, outcome: RequestOutcome) {
+        self.requests.get_or_create(&RequestLabel { outcome }).inc();
     }
 
     /// Create the labelled series of every queue and exchange of `t`, so a
@@ -296,6 +366,7 @@ mod tests {
             r#"rabbitmq_messages_dead_lettered_total{queue="hx.events.audit"} 0"#,
             r#"rabbitmq_reroutes_blocked{queue="hx.notifications.sse"} 0"#,
             r#"rabbitmq_messages_published_total{exchange="hx.tasks"} 0"#,
+            r#"rabbitmq_requests_total{outcome="late_reply"} 0"#,
         ] {
             assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
         }

@@ -161,8 +161,9 @@ pub struct Queue {
     /// `x-single-active-consumer`: only the oldest consumer receives messages;
     /// when it goes, the next one takes over (the rate limiter's refiller lease).
     pub single_active_consumer: bool,
-    /// `x-expires`: the queue is deleted after this long without consumers
-    /// (a per-process queue left by a process that died).
+    /// `x-expires`: the broker deletes the queue once it went this long without
+    /// a consumer (or a redeclare): a reply queue or a rate limiter's pause
+    /// queue left by a process that is gone.
     pub expires: Option<Duration>,
 }
 

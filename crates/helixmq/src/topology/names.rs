@@ -118,6 +118,17 @@ impl Names {
             .strip_prefix(&self.prefix)
             .is_some_and(|r| r.starts_with(".delay."))
     }
+    /// `{prefix}.replies`: the direct exchange every reply of request-reply
+    /// goes through, routed by the requester's reply queue name. A queue of
+    /// ours, not the default exchange (refused under least privilege).
+    pub fn replies_exchange(&self) -> String {
+        self.name("replies")
+    }
+    /// `{prefix}.replies.{id}`: the reply queue of one requesting broker
+    /// handle, bound to [`Names::replies_exchange`] under its own name.
+    pub fn reply_queue(&self, id: &str) -> String {
+        self.name(&format!("replies.{id}"))
+    }
     /// Retry tier for `delay`: `{prefix}.retry` for the spec's 60 s, else
     /// `{prefix}.retry.{delay}` (e.g. `helixagent.retry.5s`). The same name is
     /// used for the tier's fanout exchange and its queue.

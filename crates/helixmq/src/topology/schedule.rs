@@ -222,7 +222,9 @@ impl Topology {
     /// The due exchange's copy of `b`, unless `b` is part of the delay walk.
     /// An exchange this topology does not know is taken as direct.
     pub(crate) fn due_mirror(&self, b: &Binding) -> Option<Binding> {
-        if self.names.is_delay_exchange(&b.exchange) {
+        // Replies go to one requester's queue, never by a schedule.
+        if self.names.is_delay_exchange(&b.exchange) || b.exchange == self.names.replies_exchange()
+        {
             return None;
         }
         let kind = self

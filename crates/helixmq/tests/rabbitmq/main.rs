@@ -11,6 +11,7 @@ mod privilege_least;
 mod publish;
 mod rate_limit;
 mod recovery;
+mod request;
 mod scheduled_quorum;
 mod tls_connect;
 mod tracing_traceparent;

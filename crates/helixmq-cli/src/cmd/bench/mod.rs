@@ -21,6 +21,8 @@
 //! - [`plot`]: the latency histogram SVG.
 //! - [`outbox`]: `--outbox`, the PostgreSQL outbox relay's throughput and latency.
 //! - [`dlq`]: `--dlq`, the DLQ reader and the console on 100,000 dead letters.
+//! - [`request`]: `--request`, request-reply throughput (64 in flight) and
+//!   latency at a fixed rate.
 
 mod consume;
 mod dlq;
@@ -32,6 +34,7 @@ mod pipe;
 mod plot;
 mod publish;
 mod report;
+mod request;
 mod setup;
 
 use std::path::PathBuf;
@@ -143,6 +146,9 @@ pub struct BenchArgs {
     /// The DLQ benchmark (`--dlq`).
     #[command(flatten)]
     pub dlq: dlq::DlqBenchArgs,
+    /// The request-reply benchmark (`--request`).
+    #[command(flatten)]
+    pub request: request::RequestBenchArgs,
 }
 
 /// The settings every phase shares, resolved from [`BenchArgs`].
@@ -227,6 +233,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     if args.dlq.dlq {
         let res = dlq::run(&bench, &args.dlq, args.rounds, args.json).await;
+        let cleaned = bench.cleanup().await;
+        res?;
+        return cleaned;
+    }
+    if args.request.request {
+        let res = request::run(&bench, &args.request, plan.size, args.rounds, args.json).await;
         let cleaned = bench.cleanup().await;
         res?;
         return cleaned;

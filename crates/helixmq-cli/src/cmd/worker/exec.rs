@@ -6,6 +6,9 @@
 //! 0 ack, 65 (EX_DATAERR) dead letter with stderr's tail, 75 (EX_TEMPFAIL)
 //! with a `retry-after: N` line on stderr "rate limited, retry after N s"
 //! (pausing a `--rate-limit` key for every worker), anything else retry.
+//! A request (a message with `reply_to`, from `helixmq request` or
+//! `Broker::request`) is answered with the command's stdout on exit 0; other
+//! messages leave stdout to the worker's.
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -24,6 +27,9 @@ pub const EX_DATAERR: i32 = 65;
 pub const EX_TEMPFAIL: i32 = 75;
 /// How much of stderr is kept for the reason.
 const STDERR_TAIL: usize = 2048;
+/// The largest reply a command may write to stdout: a reply travels as one
+/// message; more is a mistake retrying will not fix (dead letter).
+pub const MAX_REPLY: usize = 16 * 1024 * 1024;
 
 /// Runs a shell command per message.
 pub struct ExecHandler {
@@ -165,11 +171,16 @@ impl ExecHandler {
 
     /// Run the command for one message and map its exit status to an outcome.
     pub async fn handle(&self, m: Message, ctx: Context) -> Outcome {
+        let request = m.reply_to.is_some();
         let mut c = Command::new("sh");
         c.arg("-c")
             .arg(&self.cmd)
             .stdin(Stdio::piped())
-            .stdout(Stdio::inherit())
+            .stdout(if request {
+                Stdio::piped()
+            } else {
+                Stdio::inherit()
+            })
             .stderr(Stdio::piped())
             .process_group(0)
             .kill_on_drop(true);
@@ -211,6 +222,21 @@ impl ExecHandler {
             String::from_utf8_lossy(&kept).into_owned()
         });
 
+        // A request's answer: stdout, read as it comes (a full pipe would block
+        // the command), up to MAX_REPLY bytes (None beyond).
+        let stdout = child.stdout.take();
+        let answer = tokio::spawn(async move {
+            let mut out: Vec<u8> = Vec::new();
+            let Some(s) = stdout else {
+                return Some(out);
+            };
+            let mut limited = s.take(MAX_REPLY as u64 + 1);
+            match limited.read_to_end(&mut out).await {
+                Ok(_) if out.len() <= MAX_REPLY => Some(out),
+                _ => None,
+            }
+        });
+
         let waited = tokio::time::timeout(self.timeout, child.wait()).await;
         // The message is done (or out of time): whatever the command left running in
         // its group goes too; that also closes stderr so the reader finishes.
@@ -221,6 +247,7 @@ impl ExecHandler {
                 let _ = child.wait().await;
                 writer.abort();
                 reader.abort();
+                answer.abort();
                 return Outcome::retry(format!(
                     "command timed out after {}; its process group was killed",
                     humantime::format_duration(self.timeout)
@@ -232,6 +259,12 @@ impl ExecHandler {
         let err_tail = tail(&err_tail, 512);
         match status {
             Err(e) => Outcome::retry(format!("cannot wait for the command: {e}")),
+            Ok(s) if s.success() && request => match answer.await.ok().flatten() {
+                Some(out) => Outcome::reply(Message::new(out)),
+                None => Outcome::dead_letter(format!(
+                    "the command's reply (stdout) is larger than {MAX_REPLY} bytes"
+                )),
+            },
             Ok(s) if s.success() => Outcome::Ack,
             Ok(s) => match s.code() {
                 Some(EX_DATAERR) => {
@@ -316,6 +349,27 @@ mod tests {
             h("exit 75").handle(m.clone(), ctx()).await,
             Outcome::Retry { .. }
         ));
+    }
+
+    #[tokio::test]
+    async fn a_request_is_answered_with_stdout() {
+        let h = |c: &str| ExecHandler::new(c.to_string(), Duration::from_secs(10));
+        let mut m = Message::new("6 x 7");
+        m.reply_to = Some("helixagent.replies.x".into());
+        match h("printf 'answer to '; cat").handle(m.clone(), ctx()).await {
+            Outcome::Reply(r) => assert_eq!(&r.payload[..], b"answer to 6 x 7"),
+            o => panic!("{o:?}"),
+        }
+        // A failing command still retries; no reply is made of its output.
+        assert!(matches!(
+            h("echo partial; exit 75").handle(m.clone(), ctx()).await,
+            Outcome::Retry { .. }
+        ));
+        // Not a request: stdout is the worker's, the outcome a plain ack.
+        assert_eq!(
+            h("echo hi").handle(Message::new("x"), ctx()).await,
+            Outcome::Ack
+        );
     }
 
     #[tokio::test]

@@ -5,7 +5,8 @@
 //!   exchange `""` routes to the queue named by the routing key.
 //! - Queues: priorities (`x-max-priority`, FIFO within a priority), queue and
 //!   per-message TTL, `x-max-length` with `drop-head` or `reject-publish`,
-//!   dead-lettering with RabbitMQ's `x-death` headers.
+//!   dead-lettering with RabbitMQ's `x-death` headers, `x-expires` (a queue
+//!   unused that long — no consumer, `basic.get` or redeclare — is deleted).
 //! - Consumers: manual ack, nack with or without requeue, prefetch windows,
 //!   round-robin, unsettled deliveries requeued (redelivered) when a stream is dropped.
 //!
@@ -189,7 +190,7 @@ impl Backend for MemoryBroker {
     }
 
     async fn declare(&self, t: &Topology) -> Result<()> {
-        self.open(|st, _| st.declare(t))
+        self.open(|st, fx| st.declare(t, fx))
     }
 
     async fn publish(&self, out: Outgoing<'_>, _timeout: Duration) -> Result<()> {

@@ -78,8 +78,11 @@ impl Effects {
     }
     fn head(&mut self, s: Option<&Stored>) {
         if let Some(at) = s.and_then(|s| s.expires_at) {
-            self.wake_at = Some(self.wake_at.map_or(at, |w| w.min(at)));
+            self.wake(at);
         }
+    }
+    fn wake(&mut self, at: Instant) {
+        self.wake_at = Some(self.wake_at.map_or(at, |w| w.min(at)));
     }
 }
 
@@ -166,6 +169,9 @@ pub(super) struct QueueState {
     /// `basic.get` deliveries awaiting settlement.
     got: BTreeMap<u64, Stored>,
     dlx: Option<(Arc<str>, Option<Arc<str>>)>,
+    /// With `x-expires`: since when the queue has been unused (no consumer,
+    /// no `basic.get`, no redeclare); `None` while a consumer is attached.
+    unused_since: Option<Instant>,
 }
 
 impl QueueState {
@@ -181,6 +187,7 @@ impl QueueState {
             rr: 0,
             next_tag: 0,
             got: BTreeMap::new(),
+            unused_since: def.expires.map(|_| Instant::now()),
             dlx: def.dead_letter_exchange.as_ref().map(|x| {
                 (
                     Arc::from(x.as_str()),
@@ -193,6 +200,27 @@ impl QueueState {
     /// Ready messages.
     pub(super) fn ready(&self) -> usize {
         self.ready
+    }
+
+    /// `x-expires`: the queue was used now (a `basic.get`, a redeclare).
+    pub(super) fn touch(&mut self, fx: &mut Effects) {
+        if self.unused_since.is_some() {
+            self.unused(fx);
+        }
+    }
+
+    /// `x-expires`: unused from now on; the timer must wake when it expires.
+    fn unused(&mut self, fx: &mut Effects) {
+        if let Some(after) = self.def.expires {
+            let now = fx.now();
+            self.unused_since = Some(now);
+            fx.wake(now + after);
+        }
+    }
+
+    /// `x-expires`: when this queue is to be deleted, if it stays unused.
+    pub(super) fn expires_at(&self) -> Option<Instant> {
+        Some(self.unused_since? + self.def.expires?)
     }
 
     /// Consumers receiving messages.
@@ -356,6 +384,7 @@ impl QueueState {
             notify,
             cancelled: false,
         });
+        self.unused_since = None;
         self.dispatch(fx);
     }
 
@@ -368,6 +397,9 @@ impl QueueState {
         let pending = std::mem::take(&mut c.buffer);
         for s in pending.into_iter().rev() {
             self.requeue(s, false, fx);
+        }
+        if self.active_consumers() == 0 {
+            self.unused(fx);
         }
         self.dispatch(fx);
     }
@@ -387,6 +419,9 @@ impl QueueState {
         }
         for (_, s) in c.unacked.into_iter().rev() {
             self.requeue(s, true, fx);
+        }
+        if self.active_consumers() == 0 {
+            self.unused(fx);
         }
         self.dispatch(fx);
     }
@@ -415,6 +450,7 @@ impl QueueState {
 
     /// `basic.get`: the next ready message, held unsettled under a tag.
     pub(super) fn get(&mut self, fx: &mut Effects) -> Option<(Stored, u64)> {
+        self.touch(fx);
         let s = self.pop_head(fx)?;
         self.next_tag += 1;
         self.got.insert(self.next_tag, s.clone());

@@ -76,7 +76,7 @@ fn queue_mismatch(have: &Queue, want: &Queue) -> Option<String> {
 impl State {
     /// Declare every exchange, queue and binding of `t`, or nothing at all if
     /// one conflicts with what exists.
-    pub(super) fn declare(&mut self, t: &Topology) -> Result<()> {
+    pub(super) fn declare(&mut self, t: &Topology, fx: &mut Effects) -> Result<()> {
         for x in &t.exchanges {
             if x.name.is_empty() {
                 return Err(Error::AccessRefused {
@@ -139,10 +139,17 @@ impl State {
                 .or_insert_with(|| ExchangeState::new(&x.name, x.kind, x.durable));
         }
         for q in &t.queues {
-            if !self.queues.contains_key(q.name.as_str()) {
-                self.next_uid += 1;
-                let state = QueueState::new(self.next_uid, q);
-                self.queues.insert(state.name.clone(), state);
+            match self.queues.get_mut(q.name.as_str()) {
+                // A redeclare is a use: it restarts an `x-expires` clock.
+                Some(have) => have.touch(fx),
+                None => {
+                    self.next_uid += 1;
+                    let state = QueueState::new(self.next_uid, q);
+                    if let Some(at) = state.expires_at() {
+                        fx.wake_at = Some(fx.wake_at.map_or(at, |w| w.min(at)));
+                    }
+                    self.queues.insert(state.name.clone(), state);
+                }
             }
         }
         for b in &t.bindings {
@@ -298,14 +305,27 @@ impl State {
     }
 
     /// Dead-letter every expired head; the next expiry, which the timer sleeps until.
+    /// Queues unused past their `x-expires` are deleted.
     pub(super) fn expire(&mut self, fx: &mut Effects) -> Option<Instant> {
         let mut next: Option<Instant> = None;
+        let mut gone = Vec::new();
+        let now = fx.now();
         for q in self.queues.values_mut() {
+            if let Some(at) = q.expires_at() {
+                if at <= now {
+                    gone.push(q.name.clone());
+                    continue;
+                }
+                next = Some(next.map_or(at, |n| n.min(at)));
+            }
             if q.ready() > 0 {
                 if let Some(at) = q.expire(fx) {
                     next = Some(next.map_or(at, |n| n.min(at)));
                 }
             }
+        }
+        for name in gone {
+            self.delete_queue(&name);
         }
         self.timer_deadline = next;
         next
@@ -392,15 +412,17 @@ mod tests {
     fn redeclare_with_other_arguments_names_queue_and_argument() {
         let names = Names::new("hx");
         let mut st = State::default();
-        st.declare(&Topology::spec(&names)).unwrap();
-        st.declare(&Topology::spec(&names)).unwrap();
+        st.declare(&Topology::spec(&names), &mut Effects::default())
+            .unwrap();
+        st.declare(&Topology::spec(&names), &mut Effects::default())
+            .unwrap();
         let mut t = Topology::spec(&names);
         t.queues
             .iter_mut()
             .find(|q| q.name == "hx.tasks.llm")
             .unwrap()
             .max_priority = Some(5);
-        let e = st.declare(&t).unwrap_err();
+        let e = st.declare(&t, &mut Effects::default()).unwrap_err();
         let text = e.to_string();
         assert!(
             matches!(e, Error::PreconditionFailed { kind: "queue", .. }),
@@ -418,7 +440,10 @@ mod tests {
             kind: ExchangeKind::Topic,
             durable: true,
         });
-        let e = st.declare(&t).unwrap_err().to_string();
+        let e = st
+            .declare(&t, &mut Effects::default())
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("exchange 'hx.tasks'") && e.contains("'type'"),
             "{e}"
@@ -435,7 +460,7 @@ mod tests {
             routing_key: String::new(),
         });
         assert!(matches!(
-            st.declare(&t),
+            st.declare(&t, &mut Effects::default()),
             Err(Error::NotFound { kind: "queue", .. })
         ));
         assert!(st.queue("hx.dlq").is_err());
@@ -444,7 +469,8 @@ mod tests {
     #[test]
     fn publish_errors() {
         let mut st = State::default();
-        st.declare(&Topology::spec(&Names::new("hx"))).unwrap();
+        st.declare(&Topology::spec(&Names::new("hx")), &mut Effects::default())
+            .unwrap();
         let m = Message::new("x");
         let mut fx = Effects::default();
         assert!(matches!(
@@ -488,7 +514,7 @@ mod tests {
             queue: "hx.loop".into(),
             routing_key: "hx.loop".into(),
         });
-        st.declare(&t).unwrap();
+        st.declare(&t, &mut Effects::default()).unwrap();
 
         let mut fx = Effects::default();
         st.publish("", "hx.src", true, &expired_message(), &mut fx)

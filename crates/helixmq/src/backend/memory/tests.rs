@@ -406,3 +406,38 @@ async fn the_timer_does_not_outlive_the_broker() {
     }
     panic!("the timer task is still alive after the broker was dropped");
 }
+
+#[tokio::test]
+async fn x_expires_deletes_a_queue_unused_that_long_and_not_one_in_use() {
+    let b = MemoryBroker::new();
+    let after = Duration::from_millis(150);
+    let t = |name: &str| Topology {
+        names: Names::new("hx"),
+        exchanges: Vec::new(),
+        queues: vec![Queue::durable(name).expires(after)],
+        bindings: Vec::new(),
+    };
+    b.declare(&t("hx.idle")).await.unwrap();
+    b.declare(&t("hx.used")).await.unwrap();
+    let stream = b.consume("hx.used", 1, "t").await.unwrap();
+    let started = std::time::Instant::now();
+    // The timer deletes the idle one (nothing to await: the broker does it by itself).
+    while b.queue_stats("hx.idle").await.is_ok() {
+        assert!(started.elapsed() < T, "hx.idle still there after {T:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(started.elapsed() >= after - Duration::from_millis(20));
+    tokio::time::sleep(after * 2).await;
+    assert!(
+        b.queue_stats("hx.used").await.is_ok(),
+        "a consumed queue stays"
+    );
+    // Unused from the consumer's end: gone `after` later.
+    drop(stream);
+    let dropped = std::time::Instant::now();
+    while b.queue_stats("hx.used").await.is_ok() {
+        assert!(dropped.elapsed() < T, "hx.used still there after {T:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(dropped.elapsed() >= after - Duration::from_millis(20));
+}
