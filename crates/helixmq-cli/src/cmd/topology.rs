@@ -33,8 +33,8 @@ pub enum TopologyCmd {
         #[arg(long)]
         json: bool,
     },
-    /// Delete every exchange and queue of the topology, retry tiers and
-    /// request-reply's exchange and reply queues included.
+    /// Delete every exchange and queue of the topology, retry tiers,
+    /// request-reply's reply queues and the shared rate limits' queues included.
     /// Messages in them are lost: refuses without `--yes`.
     Delete {
         /// Really delete.
@@ -312,9 +312,14 @@ async fn delete(global: &Global, cfg: &helixmq::Config, yes: bool) -> anyhow::Re
     // Retry tiers of other delays exist only on the broker: find them through the
     // management API when it is there.
     let tier = format!("{}.retry.", cfg.helixmq.prefix);
-    // Request-reply's exchange and reply queues are declared on first use.
+    // Request-reply's exchange and reply queues, and the shared rate limits'
+    // exchange and queues, are declared on first use.
     exchanges.push(t.names.replies_exchange());
-    let replies = format!("{}.", t.names.replies_exchange());
+    exchanges.push(t.names.rate_limit_exchange());
+    let on_first_use = [
+        format!("{}.", t.names.replies_exchange()),
+        format!("{}.", t.names.rate_limit_exchange()),
+    ];
     if let Ok(m) = Management::from_config(cfg, global.management_url.as_deref()) {
         let vh = Management::vhost_segment(&cfg.rabbitmq.vhost);
         if let Ok(v) = m.get(&format!("queues/{vh}?columns=name")).await {
@@ -324,7 +329,7 @@ async fn delete(global: &Global, cfg: &helixmq::Config, yes: bool) -> anyhow::Re
                 .flatten()
                 .filter_map(|q| q["name"].as_str())
             {
-                if (n.starts_with(&tier) || n.starts_with(&replies))
+                if (n.starts_with(&tier) || on_first_use.iter().any(|p| n.starts_with(p)))
                     && !queues.iter().any(|q| q == n)
                 {
                     queues.push(n.to_string());
