@@ -29,7 +29,6 @@ const BATCHES_IN_FLIGHT: usize = 4;
 /// `helixmq publish`
 #[derive(Debug, Args)]
 #[command(group(ArgGroup::new("target").required(true).args(["exchange", "queue"])))]
-#[command(group(ArgGroup::new("body").args(["payload", "file"])))]
 pub struct PublishArgs {
     /// Exchange to publish to (with --routing-key).
     #[arg(long, short = 'e', requires = "routing_key")]
@@ -42,27 +41,9 @@ pub struct PublishArgs {
     /// use the default exchange: prefer --exchange/--routing-key.
     #[arg(long, short = 'q', conflicts_with_all = ["exchange", "routing_key"])]
     pub queue: Option<String>,
-    /// Priority: 0-10 or low (1), normal (5), high (8), critical (10).
-    #[arg(long, short = 'p', value_parser = parse_priority)]
-    pub priority: Option<Priority>,
-    /// Message type (e.g. `llm.request`).
-    #[arg(long = "type", short = 't')]
-    pub kind: Option<String>,
-    /// Correlation id.
-    #[arg(long)]
-    pub correlation_id: Option<String>,
-    /// Content type (default: `application/json` when the payload is valid JSON, else none).
-    #[arg(long)]
-    pub content_type: Option<String>,
-    /// A header `KEY=VALUE`; repeatable.
-    #[arg(long = "header", short = 'H', value_parser = parse_header, value_name = "KEY=VALUE")]
-    pub headers: Vec<(String, String)>,
-    /// The payload text. Without --payload or --file, stdin is read.
-    #[arg(long)]
-    pub payload: Option<String>,
-    /// Read the payload from this file.
-    #[arg(long, short = 'f')]
-    pub file: Option<PathBuf>,
+    /// The message: payload and properties.
+    #[command(flatten)]
+    pub message: MessageArgs,
     /// Publish this many copies (each with its own id), pipelined.
     #[arg(long, short = 'n', default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
     pub count: u64,
@@ -85,6 +66,69 @@ pub struct PublishArgs {
     /// Publish timeout per message (default: the configuration's publish_timeout).
     #[arg(long, value_parser = crate::common::parse_duration)]
     pub timeout: Option<std::time::Duration>,
+}
+
+/// The message `publish` and `request` send: its payload (`--payload`,
+/// `--file` or stdin) and properties.
+#[derive(Debug, Args)]
+#[command(group(ArgGroup::new("body").args(["payload", "file"])))]
+pub struct MessageArgs {
+    /// Priority: 0-10 or low (1), normal (5), high (8), critical (10).
+    #[arg(long, short = 'p', value_parser = parse_priority)]
+    pub priority: Option<Priority>,
+    /// Message type (e.g. `llm.request`).
+    #[arg(long = "type", short = 't')]
+    pub kind: Option<String>,
+    /// Correlation id (a request's default: its message id).
+    #[arg(long)]
+    pub correlation_id: Option<String>,
+    /// Content type (default: `application/json` when the payload is valid JSON, else none).
+    #[arg(long)]
+    pub content_type: Option<String>,
+    /// A header `KEY=VALUE`; repeatable.
+    #[arg(long = "header", short = 'H', value_parser = parse_header, value_name = "KEY=VALUE")]
+    pub headers: Vec<(String, String)>,
+    /// The payload text. Without --payload or --file, stdin is read.
+    #[arg(long)]
+    pub payload: Option<String>,
+    /// Read the payload from this file.
+    #[arg(long, short = 'f')]
+    pub file: Option<PathBuf>,
+}
+
+impl MessageArgs {
+    /// The message, its payload read from `--payload`, `--file` or stdin.
+    pub fn message(&self) -> anyhow::Result<Message> {
+        let mut m = Message::new(self.payload()?);
+        m.kind = self.kind.clone();
+        m.priority = self.priority;
+        m.correlation_id = self.correlation_id.clone();
+        // Foreign consumers look at content_type before parsing: say what it is.
+        m.content_type = self
+            .content_type
+            .clone()
+            .or_else(|| json_content_type(&m.payload));
+        for (k, v) in &self.headers {
+            m.headers.insert(k.clone(), v.as_str().into());
+        }
+        Ok(m)
+    }
+
+    fn payload(&self) -> anyhow::Result<Bytes> {
+        if let Some(p) = &self.payload {
+            return Ok(Bytes::from(p.clone()));
+        }
+        if let Some(f) = &self.file {
+            return Ok(Bytes::from(std::fs::read(f).with_context(|| {
+                format!("cannot read payload file {}", f.display())
+            })?));
+        }
+        let mut buf = Vec::new();
+        std::io::stdin()
+            .read_to_end(&mut buf)
+            .context("cannot read the payload from stdin")?;
+        Ok(Bytes::from(buf))
+    }
 }
 
 /// A priority by number or name, refused with the names that exist.
@@ -112,7 +156,7 @@ pub fn parse_header(s: &str) -> Result<(String, String), String> {
 /// Run `publish`.
 pub async fn run(global: &Global, args: PublishArgs) -> anyhow::Result<ExitCode> {
     let cfg = load_config(global)?;
-    let payload = read_payload(&args)?;
+    let message = args.message.message()?;
     let topology = spec_topology(&cfg);
     let (exchange, routing_key) = match (&args.queue, &args.exchange, &args.routing_key) {
         (Some(q), _, _) => (String::new(), full_queue_name(&topology, q)),
@@ -120,19 +164,8 @@ pub async fn run(global: &Global, args: PublishArgs) -> anyhow::Result<ExitCode>
         _ => bail!("give --exchange with --routing-key, or --queue"),
     };
     let template = {
-        let mut m = Message::new(payload);
-        m.kind = args.kind.clone();
-        m.priority = args.priority;
-        m.correlation_id = args.correlation_id.clone();
-        // Foreign consumers look at content_type before parsing: say what it is.
-        m.content_type = args
-            .content_type
-            .clone()
-            .or_else(|| json_content_type(&m.payload));
+        let mut m = message;
         m.expiration = args.expiration;
-        for (k, v) in &args.headers {
-            m.headers.insert(k.clone(), v.as_str().into());
-        }
         m
     };
     if let Some(at) = args.at {
@@ -399,22 +432,6 @@ fn explain(
         "publishing straight to a queue uses the default exchange, which the spec's \
          permissions refuse: use `{suggestion}` (the broker said: {detail})"
     )
-}
-
-fn read_payload(args: &PublishArgs) -> anyhow::Result<Bytes> {
-    if let Some(p) = &args.payload {
-        return Ok(Bytes::from(p.clone()));
-    }
-    if let Some(f) = &args.file {
-        return Ok(Bytes::from(std::fs::read(f).with_context(|| {
-            format!("cannot read payload file {}", f.display())
-        })?));
-    }
-    let mut buf = Vec::new();
-    std::io::stdin()
-        .read_to_end(&mut buf)
-        .context("cannot read the payload from stdin")?;
-    Ok(Bytes::from(buf))
 }
 
 #[cfg(test)]
