@@ -84,7 +84,30 @@ async fn overview_numbers_change_while_messages_flow() {
         sampled,
         "the sample moved on"
     );
-    // The publish rate the broker measured shows (management API samples every 5 s).
+    // The publish rate the broker measured shows. The management API's rate
+    // covers its last 5 s sample only, so it reads 0 again a few seconds after
+    // a burst: under load the page could sample just after that window and
+    // never see it (CI saw this once). Keep messages flowing while waiting.
+    let flowing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let more = {
+        let (b, flowing) = (b.clone(), flowing.clone());
+        tokio::task::spawn_blocking(move || {
+            while flowing.load(std::sync::atomic::Ordering::Relaxed) {
+                b.run(&[
+                    "publish",
+                    "-e",
+                    &b.name("tasks"),
+                    "-k",
+                    "background",
+                    "-n",
+                    "50",
+                    "--payload",
+                    "{}",
+                ])
+                .ok();
+            }
+        })
+    };
     let rate = browser
         .wait_for_text_where(
             &format!(r#"tr[data-queue="{bg}"] td.publish"#),
@@ -97,8 +120,10 @@ async fn overview_numbers_change_while_messages_flow() {
             },
             Duration::from_secs(30),
         )
-        .await
-        .unwrap();
+        .await;
+    flowing.store(false, std::sync::atomic::Ordering::Relaxed);
+    more.await.unwrap();
+    let rate = rate.unwrap();
     eprintln!("overview: ready {grown} -> {last}, publish rate {rate}/s");
     browser.screenshot(shot("overview.png")).await.unwrap();
     browser.close().await.unwrap();
