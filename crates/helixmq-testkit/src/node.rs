@@ -11,16 +11,34 @@ use crate::scripts::{repo_root, script_locked};
 /// The dedicated node for faults that touch a whole broker: `hqfault@localhost`
 /// unless `HELIXMQ_FAULT_NODE` names another (so two checkouts on one machine
 /// can run their fault tests at once, each on its own node).
+///
+/// nextest runs the fault group two at a time (`.config/nextest.toml`) and
+/// gives each running test of the group a slot (`NEXTEST_TEST_GROUP_SLOT`);
+/// slot N > 0 has a node of its own, the name with N appended (`hqfault1`)
+/// on the port + N, so two fault tests never share a node.
 pub fn node_name() -> String {
-    std::env::var("HELIXMQ_FAULT_NODE").unwrap_or_else(|_| "hqfault".into())
+    let base = std::env::var("HELIXMQ_FAULT_NODE").unwrap_or_else(|_| "hqfault".into());
+    match group_slot() {
+        0 => base,
+        n => format!("{base}{n}"),
+    }
 }
 /// Its AMQP port: 5690 (dist 25690, management 15790, prometheus 15890), or
-/// `HELIXMQ_FAULT_PORT`.
+/// `HELIXMQ_FAULT_PORT`; plus the group slot (see [`node_name`]).
 pub fn node_port() -> u16 {
-    std::env::var("HELIXMQ_FAULT_PORT")
+    let base = std::env::var("HELIXMQ_FAULT_PORT")
         .ok()
         .and_then(|p| p.parse().ok())
-        .unwrap_or(5690)
+        .unwrap_or(5690);
+    base + group_slot()
+}
+/// The test's slot in its nextest test group, 0 outside one (cargo test, or a
+/// test outside every group).
+fn group_slot() -> u16 {
+    std::env::var("NEXTEST_TEST_GROUP_SLOT")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
 }
 /// The shared node everyone else uses; only per-connection faults may touch it.
 pub const SHARED_PORT: u16 = 5672;
