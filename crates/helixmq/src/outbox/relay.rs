@@ -9,6 +9,7 @@
 //! terminated, commit lost) leaves its rows pending and unlocked, and they are
 //! published again — at-least-once, the copies carry the same message id.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,7 +21,8 @@ use tokio_util::sync::CancellationToken;
 use super::metrics::OutboxMetrics;
 use super::{db, stored, Outbox};
 use crate::broker::{Broker, PublishOptions};
-use crate::error::Result;
+use crate::error::{Error, Result};
+use crate::message::Message;
 
 /// What happens to a row once its message is confirmed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -243,12 +245,19 @@ ORDER BY o.id \
 LIMIT $1 \
 FOR UPDATE OF o SKIP LOCKED";
 
+/// Opens a batch's transaction, in one round trip (a simple query).
+const BEGIN_BATCH: &str = "BEGIN; SET LOCAL synchronous_commit = off";
+
 /// One batch: lock, publish with confirms, remove the confirmed rows,
 /// reschedule the failed ones, commit. Public for callers that drive the
 /// relay themselves (a cron job, a test); [`Outbox::relay`] runs it in a loop.
 pub async fn relay_batch(pool: &PgPool, broker: &Broker, options: &RelayOptions) -> Result<Batch> {
+    // The relay's own commit need not wait for its WAL flush: a commit lost
+    // in a crash only leaves its rows pending, and they are published again
+    // with the same message ids (at-least-once, as after any relay crash).
+    // The writers' transactions keep the database's setting.
     let mut tx = pool
-        .begin()
+        .begin_with(BEGIN_BATCH)
         .await
         .map_err(db("relay: begin a transaction"))?;
     let rows = sqlx::query(LOCK_BATCH)
@@ -261,26 +270,7 @@ pub async fn relay_batch(pool: &PgPool, broker: &Broker, options: &RelayOptions)
         return Ok(Batch::default());
     }
     let taken = Instant::now();
-    let publishes = rows.into_iter().map(|row| {
-        let id: i64 = row.get(0);
-        let attempts: i32 = row.get(6);
-        let age: f64 = row.get(7);
-        let message = stored::message(row.get(1), row.get(4), row.get::<&str, _>(5));
-        let exchange: String = row.get(2);
-        let routing_key: String = row.get(3);
-        async move {
-            let res = match message {
-                Ok(m) => {
-                    broker
-                        .publish_with(&exchange, &routing_key, m, &options.publish)
-                        .await
-                }
-                Err(e) => Err(e),
-            };
-            (id, attempts, age, res)
-        }
-    });
-    let results = futures::future::join_all(publishes).await;
+    let results = publish_rows(broker, options, rows).await;
 
     let mut done = Vec::new();
     let mut failed = (Vec::new(), Vec::new(), Vec::new());
@@ -343,4 +333,49 @@ pub async fn relay_batch(pool: &PgPool, broker: &Broker, options: &RelayOptions)
         relayed: done.len(),
         failed: nfailed,
     })
+}
+
+/// Publish a batch's rows and await every confirm: one pipelined
+/// [`Broker::publish_batch`] per destination (exchange and routing key),
+/// the destinations at once. Returns each row's id, attempts, age (seconds
+/// since its transaction started) and outcome.
+async fn publish_rows(
+    broker: &Broker,
+    options: &RelayOptions,
+    rows: Vec<sqlx::postgres::PgRow>,
+) -> Vec<(i64, i32, f64, Result<()>)> {
+    let mut results = Vec::with_capacity(rows.len());
+    // Rows by destination, in id order within each.
+    let mut groups: HashMap<(String, String), (Vec<usize>, Vec<Message>)> = HashMap::new();
+    for row in rows {
+        let id: i64 = row.get(0);
+        let attempts: i32 = row.get(6);
+        let age: f64 = row.get(7);
+        match stored::message(row.get(1), row.get(4), row.get::<&str, _>(5)) {
+            Ok(m) => {
+                let (at, messages) = groups.entry((row.get(2), row.get(3))).or_default();
+                at.push(results.len());
+                messages.push(m);
+                // Replaced by its confirm's outcome: a row without an
+                // answer counts as not published.
+                results.push((id, attempts, age, Err(Error::Closed)));
+            }
+            Err(e) => results.push((id, attempts, age, Err(e))),
+        }
+    }
+    let sent = futures::future::join_all(groups.iter().map(
+        |((exchange, routing_key), (at, messages))| async move {
+            let outcomes = broker
+                .publish_batch(exchange, routing_key, messages, &options.publish)
+                .await;
+            (at, outcomes)
+        },
+    ))
+    .await;
+    for (at, outcomes) in sent {
+        for (&i, outcome) in at.iter().zip(outcomes) {
+            results[i].3 = outcome;
+        }
+    }
+    results
 }
