@@ -2,9 +2,10 @@
 //! cut, black-holed or force-closed, a node is stopped, alarmed or killed, or
 //! a worker dies; each ends with `helixmq_testkit::scenario::Scenario::finish`
 //! (lost = 0, duplicates counted). The cluster tests (quorum queues, failover)
-//! belong here too. Those that stop, alarm or kill a node run one at a time
-//! (`.config/nextest.toml`), on the dedicated fault node or the cluster, never
-//! the shared broker.
+//! belong here too. Those that stop, alarm or kill a node run two at a time
+//! (`.config/nextest.toml`), each on a fault node of its own (picked by its
+//! nextest group slot, `helixmq_testkit::node::node_name`) or the cluster,
+//! never the shared broker.
 
 mod black_hole;
 mod broker_restart;
