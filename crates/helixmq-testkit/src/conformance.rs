@@ -1244,20 +1244,27 @@ pub async fn deleted_queue_fails_the_subscription(fx: Fx) {
 const HELD_FOR: Duration = Duration::from_millis(1500);
 
 /// Declare `queue` in place of the system queue of the same name (dropping the
-/// one `run` declared first, if any), holding at most one message for an hour,
-/// and fill it with one filler through `exchange`.
-async fn one_slot_queue(fx: &Fx, queue: &str, exchange: &str, recreate: bool) {
-    if recreate {
-        fx.broker.backend().delete_queue(queue).await.unwrap();
-    }
+/// one `run` declared first), a classic queue holding at most one message for
+/// an hour, and fill it with one filler through `exchange`.
+///
+/// Classic even where the system queue is a quorum queue (the retry tiers): a
+/// quorum queue's `reject-publish` lets a few publishes past its limit before
+/// it refuses (its publishers learn of the limit asynchronously, and it takes
+/// publishes again only below 80 % of it), so "exactly one slot" needs a
+/// classic queue. What is tested is the consumer's answer to a refused copy,
+/// which is the same whichever queue refuses; a full quorum tier is
+/// `rabbitmq/backpressure.rs`'s.
+async fn one_slot_queue(fx: &Fx, queue: &str, exchange: &str) {
+    fx.broker.backend().delete_queue(queue).await.unwrap();
     let mut t = Topology::system(&fx.names);
     t.add_retry_tier(RETRY_DELAY);
     for q in &mut t.queues {
         if q.name == queue {
-            *q = q
-                .clone()
+            let mut one = helixmq::topology::Queue::durable(q.name.clone())
                 .message_ttl(Duration::from_secs(3600))
                 .max_length(1, helixmq::topology::Overflow::RejectPublish);
+            one.dead_letter_exchange = q.dead_letter_exchange.clone();
+            *q = one;
         }
     }
     fx.broker.declare(&t).await.unwrap();
@@ -1327,7 +1334,7 @@ async fn assert_released(fx: &Fx, rec: &Recorder, queue: &str, n: usize) {
 pub async fn full_retry_queue_holds_deliveries_until_room(fx: Fx) {
     let queue = fx.names.task_queue("verification");
     let tier = fx.names.retry_tier(RETRY_DELAY);
-    one_slot_queue(&fx, &tier, &tier, false).await;
+    one_slot_queue(&fx, &tier, &tier).await;
     let (sub, rec) = subscribe_with(&fx, &queue, fx.opts(5), |_| {
         Ok(Outcome::retry("downstream down"))
     })
@@ -1356,7 +1363,7 @@ pub async fn full_retry_queue_holds_deliveries_until_room(fx: Fx) {
 pub async fn full_dlq_holds_dead_letters_until_room(fx: Fx) {
     let queue = fx.names.task_queue("debate");
     let dlq = fx.names.dlq();
-    one_slot_queue(&fx, &dlq, &fx.names.dead_letter_exchange(), true).await;
+    one_slot_queue(&fx, &dlq, &fx.names.dead_letter_exchange()).await;
     let (sub, rec) = subscribe_with(&fx, &queue, fx.opts(5), |_| {
         Ok(Outcome::dead_letter("poison: bad schema"))
     })
@@ -1388,7 +1395,7 @@ pub async fn full_dlq_holds_dead_letters_until_room(fx: Fx) {
 pub async fn shutdown_gives_held_deliveries_back_to_their_queue(fx: Fx) {
     let queue = fx.names.task_queue("background");
     let tier = fx.names.retry_tier(RETRY_DELAY);
-    one_slot_queue(&fx, &tier, &tier, false).await;
+    one_slot_queue(&fx, &tier, &tier).await;
     let (sub, rec) = subscribe_with(&fx, &queue, fx.opts(5), |_| Ok(Outcome::retry("down"))).await;
     let ids = fx
         .publish_n(&fx.names.tasks_exchange(), "background", 2)

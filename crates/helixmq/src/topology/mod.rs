@@ -434,6 +434,13 @@ impl Topology {
     /// Add (once) the retry tier for `delay`: a fanout exchange and a queue of the
     /// same name whose TTL is the delay and whose dead letters go to the requeue
     /// exchange with the routing key they were published with (the origin queue).
+    ///
+    /// The tier is a quorum queue with at-least-once dead-lettering whatever the
+    /// rest of the topology is: a classic queue dead-letters at most once, and
+    /// RabbitMQ 3.10 drops the classic dead letters that expire while a node
+    /// stops its vhost (`stop_app`, a restart) — confirmed copies of acked
+    /// deliveries, lost (RELIABILITY.md §8). A quorum tier keeps each letter
+    /// until the requeue exchange's queue confirmed it.
     pub fn add_retry_tier(&mut self, delay: Duration) -> String {
         let name = self.names.retry_tier(delay);
         if !self.queues.iter().any(|q| q.name == name) {
@@ -446,7 +453,9 @@ impl Topology {
                 Queue::durable(name.clone())
                     .message_ttl(delay)
                     .max_length(10_000, Overflow::RejectPublish)
-                    .dead_letter_to(self.names.requeue_exchange()),
+                    .dead_letter_to(self.names.requeue_exchange())
+                    .quorum()
+                    .at_least_once_dead_lettering(),
             );
             self.bindings.push(Binding {
                 exchange: name.clone(),

@@ -233,12 +233,29 @@ mod tests {
         }
         assert!(t.validate(None).is_ok());
         assert_eq!(t.clone().with_quorum_queues(), t, "idempotent");
-        // The default stays classic, with no quorum-only argument.
+        // The default stays classic, with no quorum-only argument, but for the
+        // retry tier: quorum, at-least-once, no delivery limit.
         let c = Topology::spec(&Names::new("hx"));
-        assert!(c.queues.iter().all(|q| q.queue_type == QueueType::Classic
-            && q.arguments()
-                .iter()
-                .all(|(k, _)| !k.starts_with("x-d") || *k == "x-dead-letter-exchange")));
+        for q in &c.queues {
+            let args = q.arguments();
+            if q.name == "hx.retry" {
+                assert_eq!(q.queue_type, QueueType::Quorum);
+                assert!(args.contains(&(
+                    "x-dead-letter-strategy",
+                    ArgValue::Str("at-least-once".into())
+                )));
+                assert!(args.iter().all(|(k, _)| *k != "x-delivery-limit"));
+                assert!(q.problems(None).is_empty());
+            } else {
+                assert_eq!(q.queue_type, QueueType::Classic, "{}", q.name);
+                assert!(
+                    args.iter()
+                        .all(|(k, _)| !k.starts_with("x-d") || *k == "x-dead-letter-exchange"),
+                    "{}",
+                    q.name
+                );
+            }
+        }
     }
 
     #[test]

@@ -12,9 +12,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use helixmq::http::HealthSource;
-use helixmq::topology::Overflow;
+use helixmq::topology::{Overflow, QueueType};
 use helixmq::{
-    Broker, Message, Names, Outcome, PublishOptions, RetryPolicy, SubscribeOptions, Topology,
+    Broker, Error, Message, Names, Outcome, PublishOptions, RetryPolicy, SubscribeOptions, Topology,
 };
 use helixmq_testkit::broker::*;
 
@@ -63,6 +63,25 @@ async fn fill(b: &Broker, exchange: &str, n: usize) {
         }
     });
     futures::future::join_all(lanes).await;
+}
+
+/// Publish single fillers to `exchange` until the broker refuses one; how many
+/// it took past the limit. A quorum queue (the retry tiers) takes a few
+/// publishes past its `x-max-length` before it refuses: its publishers learn of
+/// the limit asynchronously. Once it refused, it refuses every publish until it
+/// is below 80 % of the limit again.
+async fn refused_after(b: &Broker, exchange: &str) -> usize {
+    for extra in 0..1_000 {
+        match b.publish(exchange, "filler", Message::new("filler")).await {
+            Ok(_) => {}
+            Err(Error::PublishNacked { .. }) => {
+                eprintln!("{exchange}: refused after {extra} publishes past the limit");
+                return extra;
+            }
+            Err(e) => panic!("filler: {e}"),
+        }
+    }
+    panic!("{exchange}: 1,000 publishes past the limit and none refused");
 }
 
 /// Wait until `/health` reports `n` held deliveries of `queue`; its reason.
@@ -132,8 +151,14 @@ async fn full_retry_queue_holds_failed_deliveries_then_places_every_copy() {
         t.queue(&tier).unwrap().overflow,
         Some(Overflow::RejectPublish)
     );
+    assert_eq!(
+        t.queue(&tier).unwrap().queue_type,
+        QueueType::Quorum,
+        "retry tiers are quorum queues"
+    );
     b.declare(&t).await.unwrap();
     fill(&b, &tier, 10_000).await;
+    refused_after(&b, &tier).await;
 
     let runs = Runs::default();
     let r = runs.clone();

@@ -213,14 +213,29 @@ async fn another_handle_takes_the_lease_when_the_refiller_goes() {
     drop(sub_a);
     let a = bs.remove(0);
     a.close().await.unwrap();
+    let closed = Instant::now();
+    // The rate is measured from the handover on, not from a fixed offset after
+    // the close: how soon the broker makes `b` the active consumer depends on
+    // the machine's load (under four test threads it took more than a second,
+    // and a fixed window counted 30 starts of a correct rate). The handover
+    // itself must still happen, within 15 s.
+    while minted(&bs[0], "lease") == 0 {
+        assert!(
+            closed.elapsed() < Duration::from_secs(15),
+            "b never took the lease"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let handover = closed.elapsed();
     let t0 = Instant::now() + Duration::from_secs(1);
     tokio::time::sleep_until((t0 + Duration::from_secs(4)).into()).await;
     let n = between(&starts_b, t0, t0 + Duration::from_secs(4));
     let b_minted = minted(&bs[0], "lease");
     sub_b.shutdown(Duration::from_secs(5)).await;
     clean(&bs, &l).await;
-    eprintln!("handover: {n} starts in 4 s after, b minted {b_minted}");
-    assert!(b_minted > 0, "b never took the lease");
+    eprintln!(
+        "handover after {handover:?}: {n} starts in the 4 s from 1 s later, b minted {b_minted}"
+    );
     assert!(
         (36..=44).contains(&n),
         "{n} starts in 4 s after the handover (want 40 ± 4)"
