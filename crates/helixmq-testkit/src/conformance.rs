@@ -52,6 +52,7 @@ macro_rules! helixmq_conformance {
             priority_order_highest_first_fifo_within,
             ttl_expiry_ends_in_dlq_with_x_death,
             retry_returns_to_origin_queue_on_each_exchange,
+            retry_whose_origin_queue_is_gone_ends_in_the_dlq,
             max_attempts_end_in_dlq_with_failure_headers,
             dead_letter_outcome_goes_straight_to_dlq,
             panicking_handler_counts_as_retry,
@@ -1328,6 +1329,21 @@ async fn assert_released(fx: &Fx, rec: &Recorder, queue: &str, n: usize) {
     }
     assert_eq!(rec.calls().len(), n, "no handler ran twice");
     fx.drain(queue, 0).await;
+}
+
+/// Case: a retry whose origin queue is gone (deleted while its copy waited in
+/// the tier) ends in the DLQ: the requeue exchange's alternate exchange is the
+/// DLX. Without it a classic tier dropped such a letter and a quorum tier kept
+/// it for ever, retrying, counting against the tier's limit.
+pub async fn retry_whose_origin_queue_is_gone_ends_in_the_dlq(fx: Fx) {
+    let mut t = Topology::system(&fx.names);
+    let tier = t.add_retry_tier(RETRY_DELAY);
+    fx.broker.declare(&t).await.unwrap();
+    let gone = fx.names.task_queue("gone");
+    let ids = fx.publish_n(&tier, &gone, 2).await;
+    fx.expect_ids(&fx.names.dlq(), &ids.iter().collect::<Vec<_>>())
+        .await;
+    assert_eq!(fx.ready(&tier).await, 0, "nothing left in the tier");
 }
 
 /// Case: full retry queue holds deliveries until room.

@@ -222,6 +222,7 @@ impl Rabbit {
             name: self.exchange.clone(),
             kind: ExchangeKind::Direct,
             durable: true,
+            alternate_exchange: None,
         });
         t.add_work_queue(Queue::durable(self.queue.clone()), &self.exchange, WORK);
         t

@@ -60,6 +60,7 @@ pub fn topology(names: &Names, shape: impl FnOnce(Queue) -> Queue) -> (Topology,
         name: names.tasks_exchange(),
         kind: helixmq::topology::ExchangeKind::Direct,
         durable: true,
+        alternate_exchange: None,
     });
     let queue = names.task_queue("work");
     t.add_work_queue(

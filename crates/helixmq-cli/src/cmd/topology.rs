@@ -117,7 +117,7 @@ async fn diff(global: &Global, cfg: &helixmq::Config, json: bool) -> anyhow::Res
             .filter_map(|o| Some((o.get("name")?.as_str()?.to_string(), o.clone())))
             .collect()
     };
-    // Exchanges: kind, durability.
+    // Exchanges: kind, durability, arguments (alternate-exchange).
     let want_x = by_name(&want["exchanges"]);
     let have_x = by_name(&have_x);
     for (name, w) in &want_x {
@@ -138,6 +138,9 @@ async fn diff(global: &Global, cfg: &helixmq::Config, json: bool) -> anyhow::Res
                             ),
                         ));
                     }
+                }
+                for d in arg_diffs(&w["arguments"], &h["arguments"]) {
+                    diffs.push(Diff::Differs(format!("exchange {name}"), d));
                 }
             }
         }

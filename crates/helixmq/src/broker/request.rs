@@ -120,6 +120,7 @@ impl Requester {
                 name: exchange.clone(),
                 kind: ExchangeKind::Direct,
                 durable: true,
+                alternate_exchange: None,
             }],
             queues: vec![Queue::durable(self.queue.clone())
                 .expires(REPLY_QUEUE_EXPIRES)

@@ -171,6 +171,7 @@ impl RateLimit {
                 name: x.clone(),
                 kind: ExchangeKind::Direct,
                 durable: true,
+                alternate_exchange: None,
             }],
             queues,
             bindings: routes

@@ -15,9 +15,14 @@ pub fn definitions_json(topology: &Topology, vhost: &str, user: &str) -> Value {
         .exchanges
         .iter()
         .map(|e| {
+            let args: Map<String, Value> = e
+                .arguments()
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), json!(v)))
+                .collect();
             json!({
                 "name": e.name, "vhost": vhost, "type": e.kind.as_str(),
-                "durable": e.durable, "auto_delete": false, "internal": false, "arguments": {}
+                "durable": e.durable, "auto_delete": false, "internal": false, "arguments": args
             })
         })
         .collect();

@@ -59,6 +59,19 @@ pub struct Exchange {
     pub kind: ExchangeKind,
     /// Survives broker restarts.
     pub durable: bool,
+    /// `alternate-exchange`: where a message this exchange routes to no queue
+    /// goes instead of being dropped (the requeue exchange's is the DLX).
+    pub alternate_exchange: Option<String>,
+}
+
+impl Exchange {
+    /// The AMQP arguments (`alternate-exchange`), in a stable order.
+    pub fn arguments(&self) -> Vec<(&'static str, ArgValue)> {
+        self.alternate_exchange
+            .iter()
+            .map(|a| ("alternate-exchange", ArgValue::Str(a.clone())))
+            .collect()
+    }
 }
 
 /// Classic or quorum queue.
@@ -351,11 +364,17 @@ impl Topology {
                     name: names.dead_letter_exchange(),
                     kind: ExchangeKind::Fanout,
                     durable: true,
+                    alternate_exchange: None,
                 },
+                // A retry whose origin queue is gone routes nowhere: to the
+                // DLQ rather than dropped (a classic tier) or kept for ever in
+                // its tier, counting against the tier's limit (a quorum tier's
+                // at-least-once dead-lettering retries unroutable letters).
                 Exchange {
                     name: names.requeue_exchange(),
                     kind: ExchangeKind::Direct,
                     durable: true,
+                    alternate_exchange: Some(names.dead_letter_exchange()),
                 },
             ],
             queues: vec![Queue::durable(names.dlq())
@@ -381,16 +400,19 @@ impl Topology {
             name: tasks.clone(),
             kind: ExchangeKind::Direct,
             durable: true,
+            alternate_exchange: None,
         });
         t.exchanges.push(Exchange {
             name: events.clone(),
             kind: ExchangeKind::Topic,
             durable: true,
+            alternate_exchange: None,
         });
         t.exchanges.push(Exchange {
             name: notes.clone(),
             kind: ExchangeKind::Fanout,
             durable: true,
+            alternate_exchange: None,
         });
         for (kind, prio) in TASK_KINDS {
             let mut q = Queue::durable(names.task_queue(kind));
@@ -448,6 +470,7 @@ impl Topology {
                 name: name.clone(),
                 kind: ExchangeKind::Fanout,
                 durable: true,
+                alternate_exchange: None,
             });
             self.queues.push(
                 Queue::durable(name.clone())

@@ -159,12 +159,14 @@ impl Topology {
             name,
             kind: ExchangeKind::Topic,
             durable: true,
+            alternate_exchange: None,
         };
         self.exchanges.push(topic(n.delay_due()));
         self.exchanges.push(Exchange {
             name: n.delay_final(),
             kind: ExchangeKind::Fanout,
             durable: true,
+            alternate_exchange: None,
         });
         self.queues.push(
             Queue::durable(n.delay_final())
@@ -248,6 +250,7 @@ impl Topology {
                 name: self.names.delay_due(),
                 kind: ExchangeKind::Topic,
                 durable: true,
+                alternate_exchange: None,
             }],
             queues: Vec::new(),
             bindings: bindings.iter().filter_map(|b| self.due_mirror(b)).collect(),

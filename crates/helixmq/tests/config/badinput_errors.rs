@@ -185,6 +185,7 @@ async fn least_privilege_user_is_refused_outside_its_prefix() {
         name: format!("{outside}.x"),
         kind: ExchangeKind::Topic,
         durable: true,
+        alternate_exchange: None,
     });
     let err = b.declare(&t).await.unwrap_err();
     assert!(matches!(&err, Error::AccessRefused { .. }), "{err:?}");

@@ -82,6 +82,7 @@ async fn every_value_round_trips(b: &Broker) {
         name: x.clone(),
         kind: helixmq::topology::ExchangeKind::Direct,
         durable: true,
+        alternate_exchange: None,
     });
     t.add_work_queue(Queue::durable(&q), &x, "headers");
     b.declare(&t).await.unwrap();

@@ -126,6 +126,7 @@ async fn unroutable_mandatory_publish_is_reported() {
         name: x.clone(),
         kind: ExchangeKind::Direct,
         durable: false,
+        alternate_exchange: None,
     });
     b.declare(&t).await.unwrap();
 
@@ -186,6 +187,7 @@ async fn a_user_without_permissions_gets_access_refused() {
         name: format!("{p}.x"),
         kind: ExchangeKind::Direct,
         durable: true,
+        alternate_exchange: None,
     });
     let err = b.backend().declare(&t).await.unwrap_err();
     assert!(

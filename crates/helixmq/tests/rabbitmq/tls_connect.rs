@@ -127,6 +127,7 @@ async fn publish_and_consume(b: &Broker) {
         name: x.clone(),
         kind: ExchangeKind::Direct,
         durable: true,
+        alternate_exchange: None,
     });
     t.add_work_queue(Queue::durable(&q), &x, "tls");
     b.declare(&t).await.expect("declare over TLS");

@@ -47,6 +47,7 @@ pub(crate) async fn run(
         name: exchange.into(),
         kind: ExchangeKind::Direct,
         durable: true,
+        alternate_exchange: None,
     });
     t.add_work_queue(Queue::durable(queue), exchange, queue);
     broker.declare(&t).await.context("embedded declare")?;

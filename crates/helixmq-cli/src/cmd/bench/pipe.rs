@@ -91,6 +91,7 @@ pub(crate) async fn run(bench: &Bench, plan: &Plan, payload: &Bytes) -> anyhow::
         name: exchange.into(),
         kind: ExchangeKind::Direct,
         durable: true,
+        alternate_exchange: None,
     });
     t.add_work_queue(Queue::durable(queue), exchange, queue);
     embedded

@@ -73,6 +73,7 @@ impl Bench {
             name: exchange.clone(),
             kind: ExchangeKind::Direct,
             durable: true,
+            alternate_exchange: None,
         });
         for name in [&q_raw, &q_helix, &q_scratch, &q_latency, &q_soak, &q_pipe] {
             // Routing key = queue name, like the requeue exchange does.

@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use crate::topology::{topic_matches, ExchangeKind};
+use crate::topology::{topic_matches, Exchange, ExchangeKind};
 
 /// A declared exchange.
 #[derive(Debug)]
@@ -17,16 +17,19 @@ pub(super) struct ExchangeState {
     pub kind: ExchangeKind,
     /// As declared; compared on re-declare.
     pub durable: bool,
+    /// `alternate-exchange`: where what this exchange routes nowhere goes.
+    pub alternate: Option<String>,
     /// `(routing key or pattern, queue)`, each pair once.
     bindings: Vec<(String, Arc<str>)>,
 }
 
 impl ExchangeState {
-    pub(super) fn new(name: &str, kind: ExchangeKind, durable: bool) -> Self {
+    pub(super) fn new(x: &Exchange) -> Self {
         ExchangeState {
-            name: Arc::from(name),
-            kind,
-            durable,
+            name: Arc::from(x.name.as_str()),
+            kind: x.kind,
+            durable: x.durable,
+            alternate: x.alternate_exchange.clone(),
             bindings: Vec::new(),
         }
     }
@@ -62,6 +65,15 @@ impl ExchangeState {
 mod tests {
     use super::*;
 
+    fn x(name: &str, kind: ExchangeKind) -> Exchange {
+        Exchange {
+            name: name.into(),
+            kind,
+            durable: true,
+            alternate_exchange: None,
+        }
+    }
+
     fn routed(x: &ExchangeState, key: &str) -> Vec<String> {
         let mut out = Vec::new();
         x.route(key, &mut out);
@@ -70,14 +82,14 @@ mod tests {
 
     #[test]
     fn direct_topic_fanout() {
-        let mut d = ExchangeState::new("d", ExchangeKind::Direct, true);
+        let mut d = ExchangeState::new(&x("d", ExchangeKind::Direct));
         d.bind("a", "qa".into());
         d.bind("b", "qb".into());
         d.bind("a", "qa".into());
         assert_eq!(routed(&d, "a"), ["qa"]);
         assert!(routed(&d, "c").is_empty());
 
-        let mut t = ExchangeState::new("t", ExchangeKind::Topic, true);
+        let mut t = ExchangeState::new(&x("t", ExchangeKind::Topic));
         t.bind("debate.#", "debate".into());
         t.bind("#", "audit".into());
         t.bind("*.x", "audit".into());
@@ -88,7 +100,7 @@ mod tests {
             "a queue matched twice gets one copy"
         );
 
-        let mut f = ExchangeState::new("f", ExchangeKind::Fanout, true);
+        let mut f = ExchangeState::new(&x("f", ExchangeKind::Fanout));
         f.bind("", "1".into());
         f.bind("ignored", "2".into());
         assert_eq!(routed(&f, "anything"), ["1", "2"]);

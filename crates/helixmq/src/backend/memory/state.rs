@@ -96,6 +96,16 @@ impl State {
                         "inequivalent arg 'durable': received {} but current is {}",
                         x.durable, have.durable
                     ))
+                } else if have.alternate != x.alternate_exchange {
+                    let show = |a: &Option<String>| match a {
+                        Some(a) => format!("'{a}'"),
+                        None => "none".to_string(),
+                    };
+                    Some(format!(
+                        "inequivalent arg 'alternate-exchange': received {} but current is {}",
+                        show(&x.alternate_exchange),
+                        show(&have.alternate)
+                    ))
                 } else {
                     None
                 };
@@ -136,7 +146,7 @@ impl State {
         for x in &t.exchanges {
             self.exchanges
                 .entry(x.name.clone())
-                .or_insert_with(|| ExchangeState::new(&x.name, x.kind, x.durable));
+                .or_insert_with(|| ExchangeState::new(x));
         }
         for q in &t.queues {
             match self.queues.get_mut(q.name.as_str()) {
@@ -168,7 +178,9 @@ impl State {
     }
 
     /// The queues a publish reaches; the default exchange `""` reaches the queue
-    /// named by the routing key.
+    /// named by the routing key. What an exchange routes nowhere goes to its
+    /// alternate exchange, and so on along the chain (each exchange once; a
+    /// missing alternate routes nowhere, as in RabbitMQ).
     fn route(
         &self,
         exchange: &str,
@@ -188,7 +200,23 @@ impl State {
                 kind: "exchange",
                 name: exchange.to_string(),
             })?;
+        let start = out.len();
         x.route(routing_key, out);
+        let mut via = x;
+        let mut seen = vec![&*x.name];
+        while out.len() == start {
+            let Some(ae) = via.alternate.as_deref() else {
+                break;
+            };
+            match self.exchanges.get(ae) {
+                Some(next) if !seen.contains(&&*next.name) => {
+                    next.route(routing_key, out);
+                    seen.push(&next.name);
+                    via = next;
+                }
+                _ => break,
+            }
+        }
         Ok(x.name.clone())
     }
 
@@ -439,6 +467,7 @@ mod tests {
             name: "hx.tasks".into(),
             kind: ExchangeKind::Topic,
             durable: true,
+            alternate_exchange: None,
         });
         let e = st
             .declare(&t, &mut Effects::default())

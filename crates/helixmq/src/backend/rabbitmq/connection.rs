@@ -235,8 +235,12 @@ pub(crate) async fn open(cfg: &RabbitMqConfig, connection_name: &str) -> Result<
 
 /// The `x-` arguments of a queue as an AMQP table.
 pub(crate) fn queue_arguments(q: &Queue) -> FieldTable {
+    field_table(q.arguments())
+}
+
+fn field_table(args: Vec<(&'static str, ArgValue)>) -> FieldTable {
     let mut t = FieldTable::default();
-    for (k, v) in q.arguments() {
+    for (k, v) in args {
         let v = match v {
             ArgValue::Int(i) => AMQPValue::LongLongInt(i),
             ArgValue::Str(s) => AMQPValue::LongString(LongString::from(s.into_bytes())),
@@ -265,7 +269,7 @@ pub(crate) async fn declare_exchange_raw(ch: &lapin::Channel, e: &Exchange) -> l
         ShortString::from(e.name.as_str()),
         lapin_kind(e.kind),
         opts,
-        FieldTable::default(),
+        field_table(e.arguments()),
     )
     .await
 }
