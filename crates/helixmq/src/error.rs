@@ -65,7 +65,7 @@ pub enum Error {
     },
 
     /// A declaration conflicts with what the broker already has (AMQP 406).
-    #[error("precondition failed on {kind} '{name}': {detail}. Fix: delete the {kind} (e.g. `rabbitmqctl delete_queue {name}`) or change the configuration to match it")]
+    #[error("precondition failed on {kind} '{name}': {detail}. Fix: {}, or change the configuration to match it", delete_hint(.kind, .name))]
     PreconditionFailed {
         /// "queue" or "exchange".
         kind: &'static str,
@@ -370,6 +370,15 @@ impl Error {
         Error::InvalidConfig {
             problems: vec![problem.into()],
         }
+    }
+}
+
+/// How to delete what a 406 names: `rabbitmqctl` deletes queues, not exchanges.
+fn delete_hint(kind: &str, name: &str) -> String {
+    if kind == "exchange" {
+        format!("delete the exchange (the management UI, or `rabbitmqadmin delete exchange name={name}`; `helixmq topology apply` re-creates it with its bindings)")
+    } else {
+        format!("delete the {kind} once it is drained (`rabbitmqctl delete_queue {name}`: its messages go with it)")
     }
 }
 

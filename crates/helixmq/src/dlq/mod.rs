@@ -396,6 +396,8 @@ impl DeadLetters {
             ..PublishOptions::default()
         };
         let mut report = ReplayReport::default();
+        // Per target queue: `None` once bound, else why it could not be.
+        let mut bound_to: std::collections::HashMap<String, Option<Error>> = Default::default();
         let mut taken = taken.into_iter().peekable();
         while taken.peek().is_some() {
             // A lost hold means every letter still taken is on its way back to
@@ -444,9 +446,31 @@ impl DeadLetters {
             for (to, group) in by_target {
                 let copies: Vec<Message> =
                     group.iter().map(|(_, h)| h.letter.replay_copy()).collect();
-                let results = match delay {
-                    None => broker.publish_batch(&requeue, &to, &copies, &opts).await,
-                    Some(d) => {
+                // The requeue exchange sends what it routes nowhere to the DLQ
+                // (its alternate exchange), so a mandatory publish cannot
+                // tell that `to` is gone: bind it first (as every work queue
+                // is bound, under its own name; idempotent), which fails when
+                // there is no such queue.
+                if !bound_to.contains_key(&to) {
+                    let refused = bind_to_requeue(broker, &requeue, &to).await.err();
+                    bound_to.insert(to.clone(), refused);
+                }
+                let results = match (&bound_to[&to], delay) {
+                    (Some(e), _) => copies
+                        .iter()
+                        .map(|c| {
+                            Err(match e {
+                                Error::NotFound { .. } => Error::Unroutable {
+                                    message_id: c.id.clone(),
+                                    exchange: requeue.clone(),
+                                    routing_key: to.clone(),
+                                },
+                                e => e.replicate(),
+                            })
+                        })
+                        .collect(),
+                    (None, None) => broker.publish_batch(&requeue, &to, &copies, &opts).await,
+                    (None, Some(d)) => {
                         let each = copies
                             .into_iter()
                             .map(|c| broker.requeue_delayed(&to, c, d, &opts));
@@ -584,4 +608,24 @@ async fn reap(inner: Weak<Inner>) {
         drop(inner);
         tokio::time::sleep((idle / 4).max(Duration::from_millis(100))).await;
     }
+}
+
+/// Bind `queue` to the requeue exchange under its own name, as
+/// [`Topology::add_work_queue`](crate::Topology::add_work_queue) binds every
+/// work queue; [`Error::NotFound`] when there is no such queue. Straight on the
+/// backend: a replay target is not part of the topology this handle redeclares
+/// on every reconnect.
+async fn bind_to_requeue(broker: &Broker, requeue: &str, queue: &str) -> Result<()> {
+    let binding = crate::topology::Binding {
+        exchange: requeue.to_string(),
+        queue: queue.to_string(),
+        routing_key: queue.to_string(),
+    };
+    let t = crate::Topology {
+        names: broker.names().clone(),
+        exchanges: Vec::new(),
+        queues: Vec::new(),
+        bindings: vec![binding],
+    };
+    broker.backend().declare(&t).await
 }
