@@ -13,6 +13,8 @@
 
 use std::sync::Arc;
 
+use async_rs::traits::Reactor;
+use async_rs::{traits::RuntimeKit, Runtime};
 use lapin::tcp::{AsyncTcpStream, RustlsConnector, RustlsConnectorConfig};
 use lapin::uri::{AMQPScheme, AMQPUri};
 use lapin::{Connection, ConnectionProperties};
@@ -114,38 +116,60 @@ pub(crate) fn config(cfg: &TlsConfig) -> Result<Tls> {
 }
 
 /// Open an AMQP connection to `uri`, through TLS when `tls` is set.
+///
+/// The first TCP (and TLS) connection is opened here, before lapin starts, and
+/// handed to it; lapin opens the later ones itself. lapin 4.12 starts its I/O
+/// thread before it registers the handshake's promise: a connect that fails
+/// at once (a refused port) in the moment between the two is reported to
+/// nobody, and the connect hangs until `connect_timeout` (seen under load: 30 s
+/// instead of "connection refused").
 pub(crate) async fn connect(
     uri: AMQPUri,
     props: ConnectionProperties,
     tls: Tls,
 ) -> lapin::Result<Connection> {
     let runtime = lapin::runtime::default_runtime()?;
-    match tls {
-        Some(connector) if uri.scheme == AMQPScheme::AMQPS => {
-            Connection::connector(
-                uri,
-                runtime,
-                async move |uri: AMQPUri, rt| {
-                    let host = uri.authority.host.clone();
-                    let mut last = std::io::Error::new(
-                        std::io::ErrorKind::NotFound,
-                        format!("{host} resolves to no address"),
-                    );
-                    for addr in tokio::net::lookup_host((host.as_str(), uri.authority.port)).await?
-                    {
-                        match AsyncTcpStream::connect(&rt, addr).await {
-                            Ok(plain) => return Ok(plain.into_rustls(&connector, &host).await?),
-                            Err(e) => last = e,
-                        }
-                    }
-                    Err(last.into())
-                },
-                props,
-            )
-            .await
+    let tls = tls.filter(|_| uri.scheme == AMQPScheme::AMQPS);
+    let first = std::sync::Mutex::new(Some(open_stream(&uri, &runtime, tls.as_ref()).await?));
+    Connection::connector(
+        uri,
+        runtime,
+        async move |uri: AMQPUri, rt| {
+            let ready = first.lock().unwrap_or_else(|e| e.into_inner()).take();
+            match ready {
+                Some(stream) => Ok(stream),
+                None => open_stream(&uri, &rt, tls.as_ref()).await,
+            }
+        },
+        props,
+    )
+    .await
+}
+
+/// One TCP connection to `uri`'s host (each address it resolves to, in turn),
+/// through TLS when `tls` is set.
+async fn open_stream<RK: RuntimeKit + Send + Sync + Clone + 'static>(
+    uri: &AMQPUri,
+    rt: &Runtime<RK>,
+    tls: Option<&RustlsConnector>,
+) -> lapin::Result<AsyncTcpStream<<RK as Reactor>::TcpStream>> {
+    let host = uri.authority.host.clone();
+    let mut last = std::io::Error::new(
+        std::io::ErrorKind::NotFound,
+        format!("{host} resolves to no address"),
+    );
+    for addr in tokio::net::lookup_host((host.as_str(), uri.authority.port)).await? {
+        match AsyncTcpStream::connect(rt, addr).await {
+            Ok(plain) => {
+                return Ok(match tls {
+                    Some(connector) => plain.into_rustls(connector, &host).await?,
+                    None => plain,
+                })
+            }
+            Err(e) => last = e,
         }
-        _ => Connection::connect_uri_with_runtime(uri, props, runtime).await,
     }
+    Err(last.into())
 }
 
 /// The `skip_verify` verifier: checks signatures (so the handshake is sound)
