@@ -18,7 +18,7 @@ fn full_retry_queue_runs_each_failing_handler_once() {
     b.run(&["topology", "apply"]).ok();
     let retry = b.name("retry");
     let q = b.name("tasks.background");
-    b.run(&[
+    let filler = [
         "publish",
         "-e",
         &retry,
@@ -26,24 +26,14 @@ fn full_retry_queue_runs_each_failing_handler_once() {
         "filler",
         "--payload",
         "filler",
-        "--count",
-        "10000",
-    ])
-    .ok();
+    ];
+    b.run(&[&filler[..], &["--count", "10000"]].concat()).ok();
     // The tier is a quorum queue: it takes a few publishes past its 10,000
     // before it refuses (its publishers learn of the limit asynchronously);
     // once it refused one it refuses every publish.
     let mut past = 0;
     loop {
-        let r = b.run(&[
-            "publish",
-            "-e",
-            &retry,
-            "-k",
-            "filler",
-            "--payload",
-            "filler",
-        ]);
+        let r = b.run(&filler);
         if r.code != 0 {
             assert!(r.stderr.contains("nacked"), "{}", r.stderr);
             break;
