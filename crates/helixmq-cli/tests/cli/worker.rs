@@ -794,33 +794,16 @@ done
     assert_eq!(run.stderr.matches("handler process started").count(), 4);
 }
 
-/// Publish a request straight to `queue` through the management API, with AMQP
-/// properties `helixmq publish` does not set (`reply_to`).
-fn mgmt_publish(queue: &str, payload: &str, properties: serde_json::Value) {
-    let r = reqwest::blocking::Client::new()
-        .post("http://127.0.0.1:15672/api/exchanges/%2F/amq.default/publish")
-        .basic_auth("guest", Some("guest"))
-        .json(&serde_json::json!({
-            "routing_key": queue,
-            "payload": payload,
-            "payload_encoding": "string",
-            "properties": properties,
-        }))
-        .send()
-        .unwrap();
-    let v: serde_json::Value = r.json().unwrap();
-    assert_eq!(v["routed"], true, "request not routed to {queue}: {v}");
-}
-
+/// `--pipe` answers requests as the spec's least-privilege user (no default
+/// exchange): a `reply` answer's payload is what `helixmq request` prints — sent
+/// as every handler's reply is, through the replies exchange with the request's
+/// correlation id (a reply without it would never reach its caller), a JSON
+/// value as JSON, a string as is.
 #[test]
-fn pipe_worker_publishes_a_reply_to_reply_to_with_the_correlation_id_before_acking() {
+fn pipe_worker_answers_requests_as_the_least_privilege_user() {
     let b = Broker::new();
     b.run(&["topology", "apply"]).ok();
-    let q = b.name("tasks.background");
-    let replies = b.name("replies");
-    cli::mgmt_put_queue(&replies, serde_json::json!({}));
     let script = temp_path("reply.py");
-    // Replies with JSON to "json", with text otherwise.
     std::fs::write(
         &script,
         r#"import json, sys
@@ -834,23 +817,13 @@ for line in sys.stdin:
 "#,
     )
     .unwrap();
-    let props = |corr: Option<&str>, id: &str, to: &str| {
-        let mut p = serde_json::json!({"message_id": id, "reply_to": to, "delivery_mode": 2});
-        if let Some(c) = corr {
-            p["correlation_id"] = c.into();
-        }
-        p
+    let helixagent = || {
+        let mut c = b.cmd();
+        c.env("RABBITMQ_USER", "helixagent")
+            .env("RABBITMQ_PASSWORD", "helixagent123");
+        c
     };
-    mgmt_publish(&q, "json", props(Some("req-json"), "id-json", &replies));
-    mgmt_publish(&q, "ping", props(Some("req-text"), "id-text", &replies));
-    // No correlation id: the reply carries the request's message id instead.
-    mgmt_publish(&q, "bare", props(None, "id-bare", &replies));
-    // A reply_to no queue has: the reply cannot be placed, so the request is
-    // not acked but retried (here: --max-attempts 1, the DLQ).
-    let nowhere = b.name("no-such-reply-queue");
-    mgmt_publish(&q, "lost", props(Some("req-lost"), "id-lost", &nowhere));
-
-    let mut c = b.cmd();
+    let mut c = helixagent();
     c.args([
         "worker",
         "-q",
@@ -859,52 +832,37 @@ for line in sys.stdin:
         &format!("python3 {}", script.display()),
         "--concurrency",
         "1",
-        "--max-attempts",
-        "1",
     ]);
     let mut w = Background::spawn(c);
-    b.eventually(
-        Duration::from_secs(40),
-        "three replies, one request in the DLQ",
-        || b.ready(&replies) >= 3 && dlq_entries(&b).len() == 1,
+    let request = |payload: &str| {
+        let mut c = helixagent();
+        c.args([
+            "request",
+            "-e",
+            &b.name("tasks"),
+            "-k",
+            "background",
+            "--payload",
+            payload,
+            "--timeout",
+            "30s",
+        ]);
+        cli::run(c, b"").ok().stdout
+    };
+    let json: serde_json::Value = serde_json::from_str(&request("json")).unwrap();
+    assert_eq!(json["sum"], 42, "{json}");
+    assert!(
+        json["to"].as_str().is_some_and(|id| !id.is_empty()),
+        "{json}"
     );
+    assert_eq!(request("ping"), "pong ping", "a string is sent as is");
     let run = w.terminate(Duration::from_secs(15));
     println!("captured stderr:\n{}", run.stderr);
     assert_eq!(run.code, 0, "{}", run.stderr);
     let _ = std::fs::remove_file(&script);
-
-    let got: std::collections::BTreeMap<String, (String, serde_json::Value)> =
-        cli::mgmt_peek(&replies, 10)
-            .iter()
-            .map(|m| {
-                let p = &m["properties"];
-                (
-                    p["correlation_id"].as_str().unwrap_or_default().to_string(),
-                    (m["payload"].as_str().unwrap().to_string(), p.clone()),
-                )
-            })
-            .collect();
-    println!("replies: {got:#?}");
-    assert_eq!(got.len(), 3, "one reply per answered request: {got:?}");
-    let (json, json_props) = &got["req-json"];
     assert_eq!(
-        serde_json::from_str::<serde_json::Value>(json).unwrap(),
-        serde_json::json!({"sum": 42, "to": "id-json"})
-    );
-    assert_eq!(json_props["content_type"], "application/json");
-    assert_eq!(got["req-text"].0, "pong ping", "a string is sent as is");
-    assert_eq!(got["id-bare"].0, "pong bare");
-    // The replies are confirmed before the requests are acked; the request
-    // whose reply could not be placed was not acked (it is in the DLQ).
-    b.eventually(Duration::from_secs(10), "three requests acked", || {
-        acked(&q) >= 3
-    });
-    assert_eq!(b.ready(&q), 0);
-    let dlq = dlq_entries(&b);
-    assert_eq!(dlq[0]["id"], "id-lost");
-    let reason = dlq[0]["reason"].as_str().unwrap();
-    assert!(
-        reason.contains("reply to") && reason.contains(&nowhere),
-        "{reason}"
+        b.ready(&b.name("tasks.background")),
+        0,
+        "both requests acked"
     );
 }

@@ -144,7 +144,6 @@ async fn side(
         plan.pipe_command.clone(),
         HANDLER_TIMEOUT,
         n,
-        at.broker.clone(),
     )));
     let warm = n as u64 * WARM_UP_PER_PROCESS;
     fill(at, plan, payload, warm).await?;

@@ -154,7 +154,6 @@ pub async fn run(global: &Global, mut args: WorkerArgs) -> anyhow::Result<ExitCo
                 cmd.clone(),
                 args.handler_timeout,
                 per_queue * args.queues.len(),
-                broker.clone(),
             ))
         }
         (None, None, None) => anyhow::bail!("give --exec CMD, --pipe CMD or --http URL"),

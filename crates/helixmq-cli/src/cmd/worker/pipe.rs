@@ -13,9 +13,9 @@
 //!
 //! Answer (one line): `{"outcome":"ack"}`, `{"outcome":"retry","reason":…,
 //! "delay_ms":…}` (both optional), `{"outcome":"dead_letter","reason":…}`, or
-//! `{"outcome":"reply","payload":…}` (published to the message's `reply_to`
-//! with its correlation id, then acked; a string is sent as is, any other JSON
-//! value as JSON). Anything else on stdout is a protocol error: the process is
+//! `{"outcome":"reply","payload":…}` (sent as every handler's reply is: through
+//! the replies exchange to the message's `reply_to`, with its correlation id,
+//! confirmed, then acked; a string is sent as is, any other JSON value as JSON). Anything else on stdout is a protocol error: the process is
 //! replaced and the message retried. A process that exits, or does not answer
 //! within `--handler-timeout`, is killed with its process group and replaced,
 //! and its message retried. Its stderr goes to the log, line by line.
@@ -23,7 +23,7 @@
 use std::process::Stdio;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use helixmq::{Broker, Context, Message, Outcome, PublishOptions};
+use helixmq::{Context, Message, Outcome};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
@@ -42,8 +42,6 @@ pub struct PipeHandler {
     idle: Mutex<Vec<Proc>>,
     /// At most this many processes exist (busy or idle).
     slots: Semaphore,
-    /// For `reply` answers.
-    broker: Broker,
 }
 
 /// One running handler process.
@@ -88,13 +86,12 @@ enum Answer {
 impl PipeHandler {
     /// A pool of at most `processes` processes of `sh -c cmd`; an answer is
     /// awaited at most `timeout`.
-    pub fn new(cmd: String, timeout: Duration, processes: usize, broker: Broker) -> Self {
+    pub fn new(cmd: String, timeout: Duration, processes: usize) -> Self {
         PipeHandler {
             cmd,
             timeout,
             idle: Mutex::new(Vec::new()),
             slots: Semaphore::new(processes.max(1)),
-            broker,
         }
     }
 
@@ -147,7 +144,7 @@ impl PipeHandler {
         match self.exchange(&mut proc, &line).await {
             Ok(answer) => {
                 self.idle.lock().await.push(proc);
-                self.outcome(answer, &m).await
+                Self::outcome(answer)
             }
             // The process is dropped here (killed with its group); the next
             // message starts a fresh one.
@@ -205,7 +202,7 @@ impl PipeHandler {
         })
     }
 
-    async fn outcome(&self, a: Answer, m: &Message) -> Outcome {
+    fn outcome(a: Answer) -> Outcome {
         match a {
             Answer::Ack => Outcome::Ack,
             Answer::Retry { reason, delay_ms } => Outcome::Retry {
@@ -215,32 +212,21 @@ impl PipeHandler {
             Answer::DeadLetter { reason } => Outcome::dead_letter(
                 reason.unwrap_or_else(|| "handler rejected the message".into()),
             ),
-            Answer::Reply { payload } => self.reply(payload, m).await,
+            Answer::Reply { payload } => Self::reply(payload),
         }
     }
 
-    /// RPC: the reply goes to `reply_to` through the default exchange, with the
-    /// request's correlation id; the request is acked once it is confirmed.
-    async fn reply(&self, payload: serde_json::Value, m: &Message) -> Outcome {
-        let Some(to) = m.reply_to.clone() else {
-            tracing::warn!(id = %m.id, "handler replied to a message without reply_to; acked, reply dropped");
-            return Outcome::Ack;
-        };
-        let mut r = match payload {
-            serde_json::Value::String(s) => Message::new(s),
+    /// RPC: the answer's payload becomes the reply, which the consumer sends
+    /// as it does every [`Outcome::Reply`] (through the replies exchange, to
+    /// the request's `reply_to`, with its correlation id, confirmed before the
+    /// request is acked; dropped and counted when the caller is gone).
+    fn reply(payload: serde_json::Value) -> Outcome {
+        match payload {
+            serde_json::Value::String(s) => Outcome::reply(Message::new(s)),
             v => match Message::json(&v) {
-                Ok(r) => r,
-                Err(e) => return Outcome::retry(format!("cannot encode the reply: {e}")),
+                Ok(r) => Outcome::reply(r),
+                Err(e) => Outcome::retry(format!("cannot encode the reply: {e}")),
             },
-        };
-        r.correlation_id = m.correlation_id.clone().or_else(|| Some(m.id.clone()));
-        let opts = PublishOptions {
-            mandatory: true,
-            ..PublishOptions::default()
-        };
-        match self.broker.publish_with("", &to, r, &opts).await {
-            Ok(()) => Outcome::Ack,
-            Err(e) => Outcome::retry(format!("reply to '{to}' failed: {e}")),
         }
     }
 }
