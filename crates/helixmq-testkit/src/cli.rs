@@ -184,6 +184,16 @@ impl Broker {
         c
     }
 
+    /// The binary as the spec's least-privilege user `helixagent`
+    /// (`scripts/provision`: configure/write/read `^helixagent\..*` only).
+    pub fn cmd_as_helixagent(&self) -> Command {
+        let (user, password) = crate::broker::HELIXAGENT;
+        let mut c = self.cmd();
+        c.env("RABBITMQ_USER", user)
+            .env("RABBITMQ_PASSWORD", password);
+        c
+    }
+
     /// Run `helixmq ARGS` (no stdin).
     pub fn run(&self, args: &[&str]) -> Run {
         let mut c = self.cmd();

@@ -201,20 +201,11 @@ fn bad_publish_inputs_are_refused_with_clear_messages() {
     assert!(started.elapsed() < Duration::from_secs(10));
 }
 
-/// The spec's least-privilege user (`scripts/provision`): configure/write/read
-/// `^helixagent\..*` only.
-fn least_privilege(b: &Broker) -> std::process::Command {
-    let mut c = b.cmd();
-    c.env("RABBITMQ_USER", "helixagent")
-        .env("RABBITMQ_PASSWORD", "helixagent123");
-    c
-}
-
 #[test]
 fn publish_to_a_queue_under_least_privilege_names_the_exchange_to_use() {
     let b = Broker::new();
     b.run(&["topology", "apply"]).ok();
-    let mut c = least_privilege(&b);
+    let mut c = b.cmd_as_helixagent();
     c.args(["publish", "--queue", "tasks.background", "--payload", "x"]);
     let out = run(c, b"").expect_code(1);
     println!("captured stderr:\n{}", out.stderr);
@@ -229,7 +220,7 @@ fn publish_to_a_queue_under_least_privilege_names_the_exchange_to_use() {
         out.stderr
     );
     // What it suggests works for the same user.
-    let mut c = least_privilege(&b);
+    let mut c = b.cmd_as_helixagent();
     c.args([
         "publish",
         "-e",

@@ -13,10 +13,8 @@ const KEY: &str = "shared-key";
 
 /// The binary as helixagent (configure/write/read `helixagent\..*` only).
 fn as_helixagent(b: &Broker) -> Command {
-    let mut c = b.cmd();
-    c.env("RABBITMQ_USER", "helixagent")
-        .env("RABBITMQ_PASSWORD", "helixagent123")
-        .env("RUST_LOG", "warn");
+    let mut c = b.cmd_as_helixagent();
+    c.env("RUST_LOG", "warn");
     c
 }
 

@@ -9,19 +9,11 @@ use std::time::{Duration, Instant};
 
 use helixmq_testkit::cli::{file_lines, run, temp_path, Background, Broker};
 
-/// The binary for `b`'s prefix, as helixagent.
-fn as_helixagent(b: &Broker) -> Command {
-    let mut c = b.cmd();
-    c.env("RABBITMQ_USER", "helixagent")
-        .env("RABBITMQ_PASSWORD", "helixagent123");
-    c
-}
-
 #[test]
 fn request_prints_the_reply_of_an_exec_worker_and_a_timeout_fails() {
     let b = Broker::new();
     b.run(&["topology", "apply"]).ok();
-    let mut c = as_helixagent(&b);
+    let mut c = b.cmd_as_helixagent();
     c.args([
         "worker",
         "--queue",
@@ -31,7 +23,7 @@ fn request_prints_the_reply_of_an_exec_worker_and_a_timeout_fails() {
     ]);
     let mut w = Background::spawn(c);
 
-    let mut c = as_helixagent(&b);
+    let mut c = b.cmd_as_helixagent();
     c.args([
         "request",
         "-e",
@@ -47,13 +39,13 @@ fn request_prints_the_reply_of_an_exec_worker_and_a_timeout_fails() {
     assert_eq!(reply.stdout, "answer to 6 x 7", "stderr: {}", reply.stderr);
 
     // The payload from stdin, too.
-    let mut c = as_helixagent(&b);
+    let mut c = b.cmd_as_helixagent();
     c.args(["request", "-e", &b.name("tasks"), "-k", "llm"]);
     let reply = run(c, b"from stdin").ok();
     assert_eq!(reply.stdout, "answer to from stdin");
 
     // Nobody consumes the background queue: a clear timeout, exit 1.
-    let mut c = as_helixagent(&b);
+    let mut c = b.cmd_as_helixagent();
     c.args([
         "request",
         "-e",
@@ -91,7 +83,7 @@ fn a_request_whose_worker_process_is_killed_is_answered_once_by_the_next() {
     b.run(&["topology", "apply"]).ok();
     let marker = temp_path("handling");
     // Worker 1 takes the request and hangs in its command; it is then SIGKILLed.
-    let mut c = as_helixagent(&b);
+    let mut c = b.cmd_as_helixagent();
     c.args([
         "worker",
         "--queue",
@@ -100,7 +92,7 @@ fn a_request_whose_worker_process_is_killed_is_answered_once_by_the_next() {
         &format!("echo $$ > {}; exec sleep 60", marker.display()),
     ]);
     let mut first = Background::spawn(c);
-    let mut c = as_helixagent(&b);
+    let mut c = b.cmd_as_helixagent();
     c.args([
         "request",
         "-e",
@@ -124,7 +116,7 @@ fn a_request_whose_worker_process_is_killed_is_answered_once_by_the_next() {
     let _ = Command::new("kill").args(["-KILL", &pid]).status();
 
     // Worker 2 gets the request again and answers; the caller prints one reply.
-    let mut c = as_helixagent(&b);
+    let mut c = b.cmd_as_helixagent();
     c.args([
         "worker",
         "--queue",

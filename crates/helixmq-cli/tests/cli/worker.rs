@@ -817,13 +817,7 @@ for line in sys.stdin:
 "#,
     )
     .unwrap();
-    let helixagent = || {
-        let mut c = b.cmd();
-        c.env("RABBITMQ_USER", "helixagent")
-            .env("RABBITMQ_PASSWORD", "helixagent123");
-        c
-    };
-    let mut c = helixagent();
+    let mut c = b.cmd_as_helixagent();
     c.args([
         "worker",
         "-q",
@@ -835,7 +829,7 @@ for line in sys.stdin:
     ]);
     let mut w = Background::spawn(c);
     let request = |payload: &str| {
-        let mut c = helixagent();
+        let mut c = b.cmd_as_helixagent();
         c.args([
             "request",
             "-e",

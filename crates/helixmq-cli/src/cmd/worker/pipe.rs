@@ -15,8 +15,9 @@
 //! "delay_ms":…}` (both optional), `{"outcome":"dead_letter","reason":…}`, or
 //! `{"outcome":"reply","payload":…}` (sent as every handler's reply is: through
 //! the replies exchange to the message's `reply_to`, with its correlation id,
-//! confirmed, then acked; a string is sent as is, any other JSON value as JSON). Anything else on stdout is a protocol error: the process is
-//! replaced and the message retried. A process that exits, or does not answer
+//! confirmed, then acked; a string is sent as is, any other JSON value as
+//! JSON). Anything else on stdout is a protocol error: the process is replaced
+//! and the message retried. A process that exits, or does not answer
 //! within `--handler-timeout`, is killed with its process group and replaced,
 //! and its message retried. Its stderr goes to the log, line by line.
 

@@ -202,22 +202,29 @@ impl State {
             })?;
         let start = out.len();
         x.route(routing_key, out);
-        let mut via = x;
-        let mut seen = vec![&*x.name];
-        while out.len() == start {
-            let Some(ae) = via.alternate.as_deref() else {
-                break;
-            };
-            match self.exchanges.get(ae) {
-                Some(next) if !seen.contains(&&*next.name) => {
-                    next.route(routing_key, out);
-                    seen.push(&next.name);
-                    via = next;
-                }
-                _ => break,
-            }
+        if out.len() == start && x.alternate.is_some() {
+            self.route_alternates(x, routing_key, out);
         }
         Ok(x.name.clone())
+    }
+
+    /// `x` routed `routing_key` nowhere: follow its alternate exchanges until
+    /// one routes it (each exchange once; a missing one ends the chain).
+    fn route_alternates(&self, x: &ExchangeState, routing_key: &str, out: &mut Vec<Arc<str>>) {
+        let start = out.len();
+        let mut seen = vec![&*x.name];
+        let mut via = x;
+        while out.len() == start {
+            let Some(next) = via.alternate.as_deref().and_then(|a| self.exchanges.get(a)) else {
+                break;
+            };
+            if seen.contains(&&*next.name) {
+                break;
+            }
+            next.route(routing_key, out);
+            seen.push(&next.name);
+            via = next;
+        }
     }
 
     /// Publish one message (a copy per queue reached; the payload is shared).
