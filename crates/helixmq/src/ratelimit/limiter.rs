@@ -414,7 +414,7 @@ async fn background(
             },
             _ = interval.tick(), if refill.is_some() => {
                 if let Some(r) = &mut refill {
-                    mint_due(&l, r, &c).await;
+                    mint_due(&l, r, &c, tick).await;
                 }
             }
         }
@@ -427,31 +427,28 @@ async fn background(
     let _ = listener.cancel().await;
 }
 
-/// Mint what is due since `r.since` at the limit's rates, never more than a
-/// burst at once (a refiller that stalled does not catch up with a flood).
-async fn mint_due(l: &Limiter, r: &mut Refill, c: &Counters) {
+/// Mint what is due since `r.since` at the limit's rates. A late tick (a
+/// loaded machine, a slow confirm) mints everything due; only a refiller that
+/// fell further behind than two ticks forfeits the rest, so it does not catch
+/// up with a flood.
+async fn mint_due(l: &Limiter, r: &mut Refill, c: &Counters, tick: Duration) {
     let now = Instant::now();
     if l.paused_until().is_some() || now < r.since {
         return;
     }
-    let minutes = now.duration_since(r.since).as_secs_f64() / 60.0;
+    let elapsed = now.duration_since(r.since);
     let burst = l.spec.burst_permits() as u64;
-    let due = |rate: f64, done: &mut u64| -> u64 {
-        let total = (minutes * rate).floor() as u64;
-        let mut n = total.saturating_sub(*done);
-        if n > burst {
-            *done += n - burst;
-            n = burst;
-        }
-        *done += n;
-        n
-    };
-    let permits = due(l.spec.requests_per_minute as f64, &mut r.permits);
-
+    let permits = due(
+        elapsed,
+        l.spec.requests_per_minute as f64,
+        burst,
+        2 * tick,
+        &mut r.permits,
+    );
     let chunks = l
         .spec
         .chunks_per_minute()
-        .map_or(0, |rate| due(rate, &mut r.chunks));
+        .map_or(0, |rate| due(elapsed, rate, burst, 2 * tick, &mut r.chunks));
     let key = &l.spec.key;
     if permits > 0 {
         match l.mint(&format!("{key}.permit"), permits).await {
@@ -467,6 +464,21 @@ async fn mint_due(l: &Limiter, r: &mut Refill, c: &Counters) {
             tracing::warn!(key = %key, error = %e, "token chunks not minted");
         }
     }
+}
+
+/// How many of a rate's permits to mint now, `elapsed` after the start with
+/// `done` minted: all that fell due, but at most `burst` plus what fell due
+/// within `grace` (the rest is forfeited for good).
+fn due(elapsed: Duration, per_minute: f64, burst: u64, grace: Duration, done: &mut u64) -> u64 {
+    let total = (elapsed.as_secs_f64() / 60.0 * per_minute).floor() as u64;
+    let most = burst + (grace.as_secs_f64() / 60.0 * per_minute).ceil() as u64;
+    let mut n = total.saturating_sub(*done);
+    if n > most {
+        *done += n - most;
+        n = most;
+    }
+    *done += n;
+    n
 }
 
 /// Put a lease token in the lease queue (`x-max-length` 1 keeps one ready
@@ -497,5 +509,41 @@ async fn purge(l: &Limiter) {
         if let Err(e) = l.backend.purge(&q).await {
             tracing::warn!(queue = %q, error = %e, "permits not purged for the pause");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TICK: Duration = Duration::from_millis(100);
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    #[test]
+    fn late_ticks_lose_no_permit() {
+        // 600/min with burst 1 and 100 ms ticks, each tick up to 90 ms late
+        // (a loaded machine; the phase against `since` is arbitrary).
+        let mut done = 0;
+        let mut minted = 0;
+        for k in 1..=100u64 {
+            let late = (k * 37) % 91;
+            minted += due(ms(k * 100 + 95 + late), 600.0, 1, 2 * TICK, &mut done);
+        }
+        minted += due(ms(10_195), 600.0, 1, 2 * TICK, &mut done);
+        assert_eq!(minted, 101, "every permit due by 10.195 s");
+    }
+
+    #[test]
+    fn a_stall_mints_at_most_the_burst_and_two_ticks() {
+        let mut done = 0;
+        assert_eq!(due(ms(1_000), 600.0, 1, 2 * TICK, &mut done), 3);
+        assert_eq!(done, 10, "what fell due before the stall is forfeited");
+        assert_eq!(due(ms(1_100), 600.0, 1, 2 * TICK, &mut done), 1);
+        // Slow rates: 5/min fall due every 12 s; a 250 ms tick's grace adds one.
+        let mut done = 0;
+        assert_eq!(due(ms(600_000), 5.0, 1, ms(500), &mut done), 2);
     }
 }
