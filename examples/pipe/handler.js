@@ -4,9 +4,7 @@ const readline = require("readline");
 
 function handle(msg) {
   let job;
-  try {
-    job = JSON.parse(msg.payload ?? "");
-  } catch (e) {
+  try { job = JSON.parse(msg.payload ?? ""); } catch (e) {
     return { outcome: "dead_letter", reason: `payload is not JSON: ${e.message}` };
   }
   if (job && job.flaky && msg.attempt < 2) {

@@ -488,3 +488,36 @@ pub fn seed_dead_letters(
     assert_eq!(ids.len(), n, "seeded ids: {}", out.stdout);
     ids
 }
+
+/// Run `c` on a pseudo-terminal (`script`), so its stderr is a terminal.
+pub fn on_a_terminal(c: &std::process::Command) -> String {
+    // `env -u NAME …` first, then `NAME=value …`: env(1) takes them in that order.
+    let mut unset = String::new();
+    let mut set = String::new();
+    for (k, v) in c.get_envs() {
+        match v {
+            Some(v) => set.push_str(&format!(
+                "{}='{}' ",
+                k.to_string_lossy(),
+                v.to_string_lossy()
+            )),
+            None => unset.push_str(&format!("-u {} ", k.to_string_lossy())),
+        }
+    }
+    let line = format!("{unset}{set}");
+    let args: Vec<String> = c
+        .get_args()
+        .map(|a| format!("'{}'", a.to_string_lossy()))
+        .collect();
+    let cmdline = format!(
+        "env {line}'{}' {} 2>&1",
+        c.get_program().to_string_lossy(),
+        args.join(" ")
+    );
+    let out = std::process::Command::new("script")
+        .args(["-qec", &cmdline, "/dev/null"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("script(1) from util-linux");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}

@@ -2,7 +2,7 @@
 //! place, filters, show, replay (dry run, by filter, by id, --to, a failed
 //! replay keeps the message), purge needs --yes.
 
-use helixmq_testkit::cli::{mgmt_peek, Broker};
+use helixmq_testkit::cli::{mgmt_peek, on_a_terminal, Broker};
 use std::collections::BTreeSet;
 use std::time::Duration;
 
@@ -408,4 +408,53 @@ fn a_replay_killed_mid_way_leaves_every_letter_in_the_dlq_or_its_queue() {
     );
     assert!(lost.is_empty(), "lost: {lost:?}");
     rt.block_on(lib.close()).unwrap();
+}
+
+/// `publish --count`, `dlq replay` and `dlq purge` of many draw a progress bar
+/// on a terminal (off one they print none: the other tests read their output).
+#[test]
+fn publish_replay_and_purge_of_many_draw_a_progress_bar_on_a_terminal() {
+    const N: usize = 3000;
+    let b = Broker::new();
+    b.run(&["topology", "apply"]).ok();
+    let bg = b.name("tasks.background");
+    let on_tty = |args: &[&str], bar: &str| {
+        let mut c = b.cmd();
+        c.args(args);
+        let tty = on_a_terminal(&c);
+        let shown: String = tty
+            .chars()
+            .filter(|c| !c.is_ascii_hexdigit())
+            .take(400)
+            .collect();
+        assert!(
+            tty.contains(&format!("{bar} [")),
+            "no '{bar}' bar for {args:?} on a terminal: {shown:?}"
+        );
+    };
+    on_tty(
+        &[
+            "publish",
+            "-q",
+            &bg,
+            "--payload",
+            "{}",
+            "--count",
+            &N.to_string(),
+        ],
+        "publishing",
+    );
+    b.eventually(Duration::from_secs(20), "every message published", || {
+        b.ready(&bg) == N as u64
+    });
+    helixmq_testkit::cli::seed_dead_letters(&b, &bg, "boom", N, "{}");
+    on_tty(&["dlq", "replay", "--all"], "replaying");
+    assert_eq!(
+        list(&b, &["--limit", "10"]).len(),
+        0,
+        "every letter replayed"
+    );
+    helixmq_testkit::cli::seed_dead_letters(&b, &bg, "boom", N, "{}");
+    on_tty(&["dlq", "purge", "--yes"], "purging");
+    assert_eq!(list(&b, &["--limit", "10"]).len(), 0, "purged");
 }

@@ -160,6 +160,23 @@ fn health_says_draining_from_sigterm_until_exit() {
     b.eventually(Duration::from_secs(5), "503 draining", || {
         health().is_some_and(|(code, body)| code == 503 && body.contains("draining"))
     });
+    // And every answer after it, until the worker stops listening at its exit
+    // (the handler has about 3 s to go).
+    let mut answers = 0;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while let Some((code, body)) = health() {
+        assert!(
+            code == 503 && body.contains("draining"),
+            "answer {answers} after the first 503: {code} {body}"
+        );
+        answers += 1;
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still serving 20 s after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(answers >= 10, "only {answers} answers while draining");
     let run = w.terminate(Duration::from_secs(20));
     assert_eq!(
         run.code, 0,
