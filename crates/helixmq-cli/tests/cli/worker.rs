@@ -373,8 +373,9 @@ fn worker_serves_metrics_and_health() {
     let b = Broker::new();
     b.run(&["topology", "apply"]).ok();
     let q = b.name("tasks.background");
-    for _ in 0..3 {
-        b.run(&["publish", "--queue", &q, "--payload", "x"]).ok();
+    for payload in ["x", "x", "x", "poison"] {
+        b.run(&["publish", "--queue", &q, "--payload", payload])
+            .ok();
     }
     let port = cli::free_port();
     let mut c = b.cmd();
@@ -383,16 +384,20 @@ fn worker_serves_metrics_and_health() {
         "--queue",
         &q,
         "--exec",
-        "true",
+        r#"test "$(cat)" != poison || exit 65"#,
         "--metrics-addr",
         &format!("127.0.0.1:{port}"),
     ]);
     let mut w = Background::spawn(c);
     let get = |path: &str| reqwest::blocking::get(format!("http://127.0.0.1:{port}{path}")).ok();
     let mut metrics = String::new();
+    let dlx = format!(
+        r#"rabbitmq_messages_published_total{{exchange="{}"}}"#,
+        b.name("dlx")
+    );
     b.eventually(
         Duration::from_secs(20),
-        "3 messages acked in /metrics",
+        "4 messages acked (the poison one once its DLQ copy was confirmed) and 1 dead-lettered in /metrics",
         || {
             metrics = get("/metrics")
                 .and_then(|r| r.text().ok())
@@ -400,11 +405,23 @@ fn worker_serves_metrics_and_health() {
             metrics.lines().any(|l| {
                 l.starts_with("rabbitmq_messages_acked_total{")
                     && l.contains(&q)
-                    && l.ends_with(" 3")
-            })
+                    && l.ends_with(" 4")
+            }) && metrics.lines().any(|l| l == format!("{dlx} 1"))
         },
     );
     assert!(metrics.contains("rabbitmq_connection_state 1"), "{metrics}");
+    // The DLQ copy is a publish: its confirm latency is measured too.
+    let latencies = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("rabbitmq_publish_latency_seconds_count "))
+        .and_then(|n| n.parse::<u64>().ok());
+    assert_eq!(latencies, Some(1), "{metrics}");
+    // A family a dashboard queries reads 0 for the topology, not "no data".
+    let events = format!(
+        r#"rabbitmq_messages_published_total{{exchange="{}"}} 0"#,
+        b.name("events")
+    );
+    assert!(metrics.lines().any(|l| l == events), "{metrics}");
     let health = get("/health").expect("health answers");
     assert_eq!(health.status().as_u16(), 200);
     assert!(health.text().unwrap().contains(&q));
