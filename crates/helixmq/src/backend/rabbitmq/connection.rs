@@ -118,6 +118,10 @@ pub(crate) struct Shared {
     pub suspect: Notify,
     /// Cancelled by `close()` (or dropping the backend): the manager closes and ends.
     pub shutdown: CancellationToken,
+    /// Consumer channels closing (a stream dropped): the connection's close
+    /// waits for them, since lapin fails a `channel.close` still unanswered
+    /// when the connection closes, and logs that as an ERROR.
+    pub closing: Mutex<tokio::task::JoinSet<()>>,
 }
 
 impl Shared {
@@ -337,6 +341,9 @@ pub(crate) fn backoff(base: Duration, attempt: u32) -> Duration {
     crate::backoff::jittered(base, base.max(Duration::from_secs(30)), attempt)
 }
 
+/// How long a clean close waits for consumer channels to finish closing.
+const CHANNEL_CLOSE_WAIT: Duration = Duration::from_secs(2);
+
 /// Why supervision of a connection ended.
 enum End {
     Lost(String),
@@ -388,6 +395,9 @@ pub(crate) async fn run(shared: Arc<Shared>, mut link: Arc<Link>) {
     loop {
         match supervise(&shared, &link.conn).await {
             End::Shutdown => {
+                let mut closing = std::mem::take(&mut *shared.closing.lock().unwrap());
+                let settled = async { while closing.join_next().await.is_some() {} };
+                let _ = tokio::time::timeout(CHANNEL_CLOSE_WAIT, settled).await;
                 if link.conn.status().connected() {
                     let _ = link
                         .conn

@@ -227,3 +227,36 @@ impl DeliveryStream for RabbitStream {
         Ok(())
     }
 }
+
+impl Drop for RabbitStream {
+    /// Close the channel where the connection's close waits for it. Left to
+    /// lapin, the close is sent when the last clone goes and a connection
+    /// close right behind it fails it. A delivery still unsettled keeps the
+    /// channel open (lapin closes it after that delivery).
+    fn drop(&mut self) {
+        let Some(cur) = self.current.take() else {
+            return;
+        };
+        if Arc::strong_count(&cur.acks) > 1 || !cur.chan.status().connected() {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let queue = std::mem::take(&mut self.queue);
+        let mut closing = self.shared.closing.lock().unwrap();
+        while closing.try_join_next().is_some() {}
+        closing.spawn_on(
+            async move {
+                if let Err(e) = cur
+                    .chan
+                    .close(200, ShortString::from("consumer done"))
+                    .await
+                {
+                    tracing::debug!(%queue, error = %e, "consumer channel close");
+                }
+            },
+            &rt,
+        );
+    }
+}

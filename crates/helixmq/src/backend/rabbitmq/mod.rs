@@ -120,6 +120,7 @@ impl RabbitBackend {
             declared: Mutex::new(Declared::default()),
             suspect: tokio::sync::Notify::new(),
             shutdown: CancellationToken::new(),
+            closing: Default::default(),
         });
         let task = tokio::spawn(connection::run(shared.clone(), link));
         Ok(RabbitBackend {
