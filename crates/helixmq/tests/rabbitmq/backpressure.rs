@@ -137,9 +137,13 @@ async fn full_retry_queue_holds_failed_deliveries_then_places_every_copy() {
     let p = prefix();
     let b = broker(config(HELIXAGENT, &p)).await.unwrap();
     let names = Names::new(&p);
-    // The spec's retry queue shape (10,000, reject-publish) with an 18 s delay:
-    // long enough to stay full while we watch, short enough to see the copies come back.
-    let delay = Duration::from_secs(18);
+    // The spec's retry queue shape (10,000, reject-publish) with a 24 s delay:
+    // its fillers expire 24 s after the fill began, which makes the room (no
+    // purge: a purge once the first fillers had expired deleted a copy placed
+    // in their room — a clean-clone CI whose fill took 6 s "lost" one that
+    // way). Until then the queue stays full while we watch, however slow the
+    // fill (up to ~8 s).
+    let delay = Duration::from_secs(24);
     let mut t = Topology::spec(&names);
     let tier = t.add_retry_tier(delay);
     assert_eq!(
@@ -200,10 +204,10 @@ async fn full_retry_queue_holds_failed_deliveries_then_places_every_copy() {
     );
     assert_eq!(runs.total(), FAILING, "each message's handler ran once");
 
-    // Make room: the fillers go; every held copy is placed, returns after the
-    // delay as attempt 2, fails again and ends in the DLQ.
-    b.backend().purge(&tier).await.unwrap();
-    let dead = collect_ids(&b, &names.dlq(), &ids, Duration::from_secs(60)).await;
+    // The fillers expire (through the requeue exchange's alternate exchange
+    // into the DLQ); every held copy is placed in their room, returns after
+    // the delay as attempt 2, fails again and ends in the DLQ.
+    let dead = collect_ids(&b, &names.dlq(), &ids, Duration::from_secs(90)).await;
     sub.shutdown(Duration::from_secs(10)).await;
     assert_eq!(runs.total(), 2 * FAILING, "attempts 1 and 2, once each");
     assert_eq!(runs.max_per_attempt(), 1);
