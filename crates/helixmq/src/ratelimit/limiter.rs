@@ -437,18 +437,13 @@ async fn mint_due(l: &Limiter, r: &mut Refill, c: &Counters, tick: Duration) {
         return;
     }
     let elapsed = now.duration_since(r.since);
-    let burst = l.spec.burst_permits() as u64;
-    let permits = due(
-        elapsed,
-        l.spec.requests_per_minute as f64,
-        burst,
-        2 * tick,
-        &mut r.permits,
-    );
+    let (burst, grace) = (l.spec.burst_permits() as u64, 2 * tick);
+    let rate = l.spec.requests_per_minute as f64;
+    let permits = due(elapsed, rate, burst, grace, &mut r.permits);
     let chunks = l
         .spec
         .chunks_per_minute()
-        .map_or(0, |rate| due(elapsed, rate, burst, 2 * tick, &mut r.chunks));
+        .map_or(0, |rate| due(elapsed, rate, burst, grace, &mut r.chunks));
     let key = &l.spec.key;
     if permits > 0 {
         match l.mint(&format!("{key}.permit"), permits).await {
